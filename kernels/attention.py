@@ -1,0 +1,235 @@
+"""Attention over the paged KV cache (PyTorch reference, correct for mixed batches).
+
+The batch is a flat run of tokens: each sequence contributes ``query_len`` new tokens
+(a prefill chunk, or one token when decoding) whose keys and values are written into the
+page pool first; attention then reads the whole context of every sequence back from the
+pages. Sequences are split into two groups so neither pays for the other's shape:
+
+* decode group (query_len == 1): grouped-query heads are folded into the query axis, so one
+  ``scaled_dot_product_attention`` call covers the batch with only a length mask;
+* prefill group (query_len > 1): queries are padded to the longest chunk and masked causally.
+
+Everything that depends only on the batch layout (gather indices, masks) is built once per
+step in :func:`build_attention_metadata` and shared by every layer.
+
+KV cache layout, one tensor per layer: ``[2, num_pages, page_size, num_kv_heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AttentionGroup",
+    "AttentionMetadata",
+    "build_attention_metadata",
+    "write_kv",
+    "paged_attention",
+]
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences of one shape class (all decodes, or all prefill chunks)."""
+
+    token_index: torch.Tensor  # [B, Q] index of each query slot in the flat batch (padding -> 0)
+    query_valid: torch.Tensor  # [B, Q] bool, False on padding
+    kv_slots: torch.Tensor  # [B, L] flat cache slot of each context position (padding -> 0)
+    q_pos: torch.Tensor  # [B, Q] absolute position of each query
+    k_len: torch.Tensor  # [B] context length (cached + new)
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.token_index.shape[1] == 1
+
+    def mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """Boolean mask [B, 1, Q, L] (True = attend), cached per window size."""
+        cached = self._masks.get(sliding_window)
+        if cached is not None:
+            return cached
+        L = self.kv_slots.shape[1]
+        k_pos = torch.arange(L, device=self.kv_slots.device)
+        q_pos = self.q_pos[:, :, None]
+        m = (k_pos[None, None, :] <= q_pos) & (k_pos[None, None, :] < self.k_len[:, None, None])
+        if sliding_window is not None:
+            m &= (q_pos - k_pos[None, None, :]) < sliding_window
+        # Padding query rows attend to everything so softmax stays finite; they are dropped.
+        m |= ~self.query_valid[:, :, None]
+        m = m[:, None]
+        self._masks[sliding_window] = m
+        return m
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch layout shared by every attention layer."""
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot where each new token's K/V is written
+    num_tokens: int
+    decode: AttentionGroup | None
+    prefill: AttentionGroup | None
+
+
+def _build_group(
+    seq_ids: list[int],
+    query_starts: list[int],
+    query_lens: list[int],
+    context_lens: list[int],
+    slot_tables: torch.Tensor,
+    device: torch.device,
+) -> AttentionGroup:
+    q_max = max(query_lens[i] for i in seq_ids)
+    l_max = max(context_lens[i] for i in seq_ids)
+    idx = torch.tensor(seq_ids, dtype=torch.long)
+    qlens = torch.tensor([query_lens[i] for i in seq_ids], dtype=torch.long)
+    qstarts = torch.tensor([query_starts[i] for i in seq_ids], dtype=torch.long)
+    klens = torch.tensor([context_lens[i] for i in seq_ids], dtype=torch.long)
+    ar = torch.arange(q_max, dtype=torch.long)
+    valid = ar[None, :] < qlens[:, None]
+    token_index = torch.where(valid, qstarts[:, None] + ar[None, :], 0)
+    q_pos = (klens - qlens)[:, None] + ar[None, :]
+    kv_slots = slot_tables[idx, :l_max]
+    return AttentionGroup(
+        token_index=token_index.to(device),
+        query_valid=valid.to(device),
+        kv_slots=kv_slots.to(device),
+        q_pos=q_pos.to(device),
+        k_len=klens.to(device),
+    )
+
+
+def build_attention_metadata(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    page_size: int,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Lay out one step's batch.
+
+    ``query_lens[i]`` new tokens of sequence ``i`` sit consecutively in the flat batch, in
+    sequence order; ``context_lens[i]`` counts cached plus new tokens, so the new tokens have
+    positions ``context_lens[i] - query_lens[i] ... context_lens[i] - 1``. ``block_tables[i]``
+    lists the pages of sequence ``i`` in logical order and must cover ``context_lens[i]``.
+    """
+    device = torch.device(device)
+    n = len(query_lens)
+    max_pages = max(len(bt) for bt in block_tables)
+    bt = torch.zeros((n, max_pages), dtype=torch.long)
+    for i, pages in enumerate(block_tables):
+        bt[i, : len(pages)] = torch.tensor(pages, dtype=torch.long)
+    slot_tables = (bt[:, :, None] * page_size + torch.arange(page_size)).reshape(n, -1)
+
+    query_starts: list[int] = []
+    start = 0
+    for i in range(n):
+        query_starts.append(start)
+        start += query_lens[i]
+    qlens_t = torch.tensor(query_lens, dtype=torch.long)
+    ctx_t = torch.tensor(context_lens, dtype=torch.long)
+    seq_of_token = torch.repeat_interleave(torch.arange(n), qlens_t)
+    starts_t = torch.tensor(query_starts, dtype=torch.long)
+    offset_in_query = torch.arange(start) - starts_t[seq_of_token]
+    positions = (ctx_t - qlens_t)[seq_of_token] + offset_in_query
+    slot_mapping = slot_tables[seq_of_token, positions]
+
+    decode_ids = [i for i in range(n) if query_lens[i] == 1]
+    prefill_ids = [i for i in range(n) if query_lens[i] > 1]
+    decode = (
+        _build_group(decode_ids, query_starts, query_lens, context_lens, slot_tables, device)
+        if decode_ids
+        else None
+    )
+    prefill = (
+        _build_group(prefill_ids, query_starts, query_lens, context_lens, slot_tables, device)
+        if prefill_ids
+        else None
+    )
+    return AttentionMetadata(
+        slot_mapping=slot_mapping.to(device), num_tokens=start, decode=decode, prefill=prefill
+    )
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values ``[T, KVH, D]`` at their flat slots."""
+    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+
+
+def _softcapped_attention(q, k, v, mask, scale, soft_cap):
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / soft_cap) * soft_cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
+def _group_attention(
+    q: torch.Tensor,
+    flat_k: torch.Tensor,
+    flat_v: torch.Tensor,
+    group: AttentionGroup,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> torch.Tensor:
+    """Attention for one group; returns ``[B, Q, H, D]``."""
+    B, Q = group.token_index.shape
+    H, D = q.shape[1], q.shape[2]
+    KVH = flat_k.shape[1]
+    k = flat_k[group.kv_slots].transpose(1, 2)  # [B, KVH, L, D]
+    v = flat_v[group.kv_slots].transpose(1, 2)
+    qg = q[group.token_index.reshape(-1)].view(B, Q, H, D)
+    mask = group.mask(sliding_window)  # [B, 1, Q, L]
+    if Q == 1:
+        # Fold the query heads that share a KV head into the query axis: no GQA expansion.
+        G = H // KVH
+        qh = qg.view(B, KVH, G, D)
+        if soft_cap is None:
+            out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
+        else:
+            out = _softcapped_attention(qh, k, v, mask, scale, soft_cap)
+        return out.reshape(B, 1, H, D)
+    qh = qg.transpose(1, 2)  # [B, H, Q, D]
+    if H != KVH:
+        k = k.repeat_interleave(H // KVH, dim=1)
+        v = v.repeat_interleave(H // KVH, dim=1)
+    if soft_cap is None:
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
+    else:
+        out = _softcapped_attention(qh, k, v, mask, scale, soft_cap)
+    return out.transpose(1, 2)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of ``q [T, H, D]`` over each sequence's paged context.
+
+    The new tokens' K/V must already be in the cache (see :func:`write_kv`). Returns
+    ``[T, H, D]``. ``sliding_window`` limits each query to that many most recent keys
+    (itself included); ``soft_cap`` applies ``tanh`` capping to the scores.
+    """
+    T, H, D = q.shape
+    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    q = q.to(flat.dtype)
+    out = q.new_empty((T, H, D))
+    for group in (meta.decode, meta.prefill):
+        if group is None:
+            continue
+        res = _group_attention(q, flat[0], flat[1], group, scale, sliding_window, soft_cap)
+        if group.is_decode:
+            out[group.token_index[:, 0]] = res[:, 0]
+        else:
+            valid = group.query_valid
+            out[group.token_index[valid]] = res[valid]
+    return out
