@@ -1,0 +1,310 @@
+"""`xllm bench serve`: a streaming load generator for any OpenAI-compatible server.
+
+For each concurrency level C of the sweep, `--num-requests` requests go out with at most C in
+flight; every request streams (SSE) and is timed: TTFT (time to the first content chunk), TPOT
+(mean time per output token after the first: (end-to-end - TTFT) / (output tokens - 1)), ITL
+(gaps between content chunks) and end-to-end latency. Token counts come from the usage block of
+the final chunk (`stream_options.include_usage`), so they are exact when the server sends it.
+Prompts: on `completions`, random token-id lists of exactly `--prompt-len` ids; on `chat`, random
+words (about one token each; the server's count is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["add_arguments", "run", "run_async", "BenchError", "RequestResult", "summarize"]
+
+_WORDS = (
+    "the of and to in is was for on with as by at from that this it be are or an have not but all "
+    "time day year world life hand part child eye place work week case point number group problem fact "
+    "water light house river city paper music market story garden table window winter summer morning"
+).split()
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"concurrency levels must be integers >= 1, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the server (with or without /v1)")
+    p.add_argument("--model", default=None, help="model name to request (default: the first one of GET /v1/models)")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                   help="completions: token-id prompts of exact length; chat: text prompts")
+    p.add_argument("--concurrency", type=_int_list, default=[1, 16, 64],
+                   help="comma-separated sweep of max requests in flight (default 1,16,64)")
+    p.add_argument("--num-requests", type=_positive_int, default=64, help="requests per concurrency level")
+    p.add_argument("--prompt-len", type=_positive_int, default=200, help="prompt tokens per request")
+    p.add_argument("--output-len", type=_positive_int, default=128, help="max_tokens per request")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="send ignore_eos and min_tokens=output-len so every request generates output-len tokens")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--vocab-size", type=int, default=10000,
+                   help="random prompt token ids are drawn from [100, N)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests before the sweep")
+    p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per request")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results here (one entry per level)")
+    p.add_argument("--png", dest="png_path", default=None, help="plot output tokens/s against mean TPOT here")
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0  # seconds
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+def _base_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class BenchError(Exception):
+    """A setup problem reported as one line (no model to ask for, ...)."""
+
+
+def _make_bodies(args: argparse.Namespace, model: str, n: int, seed: int, output_len: int | None = None) -> list[dict]:
+    rng = random.Random(seed)
+    output_len = output_len or args.output_len
+    bodies = []
+    for _ in range(n):
+        body: dict = {"model": model, "max_tokens": output_len, "temperature": args.temperature,
+                      "stream": True, "stream_options": {"include_usage": True}}
+        if args.endpoint == "completions":
+            body["prompt"] = [rng.randrange(100, max(101, args.vocab_size)) for _ in range(args.prompt_len)]
+        else:
+            text = " ".join(rng.choice(_WORDS) for _ in range(args.prompt_len))
+            body["messages"] = [{"role": "user", "content": text}]
+        if args.ignore_eos:
+            body["ignore_eos"] = True
+            body["min_tokens"] = output_len
+        bodies.append(body)
+    return bodies
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: dict, chat: bool, timeout: float) -> RequestResult:
+    res = RequestResult()
+    usage = None
+    chunks = 0
+    last = None
+    start = time.perf_counter()
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            if resp.status != 200:
+                res.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                return res
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                event = json.loads(data)
+                if event.get("error"):
+                    res.error = f"stream error: {json.dumps(event['error'])[:300]}"
+                    return res
+                if isinstance(event.get("usage"), dict):
+                    usage = event["usage"]
+                for choice in event.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if text:
+                        now = time.perf_counter()
+                        if last is None:
+                            res.ttft = now - start
+                        else:
+                            res.itl.append(now - last)
+                        last = now
+                        chunks += 1
+    except asyncio.TimeoutError:
+        res.error = f"timed out after {timeout:g} s"
+    except aiohttp.ClientError as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    except (ValueError, AttributeError) as exc:
+        res.error = f"bad stream chunk: {exc}"
+    res.e2e = time.perf_counter() - start
+    if res.error:
+        return res
+    if last is None:
+        res.error = "the stream carried no content"
+        return res
+    res.output_tokens = int(usage.get("completion_tokens", chunks)) if usage else chunks
+    res.prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else len(body.get("prompt") or [])
+    res.ok = True
+    return res
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _ms_stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "p50": None, "p99": None}
+    s = sorted(values)
+    return {"mean": 1000 * sum(s) / len(s), "p50": 1000 * _percentile(s, 0.5), "p99": 1000 * _percentile(s, 0.99)}
+
+
+def summarize(concurrency: int, results: list[RequestResult], duration: float) -> dict:
+    """One sweep entry: throughput over the level's wall time, latency stats in milliseconds."""
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    errors: list[str] = []
+    for r in results:
+        if not r.ok and r.error not in errors and len(errors) < 5:
+            errors.append(r.error)
+    duration = max(duration, 1e-9)
+    return {
+        "concurrency": concurrency,
+        "num_requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": errors,
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": out_tokens / duration,
+        "input_throughput": in_tokens / duration,
+        "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens,
+        "mean_prompt_tokens": in_tokens / len(ok) if ok else None,
+        "mean_output_tokens": out_tokens / len(ok) if ok else None,
+        "ttft_ms": _ms_stats([r.ttft for r in ok]),
+        "tpot_ms": _ms_stats([r.tpot for r in ok if r.tpot is not None]),
+        "itl_ms": _ms_stats([gap for r in ok for gap in r.itl]),
+        "e2e_ms": _ms_stats([r.e2e for r in ok]),
+    }
+
+
+async def _discover_model(session: aiohttp.ClientSession, base: str) -> str:
+    try:
+        async with session.get(base + "/models", timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            resp.raise_for_status()
+            return (await resp.json())["data"][0]["id"]
+    except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError, TypeError, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise BenchError(f"cannot list the models at {base}/models ({reason}); pass --model") from None
+
+
+async def run_async(args: argparse.Namespace) -> dict:
+    """Run the sweep; returns the results document (also written to --json / --png when given)."""
+    base = _base_url(args.url)
+    chat = args.endpoint == "chat"
+    url = base + ("/chat/completions" if chat else "/completions")
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    connector = aiohttp.TCPConnector(limit=max(args.concurrency))
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
+        model = args.model or await _discover_model(session, base)
+        for body in _make_bodies(args, model, args.warmup, args.seed + 10_000, min(4, args.output_len)):
+            r = await _one(session, url, body, chat, args.timeout)
+            if not r.ok:
+                logger.warning("warm-up request failed: %s", r.error)
+        entries = []
+        for level, concurrency in enumerate(args.concurrency):
+            # Fresh random prompts per level, so one level's prefix-cache entries do not help the next.
+            bodies = _make_bodies(args, model, args.num_requests, args.seed + level)
+            results: list[RequestResult] = [RequestResult() for _ in bodies]
+            pending = iter(enumerate(bodies))
+
+            async def worker() -> None:
+                for i, body in pending:
+                    results[i] = await _one(session, url, body, chat, args.timeout)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
+            entry = summarize(concurrency, results, time.perf_counter() - t0)
+            entries.append(entry)
+            _print_entry(entry)
+    return {
+        "benchmark": "serve", "url": args.url, "endpoint": args.endpoint, "model": model,
+        "prompt_len": args.prompt_len, "output_len": args.output_len, "ignore_eos": args.ignore_eos,
+        "temperature": args.temperature, "num_requests": args.num_requests, "seed": args.seed,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "client_host": platform.node(), "results": entries,
+    }
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _print_entry(e: dict) -> None:
+    def stats(key: str) -> str:
+        return "/".join(_fmt(e[key][q]) for q in ("mean", "p50", "p99"))
+
+    print(f"concurrency {e['concurrency']:>4}: {e['completed']}/{e['num_requests']} ok, "
+          f"{e['output_throughput']:.1f} out tok/s, {e['request_throughput']:.2f} req/s | ms mean/p50/p99: "
+          f"TTFT {stats('ttft_ms')} | TPOT {stats('tpot_ms')} | E2E {stats('e2e_ms')}", flush=True)
+    for err in e["errors"]:
+        print(f"    error: {err}", file=sys.stderr)
+
+
+def _write_png(path: str, doc: dict) -> bool:
+    from common.bench.plot import line_chart
+
+    points = [e for e in doc["results"] if e["tpot_ms"]["mean"] is not None]
+    if not points:
+        print(f"no level has a mean TPOT to plot; {path} not written", file=sys.stderr)
+        return False
+    line_chart(path, [e["tpot_ms"]["mean"] for e in points], [e["output_throughput"] for e in points],
+               [f"c={e['concurrency']}" for e in points],
+               title=f"{doc['endpoint']} in={doc['prompt_len']} out={doc['output_len']}",
+               x_label="mean TPOT (ms)", y_label="output tok/s")
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        doc = asyncio.run(run_async(args))
+    except BenchError as exc:
+        print(f"xllm bench serve: {exc}", file=sys.stderr)
+        return 2
+    if args.json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
+        with open(args.json_path, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"results written to {args.json_path}")
+    if args.png_path:
+        os.makedirs(os.path.dirname(os.path.abspath(args.png_path)), exist_ok=True)
+        if _write_png(args.png_path, doc):
+            print(f"plot written to {args.png_path}")
+    return 0 if any(e["completed"] for e in doc["results"]) else 1

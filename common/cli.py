@@ -1,0 +1,126 @@
+"""The `xllm` command: generate, bench, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from common.engine.config import EngineConfig
+
+__all__ = ["main", "add_engine_arguments", "engine_config_from_args"]
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
+    g.add_argument("--kv-dtype", default="auto", help="KV page dtype (default: same as --dtype)")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    g.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GiB (default: a fraction of free memory)")
+    g.add_argument("--kv-cache-fraction", type=float, default=0.2, help="fraction of free memory for KV pages")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="max sequences in one batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    g.add_argument("--no-prefix-cache", dest="enable_prefix_cache", action="store_false")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", dest="num_threads", type=int, default=None, help="torch intra-op threads")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
+        kv_cache_memory=args.kv_cache_memory, kv_cache_fraction=args.kv_cache_fraction,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, enable_prefix_cache=args.enable_prefix_cache,
+        device=args.device, num_threads=args.num_threads,
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from common.engine.llm import LLM
+    from common.engine.sampling_params import SamplingParams
+
+    llm = LLM(**vars(engine_config_from_args(args)))
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+        seed=args.seed, stop=args.stop or [],
+    )
+    prompts = args.prompt or ["What is the capital of France?"]
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason}))
+        else:
+            print(f"### {prompt}\n{out.text}\n[finish_reason={out.finish_reason}, tokens={len(out.token_ids)}]")
+    return 0
+
+
+def _cmd_bench_offline(args: argparse.Namespace) -> int:
+    from common.bench import offline
+
+    offline.run(args, engine_config_from_args(args))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from common.launcher import run_serve
+
+    return run_serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xllm", description="xllm: LLM inference and serving")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline with the engine")
+    add_engine_arguments(gen)
+    gen.add_argument("prompt", nargs="*", help="prompt(s); default: a demo question")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    off = bench_sub.add_parser("offline", help="engine throughput without the services")
+    add_engine_arguments(off)
+    from common.bench import offline
+
+    offline.add_arguments(off)
+    off.set_defaults(func=_cmd_bench_offline)
+    from common.bench import serve as bench_serve
+
+    online = bench_sub.add_parser("serve", help="load generator against an OpenAI-compatible server "
+                                                "(TTFT, TPOT, end-to-end, tokens/s over a concurrency sweep)")
+    bench_serve.add_arguments(online)
+    online.set_defaults(func=bench_serve.run)
+
+    serve = sub.add_parser("serve", help="serve the model over HTTP (gateway + scheduler + workers)")
+    add_engine_arguments(serve)
+    from common.launcher import add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Page tables and prefix caching over a fixed pool of KV pages.
+
+Every page is in exactly one state:
+
+* **free** — no content worth keeping, on the free list;
+* **referenced** — in the page table of at least one sequence (``refcount > 0``);
+* **evictable** — nobody references it, but its content is registered in the prefix cache, so a
+  new sequence with the same prefix can still take it; reclaimed least-recently-used first.
+
+A full page is named by a chained hash over its tokens and its parent page's hash, so one hash
+names one whole prefix. Pages whose content another page already registered stay private.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["BlockManager", "NoFreePagesError", "hash_page", "prefix_hashes"]
+
+logger = logging.getLogger(__name__)
+
+EventCallback = Callable[[str, list[bytes]], None]
+
+
+class NoFreePagesError(RuntimeError):
+    """Raised by :meth:`BlockManager.fork` when no page is left for the copied last page."""
+
+
+def hash_page(parent: bytes | None, tokens: Sequence[int], namespace: str) -> bytes:
+    """Stable 32-byte name of a page: blake2b over parent hash, tokens (int32 LE) and namespace."""
+    h = hashlib.blake2b(digest_size=32)
+    parent = parent or b""
+    ns = namespace.encode()
+    # Length prefixes keep the fields unambiguous (no parent vs. a parent, namespace vs. tokens).
+    h.update(struct.pack("<BI", len(parent), len(ns)))
+    h.update(parent)
+    h.update(ns)
+    h.update(struct.pack(f"<{len(tokens)}i", *tokens))
+    return h.digest()
+
+
+def prefix_hashes(token_ids: Sequence[int], page_size: int, namespace: str = "") -> list[bytes]:
+    """Chained hashes of each full page of ``token_ids``."""
+    hashes: list[bytes] = []
+    parent = None
+    for start in range(0, len(token_ids) - page_size + 1, page_size):
+        parent = hash_page(parent, token_ids[start : start + page_size], namespace)
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass
+class _Sequence:
+    pages: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # chained hash of each hashed full page
+    num_hashed: int = 0  # leading pages already processed by commit (or shared at admit)
+    num_computed: int = 0  # tokens whose KV is in the cache
+
+
+class BlockManager:
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        namespace: str = "",
+        enable_prefix_cache: bool = True,
+        *,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        if num_pages <= 0 or page_size <= 0:
+            raise ValueError(f"num_pages and page_size must be positive, got {num_pages}, {page_size}")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.namespace = namespace
+        self.enable_prefix_cache = enable_prefix_cache
+        self.on_event = on_event
+        self._free: deque[int] = deque(range(num_pages))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self._refcount = [0] * num_pages
+        self._seqs: dict[Hashable, _Sequence] = {}
+        self._hash_to_page: dict[bytes, int] = {}
+        self._page_hash: dict[int, bytes] = {}
+        # (parent hash, tokens) of each registered page: a hit is only taken when these match.
+        self._page_key: dict[int, tuple[bytes | None, tuple[int, ...]]] = {}
+        self._prefix_queries = 0
+        self._prefix_query_tokens = 0
+        self._prefix_hit_tokens = 0
+
+    # ---- queries -------------------------------------------------------------------------
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages a sequence can still take: free plus evictable."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used_pages(self) -> int:
+        return self.num_pages - len(self._free) - len(self._evictable)
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Pages registered in the prefix cache, referenced or evictable."""
+        return len(self._page_hash)
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._seqs
+
+    def page_table(self, seq_id: Hashable) -> list[int]:
+        return list(self._seqs[seq_id].pages)
+
+    def pages_needed(self, seq_id: Hashable, num_tokens: int) -> int:
+        """Pages to add so the sequence covers ``num_tokens`` slots (an unknown id has none yet)."""
+        seq = self._seqs.get(seq_id)
+        have = len(seq.pages) if seq is not None else 0
+        return max(0, -(-num_tokens // self.page_size) - have)
+
+    def _match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
+        """Cached pages (and their hashes) of the longest cached prefix, leaving >= 1 token."""
+        pages: list[int] = []
+        hashes: list[bytes] = []
+        if not self.enable_prefix_cache:
+            return pages, hashes
+        parent = None
+        ps = self.page_size
+        for start in range(0, (len(token_ids) - 1) // ps * ps, ps):
+            tokens = tuple(token_ids[start : start + ps])
+            h = hash_page(parent, tokens, self.namespace)
+            page = self._hash_to_page.get(h)
+            if page is None or self._page_key[page] != (parent, tokens):
+                break
+            pages.append(page)
+            hashes.append(h)
+            parent = h
+        return pages, hashes
+
+    def lookup_prefix(self, token_ids: Sequence[int]) -> int:
+        """Tokens :meth:`admit` would find cached for this prompt; changes nothing."""
+        return len(self._match_prefix(token_ids)[0]) * self.page_size
+
+    # ---- sequence lifecycle --------------------------------------------------------------
+
+    def admit(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
+        """Start a page table sharing the longest cached prefix; returns the cached token count."""
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} is already admitted")
+        pages, hashes = self._match_prefix(token_ids)
+        for page in pages:
+            self._take_reference(page)
+        cached = len(pages) * self.page_size
+        self._seqs[seq_id] = _Sequence(pages, hashes, num_hashed=len(pages), num_computed=cached)
+        self._prefix_queries += 1
+        self._prefix_query_tokens += len(token_ids)
+        self._prefix_hit_tokens += cached
+        return cached
+
+    def ensure_capacity(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """Grow the table to cover ``num_tokens`` slots; all or nothing."""
+        seq = self._seqs[seq_id]
+        needed = self.pages_needed(seq_id, num_tokens)
+        if needed > self.num_free_pages:
+            return False
+        evicted: list[bytes] = []
+        for _ in range(needed):
+            seq.pages.append(self._allocate_page(evicted))
+        self._emit("evicted", evicted)
+        return True
+
+    def commit(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
+        """Record that the first ``num_computed`` tokens' KV is cached; hash and register full pages."""
+        seq = self._seqs[seq_id]
+        ps = self.page_size
+        if num_computed > len(seq.pages) * ps or num_computed > len(token_ids):
+            raise ValueError(
+                f"sequence {seq_id!r}: {num_computed} computed tokens but {len(seq.pages)} pages "
+                f"and {len(token_ids)} token ids"
+            )
+        if num_computed < seq.num_hashed * ps:
+            raise ValueError(f"sequence {seq_id!r}: cannot uncompute {seq.num_hashed} hashed pages")
+        seq.num_computed = num_computed
+        full = num_computed // ps
+        if full <= seq.num_hashed:
+            return
+        if not self.enable_prefix_cache:
+            seq.num_hashed = full
+            return
+        stored: list[bytes] = []
+        parent = seq.hashes[-1] if seq.hashes else None
+        for index in range(seq.num_hashed, full):
+            tokens = tuple(token_ids[index * ps : (index + 1) * ps])
+            h = hash_page(parent, tokens, self.namespace)
+            seq.hashes.append(h)
+            page = seq.pages[index]
+            if h not in self._hash_to_page:
+                self._hash_to_page[h] = page
+                self._page_hash[page] = h
+                self._page_key[page] = (parent, tokens)
+                stored.append(h)
+            parent = h
+        seq.num_hashed = full
+        self._emit("stored", stored)
+
+    def fork(self, src_id: Hashable, dst_id: Hashable) -> list[tuple[int, int]]:
+        """Make ``dst_id`` share ``src_id``'s computed pages; returns page copies to apply.
+
+        Full pages are shared by reference; a partially filled last page gets a fresh page
+        for ``dst_id`` and a ``(src_page, dst_page)`` copy pair. Call after :meth:`commit`.
+        """
+        if dst_id in self._seqs:
+            raise ValueError(f"sequence {dst_id!r} is already admitted")
+        src = self._seqs[src_id]
+        full, partial = divmod(src.num_computed, self.page_size)
+        if partial and self.num_free_pages == 0:
+            raise NoFreePagesError(f"no free page to fork {src_id!r} into {dst_id!r}")
+        for page in src.pages[:full]:
+            self._take_reference(page)
+        dst = _Sequence(
+            pages=src.pages[:full],
+            hashes=list(src.hashes[: src.num_hashed]),
+            num_hashed=src.num_hashed,
+            num_computed=src.num_computed,
+        )
+        self._seqs[dst_id] = dst
+        if not partial:
+            return []
+        evicted: list[bytes] = []
+        dst.pages.append(self._allocate_page(evicted))
+        self._emit("evicted", evicted)
+        return [(src.pages[full], dst.pages[full])]
+
+    def free(self, seq_id: Hashable) -> None:
+        """Drop a finished or aborted sequence; unknown ids are ignored."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        # Tail pages first, so that among one sequence's pages the deepest prefix is evicted first.
+        for page in reversed(seq.pages):
+            self._refcount[page] -= 1
+            if self._refcount[page] == 0:
+                if page in self._page_hash:
+                    self._evictable[page] = None
+                else:
+                    self._free.append(page)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every registered page; evictable pages become free, referenced ones private."""
+        dropped = list(self._hash_to_page)
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._hash_to_page.clear()
+        self._page_hash.clear()
+        self._page_key.clear()
+        self._emit("evicted", dropped)
+        logger.info("prefix cache reset: %d pages forgotten", len(dropped))
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _take_reference(self, page: int) -> None:
+        if self._refcount[page] == 0:
+            del self._evictable[page]
+        self._refcount[page] += 1
+
+    def _allocate_page(self, evicted: list[bytes]) -> int:
+        if self._free:
+            page = self._free.popleft()
+        else:
+            page, _ = self._evictable.popitem(last=False)
+            h = self._page_hash.pop(page)
+            del self._hash_to_page[h]
+            del self._page_key[page]
+            evicted.append(h)
+        self._refcount[page] = 1
+        return page
+
+    def _emit(self, kind: str, hashes: list[bytes]) -> None:
+        if hashes and self.on_event is not None:
+            self.on_event(kind, hashes)
+
+    # ---- introspection -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int | float]:
+        queried = self._prefix_query_tokens
+        return {
+            "pages_total": self.num_pages,
+            "pages_free": len(self._free),
+            "pages_evictable": len(self._evictable),
+            "pages_available": self.num_free_pages,
+            "pages_used": self.num_used_pages,
+            "pages_cached": self.num_cached_pages,
+            "prefix_queries": self._prefix_queries,
+            "prefix_query_tokens": queried,
+            "prefix_hit_tokens": self._prefix_hit_tokens,
+            "prefix_hit_rate": self._prefix_hit_tokens / queried if queried else 0.0,
+        }
+
+    def check_integrity(self) -> None:
+        """Assert every invariant of the pool; O(pages + page-table entries)."""
+        n = self.num_pages
+        free = set(self._free)
+        assert len(free) == len(self._free), "a page is on the free list twice"
+        assert not free & self._evictable.keys(), "a page is both free and evictable"
+        references: Counter[int] = Counter()
+        for seq_id, seq in self._seqs.items():
+            assert len(set(seq.pages)) == len(seq.pages), f"{seq_id!r} holds a page twice: {seq.pages}"
+            assert seq.num_hashed <= len(seq.pages), f"{seq_id!r} hashed more pages than it holds"
+            assert seq.num_computed <= len(seq.pages) * self.page_size, f"{seq_id!r} computed past its pages"
+            if self.enable_prefix_cache:
+                assert len(seq.hashes) == seq.num_hashed, f"{seq_id!r} has {len(seq.hashes)} hashes"
+            references.update(seq.pages)
+        for page in range(n):
+            rc = self._refcount[page]
+            assert rc == references[page], f"page {page}: refcount {rc} but {references[page]} references"
+            states = (page in free) + (page in self._evictable) + (rc > 0)
+            assert states == 1, f"page {page} is in {states} states (free/evictable/referenced)"
+            if page in free:
+                assert page not in self._page_hash, f"free page {page} is still registered"
+            if page in self._evictable:
+                assert page in self._page_hash, f"evictable page {page} is not registered"
+        assert sum(references.values()) == sum(self._refcount), "page table references out of range"
+        assert len(self._hash_to_page) == len(self._page_hash) == len(self._page_key), "hash maps differ"
+        for h, page in self._hash_to_page.items():
+            assert self._page_hash.get(page) == h, f"hash->page->hash broken for page {page}"
+            parent, tokens = self._page_key[page]
+            assert len(tokens) == self.page_size, f"registered page {page} is not full"
+            assert hash_page(parent, tokens, self.namespace) == h, f"page {page} hash does not match tokens"

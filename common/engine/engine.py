@@ -1,0 +1,252 @@
+"""The engine: requests in, token deltas out. One step = schedule -> run -> postprocess."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from common.engine.block_manager import BlockManager
+from common.engine.config import EngineConfig
+from common.engine.kv_cache import allocate_kv_caches, default_kv_budget, num_pages_for_budget, parse_memory_size
+from common.engine.runner import ModelRunner
+from common.engine.sampler import Sampler, SamplerOutput, TokenLogprobs, make_generator
+from common.engine.sampling_params import SamplingParams, validate_prompt_ids
+from common.engine.scheduler import BatchScheduler, ScheduledBatch
+from common.engine.sequence import Priority, Sequence, SequenceStatus
+from common.models.registry import default_model_path, load_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LLMEngine", "SequenceOutput", "EngineStats"]
+
+
+@dataclass(slots=True)
+class SequenceOutput:
+    """What one step produced for one sequence: new tokens and, at the end, why it stopped."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    step_time_total: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    peak_used_pages: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model_path = config.model or default_model_path()
+        dtype = config.resolved_dtype()
+        self.model, self.model_config = load_model(self.model_path, dtype=dtype, device=config.device)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.page_size = config.page_size
+
+        kv_dtype = config.resolved_kv_dtype()
+        budget = (
+            parse_memory_size(config.kv_cache_memory)
+            if config.kv_cache_memory is not None
+            else default_kv_budget(config.kv_cache_fraction)
+        )
+        num_pages = num_pages_for_budget(
+            budget, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.page_size, kv_dtype
+        )
+        if num_pages < 2:
+            raise ValueError(f"KV cache budget of {budget} bytes holds fewer than 2 pages")
+        self.num_pages = num_pages
+        kv_caches = allocate_kv_caches(
+            num_pages, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.page_size, kv_dtype,
+            config.device,
+        )
+        namespace = f"{self.model_path}|{kv_dtype}|{self.page_size}"
+        self.block_manager = BlockManager(num_pages, self.page_size, namespace, config.enable_prefix_cache)
+        self.scheduler = BatchScheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            self.model, kv_caches, self.page_size, Sampler(set(mc.eos_token_ids)),
+            self.block_manager.page_table, config.device,
+        )
+        self.eos_token_ids = set(mc.eos_token_ids)
+        self.vocab_size = mc.vocab_size
+        self._requests: dict[str, list[Sequence]] = {}
+        self.stats = EngineStats()
+        logger.info(
+            "engine ready: model=%s dtype=%s kv_pages=%d x %d tokens (%.1f MiB) max_model_len=%d",
+            self.model_path, dtype, num_pages, self.page_size, budget / 2**20, self.max_model_len,
+        )
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        priority: str | Priority = Priority.ONLINE,
+        arrival_time: float | None = None,
+    ) -> list[Sequence]:
+        """Validate and queue a request; raises ``ValueError`` with a clear message on bad input."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        params.validate()
+        validate_prompt_ids(prompt_ids, self.vocab_size)
+        params.validate_for_model(len(prompt_ids), self.max_model_len, self.vocab_size)
+        max_tokens = params.resolved_max_tokens(len(prompt_ids), self.max_model_len)
+        pages = -(-(len(prompt_ids) + max_tokens) // self.page_size)
+        if pages > self.num_pages:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) needs {pages} KV pages but the "
+                f"cache holds {self.num_pages}; lower max_tokens or raise --kv-cache-memory"
+            )
+        prio = Priority.parse(priority)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = []
+        for index in range(params.n):
+            gen = make_generator(params.seed + index) if params.seed is not None else None
+            seq = Sequence(
+                request_id=request_id, prompt_ids=list(prompt_ids), params=params, max_tokens=max_tokens,
+                index=index, priority=prio, arrival_time=arrival, generator=gen,
+            )
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self._requests[request_id] = seqs
+        return seqs
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its pages go back to the pool at once."""
+        seqs = self._requests.pop(request_id, None)
+        if seqs is None:
+            return False
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = seq.finish_reason or "abort"
+        return True
+
+    def finish_sequence(self, request_id: str, index: int, reason: str = "stop") -> None:
+        """End one choice early (a stop string matched in its text)."""
+        for seq in self._requests.get(request_id, ()):
+            if seq.index == index and not seq.is_finished:
+                self._finish(seq, reason)
+        self._forget_if_done(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- the step -----------------------------------------------------------------------
+
+    def step(self) -> list[SequenceOutput]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampled = self.runner.run(batch)
+        outputs = self._postprocess(batch, sampled)
+        self.stats.steps += 1
+        self.stats.step_time_total += time.perf_counter() - t0
+        self.stats.preemptions += len(batch.preempted)
+        used = self.block_manager.num_used_pages
+        self.stats.peak_used_pages = max(self.stats.peak_used_pages, used)
+        return outputs
+
+    def _postprocess(self, batch: ScheduledBatch, sampled: SamplerOutput | None) -> list[SequenceOutput]:
+        outputs: list[SequenceOutput] = []
+        k = 0
+        now = time.monotonic()
+        for item in batch.items:
+            seq = item.seq
+            samples = item.samples  # read before num_computed moves
+            seq.num_computed += item.num_new_tokens
+            if seq.num_output_tokens == 0:
+                self.stats.prompt_tokens += item.num_new_tokens
+            self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            if not samples:
+                continue
+            token = sampled.token_ids[k]
+            lp = sampled.logprobs[k]
+            k += 1
+            seq.token_ids.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self.stats.generated_tokens += 1
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+            outputs.append(
+                SequenceOutput(
+                    request_id=seq.request_id, index=seq.index, new_token_ids=[token],
+                    new_logprobs=[lp] if lp is not None else None, finish_reason=reason,
+                    num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+                    num_cached_tokens=seq.num_cached_prompt,
+                )
+            )
+            if reason is not None:
+                self._forget_if_done(seq.request_id)
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return "stop"
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return "stop"
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+
+    def _forget_if_done(self, request_id: str) -> None:
+        seqs = self._requests.get(request_id)
+        if seqs is not None and all(s.is_finished for s in seqs):
+            del self._requests[request_id]
+
+    # ---- introspection ------------------------------------------------------------------
+
+    def load_stats(self) -> dict:
+        """What a worker reports in heartbeats and what the benchmark prints."""
+        bm = self.block_manager.stats()
+        return {
+            "waiting": self.scheduler.num_waiting,
+            "running": self.scheduler.num_running,
+            "num_pages": self.num_pages,
+            "free_pages": self.block_manager.num_free_pages,
+            "used_pages": self.block_manager.num_used_pages,
+            "peak_used_pages": self.stats.peak_used_pages,
+            "steps": self.stats.steps,
+            "mean_step_time_s": self.stats.step_time_total / max(1, self.stats.steps),
+            "preemptions": self.stats.preemptions,
+            "prefix_cache": bm,
+        }
+
+    def check_integrity(self) -> None:
+        self.block_manager.check_integrity()

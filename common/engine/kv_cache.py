@@ -1,0 +1,183 @@
+"""The KV page pool: sizing it and allocating it.
+
+One tensor per layer shaped ``[2, num_pages, page_size, num_kv_heads, head_dim]`` (K then V).
+The layout is fixed because ``kernels/attention.py`` reads it. Which page belongs to which
+sequence is the block manager's business (``common/engine/block_manager.py``); this module
+only owns the memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "kv_page_bytes",
+    "num_pages_for_budget",
+    "default_kv_budget",
+    "parse_memory_size",
+    "allocate_kv_caches",
+    "copy_kv_pages",
+]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES_BY_NAME: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype.removeprefix("torch.").lower()
+    if name not in _DTYPES_BY_NAME:
+        raise ValueError(f"unsupported KV cache dtype {dtype!r}; use one of {sorted(_DTYPES_BY_NAME)}")
+    return _DTYPES_BY_NAME[name]
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def kv_page_bytes(
+    num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype | str
+) -> int:
+    """Bytes one page takes across all layers, K and V together."""
+    _check_positive(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size)
+    element_size = _resolve_dtype(dtype).itemsize
+    return 2 * num_layers * page_size * num_kv_heads * head_dim * element_size
+
+
+def num_pages_for_budget(
+    budget_bytes: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: torch.dtype | str,
+) -> int:
+    """How many whole pages fit in ``budget_bytes`` (0 when not even one does)."""
+    if budget_bytes < 0:
+        raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+    return budget_bytes // kv_page_bytes(num_layers, num_kv_heads, head_dim, page_size, dtype)
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB
+    except OSError:
+        pass
+    # Not Linux (or no MemAvailable on very old kernels): free physical pages is the closest.
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_kv_budget(fraction: float = 0.3, device: torch.device | str = "cpu") -> int:
+    """A fraction of the memory free right now: host MemAvailable, or free memory on a CUDA device."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+    else:
+        free = _available_host_memory()
+    budget = int(free * fraction)
+    logger.debug("KV budget %d bytes (%.0f%% of %d free on %s)", budget, fraction * 100, free, device)
+    return budget
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+# SI suffixes are powers of 1000 and IEC suffixes powers of 1024, as in Kubernetes; "B" is optional.
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
+}
+
+
+def parse_memory_size(text: str | int) -> int:
+    """Bytes in a size like ``"2GiB"``, ``"512MiB"``, ``"1.5G"`` (SI, 1.5e9) or ``"1000000"``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"memory size must be >= 0, got {text}")
+        return text
+    if not isinstance(text, str):
+        raise ValueError(f"memory size must be a string or int, got {type(text).__name__}")
+    match = _SIZE_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"invalid memory size {text!r}: expected a number with an optional unit "
+            "(B, K/KB, M/MB, G/GB, T/TB, KiB, MiB, GiB, TiB)"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def allocate_kv_caches(
+    num_pages: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: torch.dtype | str,
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor]:
+    """One zeroed ``[2, num_pages, page_size, num_kv_heads, head_dim]`` tensor per layer."""
+    _check_positive(
+        num_pages=num_pages,
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+    )
+    dtype = _resolve_dtype(dtype)
+    shape = (2, num_pages, page_size, num_kv_heads, head_dim)
+    caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    total = kv_page_bytes(num_layers, num_kv_heads, head_dim, page_size, dtype) * num_pages
+    logger.info(
+        "allocated KV cache: %d layers x %d pages x %d tokens (%.1f MiB, %s, %s)",
+        num_layers, num_pages, page_size, total / 2**20, dtype, device,
+    )
+    return caches
+
+
+def copy_kv_pages(kv_caches: Sequence[torch.Tensor], copy_pairs: Sequence[tuple[int, int]]) -> None:
+    """Apply ``(src_page, dst_page)`` copies (from ``BlockManager.fork``) to every layer."""
+    if not copy_pairs:
+        return
+    device = kv_caches[0].device
+    src = torch.tensor([s for s, _ in copy_pairs], dtype=torch.long, device=device)
+    dst = torch.tensor([d for _, d in copy_pairs], dtype=torch.long, device=device)
+    for cache in kv_caches:
+        cache[:, dst] = cache[:, src]

@@ -1,0 +1,144 @@
+"""Offline API: ``LLM(...).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from common.detokenizer import IncrementalDetokenizer
+from common.engine.config import EngineConfig
+from common.engine.engine import LLMEngine, SequenceOutput
+from common.engine.sampler import TokenLogprobs
+from common.engine.sampling_params import SamplingParams
+from common.stop_strings import StopStringMatcher
+from common.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LLM", "RequestOutput", "CompletionOutput"]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+
+    # The first choice, for the common n=1 case.
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+class _ChoiceText:
+    """Detokenizes one choice and applies its stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        self.stops = StopStringMatcher(params.stop)
+        self.text = ""
+
+    def push(self, token_ids: list[int]) -> bool:
+        """Returns True when a stop string matched."""
+        self.text += self.stops.feed(self.detok.push(token_ids))
+        return self.stops.matched is not None
+
+    def finish(self) -> None:
+        self.text += self.stops.feed(self.detok.flush())
+        self.text += self.stops.flush()
+
+
+class LLM:
+    """Load a model (default: SmolLM2-135M-Instruct GGUF) and generate offline."""
+
+    def __init__(self, model: str | None = None, **engine_kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self.tokenizer = load_tokenizer(self.engine.model_path)
+        self._ids = itertools.count()
+
+    def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate a reply for each conversation (a list of ``{"role", "content"}`` messages)."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.encode_chat(conv, add_generation_prompt=True) for conv in conversations]
+        return self.generate(prompts, params)
+
+    def generate(
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        priority: str = "online",
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; results come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+
+        results: dict[str, RequestOutput] = {}
+        texts: dict[tuple[str, int], _ChoiceText] = {}
+        order: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                if isinstance(prompt, str):
+                    ids, text = self.tokenizer.encode(prompt), prompt
+                else:
+                    ids, text = list(prompt), None
+                rid = f"offline-{next(self._ids)}"
+                self.engine.add_request(rid, ids, p, priority=priority)
+                order.append(rid)
+                results[rid] = RequestOutput(
+                    rid, text, ids, [CompletionOutput(i, logprobs=[] if p.logprobs is not None else None)
+                                     for i in range(p.n)],
+                )
+                for i in range(p.n):
+                    texts[(rid, i)] = _ChoiceText(self.tokenizer, ids, p)
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    self._apply(out, results[out.request_id], texts[(out.request_id, out.index)])
+        except BaseException:
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
+        return [results[rid] for rid in order]
+
+    def _apply(self, out: SequenceOutput, result: RequestOutput, choice_text: _ChoiceText) -> None:
+        choice = result.outputs[out.index]
+        choice.token_ids.extend(out.new_token_ids)
+        if out.new_logprobs and choice.logprobs is not None:
+            choice.logprobs.extend(out.new_logprobs)
+        result.num_cached_tokens = out.num_cached_tokens
+        finish = out.finish_reason
+        if choice_text.push(out.new_token_ids) and finish is None:
+            finish = "stop"
+            self.engine.finish_sequence(out.request_id, out.index, "stop")
+        if finish is not None:
+            choice_text.finish()
+            choice.text = choice_text.text
+            choice.finish_reason = finish

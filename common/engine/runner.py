@@ -1,0 +1,76 @@
+"""Model runner: turns a scheduled batch into tensors, runs the model, samples.
+
+It owns the device-side state: the model, the KV page pool and the sampler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from common.engine.sampler import Sampler, SamplerOutput
+from common.engine.scheduler import ScheduledBatch
+from kernels.attention import build_attention_metadata
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelRunner"]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        page_size: int,
+        sampler: Sampler,
+        page_tables: Callable[[int], list[int]],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.page_size = page_size
+        self.sampler = sampler
+        self._page_table = page_tables
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> SamplerOutput | None:
+        """Compute every scheduled chunk; sample one token for each chunk that ends its sequence."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        sampled_seqs = []
+        for item in batch.items:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            query_lens.append(n)
+            context_lens.append(start + n)
+            tables.append(self._page_table(seq.seq_id))
+            if item.samples:
+                sample_rows.append(len(input_ids) - 1)
+                sampled_seqs.append(seq)
+
+        meta = build_attention_metadata(query_lens, context_lens, tables, self.page_size, self.device)
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
+        if not sampled_seqs:
+            return None
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        return self.sampler(
+            logits,
+            [s.params for s in sampled_seqs],
+            [s.prompt_ids for s in sampled_seqs],
+            [s.output_ids for s in sampled_seqs],
+            [s.generator for s in sampled_seqs],
+        )

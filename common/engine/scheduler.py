@@ -1,0 +1,164 @@
+"""Continuous batching: which sequences run this step and how many tokens each computes.
+
+Every step fills a token budget. Running sequences go first (decodes cost one token; a
+sequence in the middle of a chunked prefill gets its next chunk), then waiting sequences are
+admitted in priority order (online before offline, FCFS inside a class). Prefill chunks and
+decodes share one batch. When the page pool runs dry, the lowest-priority newest running
+sequence is preempted by recompute: its pages are freed, the tokens it produced are kept,
+and it re-enters the waiting queue to be prefilled again (the prefix cache usually gives
+most of its pages back).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from common.engine.block_manager import BlockManager
+from common.engine.sequence import Priority, Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ScheduledSeq", "ScheduledBatch", "BatchScheduler"]
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's end, so a token is sampled after it."""
+        return self.seq.num_computed + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[ScheduledSeq]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: dict[Priority, deque[Sequence]] = {p: deque() for p in Priority}
+        self.running: list[Sequence] = []
+
+    # ---- queue management -------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting[seq.priority].append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is (abort or finish) and free its pages at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            queue = self.waiting[seq.priority]
+            if seq in queue:
+                queue.remove(seq)
+        self.block_manager.free(seq.seq_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or self.num_waiting > 0
+
+    # ---- the step's plan --------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        items: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        scheduled: set[int] = set()
+
+        # Running sequences, oldest/most important first, so preemption hits the newest.
+        self.running.sort(key=Sequence.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.block_manager.ensure_capacity(seq.seq_id, seq.num_computed + n):
+                victim = self._pick_victim(exclude=scheduled)
+                if victim is None or victim is seq:
+                    break
+                self._preempt(victim)
+                preempted.append(victim)
+            else:
+                items.append(ScheduledSeq(seq, n))
+                scheduled.add(seq.seq_id)
+                budget -= n
+                i += 1
+                continue
+            # Not even this sequence fits: preempt it too.
+            self._preempt(seq)
+            preempted.append(seq)
+
+        if not preempted:
+            budget = self._admit_waiting(items, budget)
+        return ScheduledBatch(items=items, preempted=preempted)
+
+    def _admit_waiting(self, items: list[ScheduledSeq], budget: int) -> int:
+        for priority in Priority:
+            queue = self.waiting[priority]
+            while queue and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = queue[0]
+                bm = self.block_manager
+                # Plan before admitting so a sequence that cannot fit leaves the prefix-cache
+                # stats and LRU order untouched (the hit pages may sit among the free ones).
+                hit = bm.lookup_prefix(seq.token_ids)
+                n = min(seq.num_tokens - hit, budget)
+                if bm.pages_needed(seq.seq_id, hit + n) > bm.num_free_pages:
+                    return budget
+                cached = bm.admit(seq.seq_id, seq.token_ids)
+                n = min(seq.num_tokens - cached, budget)
+                if not self.block_manager.ensure_capacity(seq.seq_id, cached + n):
+                    self.block_manager.free(seq.seq_id)
+                    return budget
+                queue.popleft()
+                if seq.num_preemptions == 0:
+                    seq.num_cached_prompt = cached
+                seq.num_computed = cached
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                items.append(ScheduledSeq(seq, n))
+                budget -= n
+        return budget
+
+    def _pick_victim(self, exclude: set[int]) -> Sequence | None:
+        candidates = [s for s in self.running if s.seq_id not in exclude]
+        if not candidates:
+            return None
+        return max(candidates, key=Sequence.sort_key)
+
+    def _preempt(self, seq: Sequence) -> None:
+        logger.debug("preempting %s (%d tokens) by recompute", seq.request_id, seq.num_tokens)
+        self.running.remove(seq)
+        self.block_manager.free(seq.seq_id)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting[seq.priority].appendleft(seq)

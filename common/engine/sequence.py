@@ -1,0 +1,95 @@
+"""A sequence: one generation stream (one of a request's ``n`` choices) and its progress."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from common.engine.sampler import TokenLogprobs
+from common.engine.sampling_params import SamplingParams
+
+__all__ = ["Priority", "SequenceStatus", "Sequence"]
+
+_seq_counter = itertools.count()
+
+
+class Priority(enum.IntEnum):
+    """Lower value is served first."""
+
+    ONLINE = 0
+    OFFLINE = 1
+
+    @classmethod
+    def parse(cls, value: "str | int | Priority") -> "Priority":
+        if isinstance(value, Priority):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                raise ValueError(f"priority must be 'online' or 'offline', got {value!r}") from None
+        return cls(value)
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Prompt plus generated tokens; ``num_computed`` of them have their KV in the cache."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    index: int = 0
+    priority: Priority = Priority.ONLINE
+    arrival_time: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_counter))
+    token_ids: list[int] = field(init=False)
+    num_computed: int = 0
+    num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at first admission
+    num_preemptions: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids) :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def sort_key(self) -> tuple[int, float, int]:
+        """Scheduling order: priority class, then arrival (FCFS), then creation."""
+        return (int(self.priority), self.arrival_time, self.seq_id)

@@ -1,0 +1,249 @@
+"""One normalised description of a decoder-only model, built from an HF ``config.json`` dict.
+
+HF configs drift between model families and between transformers versions (``rope_theta`` +
+``rope_scaling`` before v5, ``rope_parameters`` after; Gemma 3 nests rope settings per layer
+type). :meth:`ModelConfig.from_hf_dict` reads all of those spellings so the model code sees
+exactly one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelConfig", "ARCHITECTURE_BY_MODEL_TYPE"]
+
+ARCHITECTURE_BY_MODEL_TYPE: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+_DEFAULT_ROPE_THETA = 10_000.0
+_GEMMA3_GLOBAL_THETA = 1_000_000.0
+_GEMMA3_LOCAL_THETA = 10_000.0
+_GEMMA3_DEFAULT_SLIDING_PATTERN = 6
+_ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    sliding_window: int | None
+    layer_sliding: list[bool]
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    attention_bias: bool  # bias on the q/k/v projections
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    pad_token_id: int | None = None
+    # Gemma 3
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    rope_local_base_freq: float | None = None  # theta of the sliding-window layers
+    rope_local_scaling: dict | None = None
+    # Per-frequency divisors of the inverse frequencies, as llama.cpp stores Llama 3 rope
+    # scaling in GGUF files (tensor ``rope_freqs``); None everywhere else.
+    rope_freq_factors: list[float] | None = None
+    torch_dtype: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> ModelConfig:
+        """Normalise an HF ``config.json`` dict (any transformers version)."""
+        if "text_config" in d and "hidden_size" not in d:
+            raise ValueError(
+                "multimodal configs (with text_config) are not supported here; "
+                f"architectures={d.get('architectures')}"
+            )
+        model_type = d.get("model_type") or ""
+        architectures = d.get("architectures") or []
+        architecture = architectures[0] if architectures else ARCHITECTURE_BY_MODEL_TYPE.get(model_type, "")
+        if not architecture:
+            raise ValueError(f"cannot tell the architecture: model_type={model_type!r}, no architectures")
+        if not model_type:
+            model_type = _model_type_for(architecture)
+        is_gemma3 = model_type in ("gemma3_text", "gemma3")
+        if is_gemma3 and d.get("use_bidirectional_attention"):
+            raise NotImplementedError("Gemma 3 with bidirectional attention is not supported")
+
+        hidden = int(d["hidden_size"])
+        heads = int(d["num_attention_heads"])
+        kv_heads = int(d.get("num_key_value_heads") or heads)
+        head_dim = int(d.get("head_dim") or hidden // heads)
+        layers = int(d["num_hidden_layers"])
+        max_pos = int(d.get("max_position_embeddings") or 2048)
+
+        theta, scaling, local_theta, local_scaling = _parse_rope(d, is_gemma3, max_pos)
+        sliding_window = _sliding_window(d, model_type)
+        layer_sliding = _layer_sliding(d, model_type, layers, sliding_window)
+
+        default_act = "gelu_pytorch_tanh" if is_gemma3 else "silu"
+        hidden_act = d.get("hidden_activation") or d.get("hidden_act") or default_act
+        attention_bias = bool(d.get("attention_bias", False))
+        o_proj_bias = attention_bias
+        if model_type == "qwen2":
+            # Qwen2 always has q/k/v biases and never an o_proj bias (not a config switch).
+            attention_bias, o_proj_bias = True, False
+        if model_type == "mistral":
+            attention_bias = o_proj_bias = False
+
+        tie = d.get("tie_word_embeddings")
+        if tie is None:
+            tie = is_gemma3  # the HF default differs per family
+        query_pre_attn_scalar = d.get("query_pre_attn_scalar", 256) if is_gemma3 else None
+
+        return cls(
+            architecture=architecture,
+            model_type="gemma3_text" if is_gemma3 else model_type,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(tie),
+            sliding_window=sliding_window,
+            layer_sliding=layer_sliding,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=_as_id_list(d.get("eos_token_id")),
+            attention_bias=attention_bias,
+            o_proj_bias=o_proj_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            hidden_act=hidden_act,
+            pad_token_id=d.get("pad_token_id"),
+            query_pre_attn_scalar=query_pre_attn_scalar,
+            final_logit_softcapping=d.get("final_logit_softcapping"),
+            attn_logit_softcapping=d.get("attn_logit_softcapping"),
+            rope_local_base_freq=local_theta,
+            rope_local_scaling=local_scaling,
+            rope_freq_factors=d.get("rope_freq_factors"),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+        )
+
+
+def _model_type_for(architecture: str) -> str:
+    for model_type, arch in ARCHITECTURE_BY_MODEL_TYPE.items():
+        if arch == architecture:
+            return model_type
+    raise ValueError(f"unknown architecture {architecture!r}")
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def _normalise_rope(params: dict | None, default_theta: float, max_pos: int) -> tuple[float, dict | None]:
+    """(theta, scaling) from one flat rope dict; scaling is None for plain RoPE."""
+    params = dict(params or {})
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    theta = float(params.pop("rope_theta", None) or default_theta)
+    if rope_type == "default":
+        return theta, None
+    if rope_type in ("llama3", "yarn", "longrope"):
+        params.setdefault("original_max_position_embeddings", max_pos)
+    return theta, {"rope_type": rope_type, **params}
+
+
+def _parse_rope(
+    d: dict, is_gemma3: bool, max_pos: int
+) -> tuple[float, dict | None, float | None, dict | None]:
+    """(theta, scaling) for full-attention layers, and the same for Gemma 3's local layers."""
+    rope_parameters = d.get("rope_parameters")
+    legacy_scaling = d.get("rope_scaling")
+    legacy_theta = d.get("rope_theta")
+    nested = isinstance(rope_parameters, dict) and any(k in rope_parameters for k in _ROPE_LAYER_TYPES)
+
+    if nested:
+        full = dict(rope_parameters.get("full_attention") or {})
+        local = rope_parameters.get("sliding_attention")
+    else:
+        full = dict(rope_parameters or {})
+        local = None
+        if legacy_scaling:
+            # transformers lets an explicit rope_scaling replace rope_parameters wholesale
+            theta = full.get("rope_theta")
+            full = dict(legacy_scaling)
+            if theta is not None:
+                full.setdefault("rope_theta", theta)
+    if legacy_theta is not None:
+        full.setdefault("rope_theta", legacy_theta)
+
+    if not is_gemma3:
+        theta, scaling = _normalise_rope(full, _DEFAULT_ROPE_THETA, max_pos)
+        return theta, scaling, None, None
+
+    if nested and legacy_scaling:
+        full.update(legacy_scaling)  # Gemma 3 applies an old-style rope_scaling to global layers
+    theta, scaling = _normalise_rope(full, _GEMMA3_GLOBAL_THETA, max_pos)
+    local = dict(local or {})
+    if d.get("rope_local_base_freq") is not None:
+        local.setdefault("rope_theta", d["rope_local_base_freq"])
+    local_theta, local_scaling = _normalise_rope(local, _GEMMA3_LOCAL_THETA, max_pos)
+    return theta, scaling, local_theta, local_scaling
+
+
+def _sliding_window(d: dict, model_type: str) -> int | None:
+    window = d.get("sliding_window")
+    if window is None or model_type == "llama":
+        return None  # HF Llama ignores any sliding_window key
+    if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+        return None
+    return int(window)
+
+
+def _layer_sliding(d: dict, model_type: str, layers: int, window: int | None) -> list[bool]:
+    if window is None:
+        return [False] * layers
+    if model_type == "mistral":
+        return [True] * layers  # HF Mistral applies its window to every layer
+    layer_types = d.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == layers:
+        return [t == "sliding_attention" for t in layer_types]
+    if model_type in ("gemma3_text", "gemma3"):
+        pattern = int(d.get("sliding_window_pattern") or _GEMMA3_DEFAULT_SLIDING_PATTERN)
+        return [bool((i + 1) % pattern) for i in range(layers)]
+    if model_type in ("qwen2", "qwen3"):
+        first = int(d.get("max_window_layers", 0))
+        return [i >= first for i in range(layers)]
+    logger.warning("sliding_window=%s for model_type %r with no layer_types: applying to all layers",
+                   window, model_type)
+    return [True] * layers

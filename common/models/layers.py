@@ -1,0 +1,379 @@
+"""Building blocks shared by every decoder-only model of the engine.
+
+A model is a stack of :class:`DecoderLayer` over a flat batch of tokens ``[T, hidden]``:
+sequences are concatenated, attention reads each sequence's context back from its paged KV
+cache (see ``kernels.attention``). Projections are fused (q/k/v in one ``Linear``, gate/up in
+one ``Linear``) so a layer is a handful of large matmuls plus few small ops, which is what
+keeps CPU decoding cheap. What differs between families is a :class:`DecoderSpec`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.models.config import ModelConfig
+from kernels.activation import act_and_mul
+from kernels.attention import AttentionMetadata, paged_attention, write_kv
+from kernels.norm import rms_norm
+from kernels.rotary import apply_rotary
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RMSNorm",
+    "RotaryEmbedding",
+    "rope_inverse_frequencies",
+    "Attention",
+    "GatedMLP",
+    "DecoderLayer",
+    "DecoderSpec",
+    "DecoderForCausalLM",
+]
+
+_INITIAL_ROPE_POSITIONS = 4096
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; ``unit_offset`` is Gemma's ``(1 + weight)`` variant (weight stored as in HF)."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.unit_offset)
+
+
+def rope_inverse_frequencies(
+    head_dim: int,
+    theta: float,
+    scaling: dict | None = None,
+    freq_factors: list[float] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[head_dim/2]`` (float32, CPU) and the cos/sin scale.
+
+    Follows transformers' ``ROPE_INIT_FUNCTIONS`` for default / linear / llama3 / yarn.
+    ``freq_factors`` divides each frequency (llama.cpp's ``rope_freqs`` tensor).
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    attention_scaling = 1.0
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        pass
+    elif rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        inv_freq = _llama3_inverse_frequencies(inv_freq, scaling)
+    elif rope_type == "yarn":
+        inv_freq, attention_scaling = _yarn_inverse_frequencies(head_dim, theta, scaling)
+    else:
+        raise NotImplementedError(f"rope scaling type {rope_type!r} is not supported")
+    if freq_factors is not None:
+        factors = torch.tensor(freq_factors, dtype=torch.float32, device="cpu")
+        if factors.numel() != inv_freq.numel():
+            raise ValueError(f"rope_freq_factors has {factors.numel()} values, expected {inv_freq.numel()}")
+        inv_freq = inv_freq / factors
+    return inv_freq, attention_scaling
+
+
+def _llama3_inverse_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    factor = scaling["factor"]
+    original_max = scaling["original_max_position_embeddings"]
+    attention_factor = scaling.get("attention_factor")
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return (head_dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding:
+    """Precomputed cos/sin rows looked up by absolute position.
+
+    The table holds ``[cos | sin]`` (each ``head_dim/2`` wide) per position, in float32 and in
+    the activation dtype; it is built on first use on the positions' device and grows by
+    doubling when a longer position shows up, so short-context serving never pays for the
+    model's full ``max_position_embeddings``.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None,
+                 freq_factors: list[float] | None = None) -> None:
+        self.head_dim = head_dim
+        self.inv_freq, self.attention_scaling = rope_inverse_frequencies(head_dim, theta, scaling, freq_factors)
+        self._table: torch.Tensor | None = None  # float32 [L, head_dim]
+        self._cast: dict[torch.dtype, torch.Tensor] = {}
+
+    def _build(self, length: int, device: torch.device) -> None:
+        positions = torch.arange(length, dtype=torch.float32, device=device)
+        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
+        table = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        if self.attention_scaling != 1.0:
+            table = table * self.attention_scaling
+        self._table = table
+        self._cast = {torch.float32: table}
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[T, head_dim/2]`` in ``dtype`` for ``positions [T]``."""
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        table = self._table
+        if table is None or table.shape[0] < needed or table.device != positions.device:
+            current = 0 if table is None else table.shape[0]
+            self._build(max(needed, 2 * current, _INITIAL_ROPE_POSITIONS), positions.device)
+        cast = self._cast.get(dtype)
+        if cast is None:
+            cast = self._cast[dtype] = self._table.to(dtype)
+        rows = cast.index_select(0, positions)
+        half = self.head_dim // 2
+        return rows[:, :half], rows[:, half:]
+
+
+class Attention(nn.Module):
+    """Fused-QKV attention over the paged KV cache."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+        norm_unit_offset: bool,
+        scale: float,
+        sliding_window: int | None,
+        soft_cap: float | None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.soft_cap = soft_cap
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, norm_unit_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, norm_unit_offset)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        H, KVH = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(T, H + 2 * KVH, self.head_dim)
+        v = qkv[:, H + KVH :]
+        if self.q_norm is None:
+            # q and k are adjacent heads: one rotary call covers both
+            qk = apply_rotary(qkv[:, : H + KVH], cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q = apply_rotary(self.q_norm(qkv[:, :H]), cos, sin)
+            k = apply_rotary(self.k_norm(qkv[:, H : H + KVH]), cos, sin)
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = paged_attention(q, kv_cache, meta, self.scale, self.sliding_window, self.soft_cap)
+        return self.o_proj(out.reshape(T, H * self.head_dim).to(x.dtype))
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with gate and up fused into one projection."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_and_mul = act_and_mul(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What one model family changes in the shared decoder."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    norm_unit_offset: bool = False  # Gemma: norms scale by (1 + weight)
+    sandwich_norms: bool = False  # Gemma 3: extra norms after attention and after the MLP
+    embed_scale: float | None = None  # Gemma: embeddings multiplied by sqrt(hidden)
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_soft_cap: float | None = None
+    final_soft_cap: float | None = None
+    local_rope: bool = False  # Gemma 3: sliding layers use their own rope theta
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention then gated MLP (optionally Gemma 3's sandwich norms)."""
+
+    def __init__(self, config: ModelConfig, spec: DecoderSpec, layer_idx: int) -> None:
+        super().__init__()
+        eps, offset = config.rms_norm_eps, spec.norm_unit_offset
+        sliding = config.layer_sliding[layer_idx]
+        self.self_attn = Attention(
+            config,
+            qkv_bias=spec.qkv_bias,
+            o_bias=spec.o_bias,
+            qk_norm=spec.qk_norm,
+            norm_unit_offset=offset,
+            scale=spec.attn_scale if spec.attn_scale is not None else config.head_dim**-0.5,
+            sliding_window=config.sliding_window if sliding else None,
+            soft_cap=spec.attn_soft_cap,
+        )
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, spec.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        self.sandwich_norms = spec.sandwich_norms
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        x = self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
+        if self.sandwich_norms:
+            h = h + self.post_attention_layernorm(x)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = h + x
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """Embedding, layers and final norm (HF's ``model.*`` submodule)."""
+
+    def __init__(self, config: ModelConfig, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, spec, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, spec.norm_unit_offset)
+
+
+class DecoderForCausalLM(nn.Module):
+    """A decoder-only LM over a flat token batch and paged KV caches.
+
+    Subclasses only provide :meth:`spec_for` (and rarely override more). The lm head is kept
+    out of :meth:`forward`: the engine computes logits only for the rows it samples.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = self.spec_for(config)
+        self.model = DecoderModel(config, self.spec)
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
+                                      config.rope_freq_factors)
+        self.local_rotary = None
+        if self.spec.local_rope:
+            self.local_rotary = RotaryEmbedding(config.head_dim, config.rope_local_base_freq,
+                                                config.rope_local_scaling)
+        self._layer_uses_local = [self.spec.local_rope and s for s in config.layer_sliding]
+        self._embed_scales: dict[torch.dtype, float] = {}
+
+    @classmethod
+    def spec_for(cls, config: ModelConfig) -> DecoderSpec:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        if self.spec.embed_scale is not None:
+            scale = self._embed_scales.get(h.dtype)
+            if scale is None:
+                # HF rounds the scale to the weight dtype before multiplying (matters in bf16)
+                scale = self._embed_scales[h.dtype] = torch.tensor(self.spec.embed_scale, dtype=h.dtype).item()
+            h = h * scale
+        return h
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` after the final norm for a flat batch of new tokens."""
+        h = self.embed(input_ids)
+        cos, sin = self.rotary.lookup(positions, h.dtype)
+        local_cos = local_sin = None
+        if self.local_rotary is not None:
+            local_cos, local_sin = self.local_rotary.lookup(positions, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if self._layer_uses_local[i]:
+                h = layer(h, local_cos, local_sin, meta, kv_caches[i])
+            else:
+                h = layer(h, cos, sin, meta, kv_caches[i])
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, hidden] -> [N, vocab]`` float32 logits (final soft-cap applied)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden.to(weight.dtype), weight).float()
+        cap = self.spec.final_soft_cap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,299 @@
+"""Every message that travels on the bus, as a typed dataclass with a type tag.
+
+Services only exchange these messages (DESIGN.md §2). A message is a flat record of msgpack-able
+fields (int, float, str, bool, bytes, list, dict, None); tensors never go inside a message, they
+travel as extra raw frames next to it (see `common.codec`).
+
+Adding a message: declare a dataclass with `TAG`, decorate it with `@register`, and both the
+codec and its validation pick it up. Tags are wire format: never reuse or rename one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be encoded or that failed validation on decode."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Message:
+    """Base of every bus message; subclasses are `@dataclass(kw_only=True, slots=True)`."""
+
+    __slots__ = ()
+    TAG: ClassVar[str]
+
+
+MessageT = TypeVar("MessageT", bound=type[Message])
+
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+def register(cls: MessageT) -> MessageT:
+    """Add a message class to the tag registry (used as a class decorator)."""
+    tag = cls.__dict__.get("TAG")
+    if not isinstance(tag, str) or not tag:
+        raise TypeError(f"{cls.__name__} needs a class-level TAG string")
+    existing = MESSAGE_TYPES.get(tag)
+    if existing is not None and existing is not cls:
+        raise TypeError(f"tag {tag!r} of {cls.__name__} is already used by {existing.__name__}")
+    MESSAGE_TYPES[tag] = cls
+    return cls
+
+
+def message_class(tag: str) -> type[Message] | None:
+    """The message class for a wire tag, or None when the tag is unknown."""
+    return MESSAGE_TYPES.get(tag)
+
+
+# ---------------------------------------------------------------- frontend: gateway -> scheduler
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class Submit(Message):
+    TAG: ClassVar[str] = "submit"
+    request_id: str
+    prompt_ids: list[int]
+    sampling: dict
+    priority: str = "online"
+    gateway_id: str
+    tokens_addr: str
+    arrival_time: float
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class Abort(Message):
+    TAG: ClassVar[str] = "abort"
+    request_id: str
+    reason: str
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class StatusQuery(Message):
+    TAG: ClassVar[str] = "status_query"
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class StatusReply(Message):
+    TAG: ClassVar[str] = "status_reply"
+    instances: list[dict]
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class GatewayHello(Message):
+    TAG: ClassVar[str] = "gateway_hello"
+    gateway_id: str
+    tokens_addr: str
+
+
+# ------------------------------------------------ backend: worker/encoder/kvstore <-> scheduler
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class Register(Message):
+    TAG: ClassVar[str] = "register"
+    instance_id: str
+    role: str
+    kv_addr: str
+    num_pages: int
+    page_size: int
+    model: str
+    max_model_len: int
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class RegisterAck(Message):
+    TAG: ClassVar[str] = "register_ack"
+    instance_id: str
+    accepted: bool
+    reason: str = ""
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class Heartbeat(Message):
+    TAG: ClassVar[str] = "heartbeat"
+    instance_id: str
+    role: str
+    waiting: int
+    running: int
+    free_pages: int
+    total_pages: int
+    prefix_hit_rate: float
+    stats: dict
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class Deregister(Message):
+    TAG: ClassVar[str] = "deregister"
+    instance_id: str
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class Assign(Message):
+    TAG: ClassVar[str] = "assign"
+    request_id: str
+    prompt_ids: list[int]
+    sampling: dict
+    priority: str
+    gateway_id: str
+    tokens_addr: str
+    prefill_instance: str
+    decode_instance: str
+    arrival_time: float
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class AbortRequest(Message):
+    TAG: ClassVar[str] = "abort_request"
+    request_id: str
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class RequestFinished(Message):
+    TAG: ClassVar[str] = "request_finished"
+    request_id: str
+    instance_id: str
+    finish_reason: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+# ----------------------------------------------------------------- tokens: worker -> gateway
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class TokenDelta(Message):
+    TAG: ClassVar[str] = "token_delta"
+    request_id: str
+    index: int  # which of the request's n choices
+    token_ids: list[int]
+    logprobs: list | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    cached_tokens: int = 0
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class RequestError(Message):
+    TAG: ClassVar[str] = "request_error"
+    request_id: str
+    code: int
+    message: str
+
+
+# ------------------------------------------- control: scheduler PUB -> workers (topic = instance)
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class RoleFlip(Message):
+    TAG: ClassVar[str] = "role_flip"
+    instance_id: str
+    role: str
+    flip_id: int
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class FlipAck(Message):
+    TAG: ClassVar[str] = "flip_ack"
+    instance_id: str
+    flip_id: int
+    role: str
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class Drain(Message):
+    TAG: ClassVar[str] = "drain"
+    instance_id: str
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class Shutdown(Message):
+    TAG: ClassVar[str] = "shutdown"
+
+
+# -------------------------------------------------------------------- kv: worker <-> worker
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvTransferHeader(Message):
+    """Precedes the raw KV frames of one transfer chunk (the tensors ride as codec frames)."""
+
+    TAG: ClassVar[str] = "kv_transfer"
+    request_id: str
+    layer_start: int
+    num_layers: int
+    page_ids: list[int]
+    num_tokens: int
+    dtype: str
+    shape: list[int]
+    last: bool
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvTransferAck(Message):
+    TAG: ClassVar[str] = "kv_transfer_ack"
+    request_id: str
+    ok: bool
+    reason: str = ""
+
+
+# The control-channel topic that every worker subscribes to besides its own instance id.
+TOPIC_ALL = b"all"
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "TOPIC_ALL",
+    "MESSAGE_TYPES",
+    "Message",
+    "ProtocolError",
+    "register",
+    "message_class",
+    "Submit",
+    "Abort",
+    "StatusQuery",
+    "StatusReply",
+    "GatewayHello",
+    "Register",
+    "RegisterAck",
+    "Heartbeat",
+    "Deregister",
+    "Assign",
+    "AbortRequest",
+    "RequestFinished",
+    "TokenDelta",
+    "RequestError",
+    "RoleFlip",
+    "FlipAck",
+    "Drain",
+    "Shutdown",
+    "KvTransferHeader",
+    "KvTransferAck",
+]

@@ -1,0 +1,156 @@
+"""The aiohttp application: routes, middlewares (errors, auth), startup and shutdown.
+
+Every error leaves as OpenAI-style JSON (`{"error": {message, type, param, code}}`), including
+aiohttp's own 404 / 405 and anything unexpected (500, logged with its traceback); the server
+keeps serving after each of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from services.gateway import routes
+from services.gateway.chat import handle_chat
+from services.gateway.client import BusClient
+from services.gateway.completions import handle_completions
+from services.gateway.context import CTX_KEY, Admission, GatewayContext, ModelInfo
+from services.gateway.httpio import error_response
+from services.gateway.logprobs import TokenTexts
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.openai_schema import APIError
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Probes and scrapers must work without the API key.
+AUTH_EXEMPT = frozenset(("/health", "/metrics", "/ping"))
+
+
+@dataclass
+class GatewaySettings:
+    host: str
+    port: int
+    model_path: str
+    frontend_addr: str
+    tokens_addr: str
+    gateway_id: str
+    api_key: str | None = None
+    max_queue: int = 256
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_model_len: int | None = None
+
+
+def _from_http_exception(exc: web.HTTPException) -> APIError:
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    if exc.status == 404:
+        return APIError(404, "not found: no such route", code="not_found")
+    if exc.status == 405:
+        return APIError(405, f"method not allowed; allowed: {exc.headers.get('Allow', '')}",
+                        code="method_not_allowed", headers=headers)
+    if exc.status == 413:
+        return APIError(413, "request body is too large", code="request_too_large")
+    return APIError(exc.status, exc.reason or "HTTP error", code=None, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except APIError as error:
+        response = error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and the like are not errors
+        response = error_response(_from_http_exception(exc))
+    except (asyncio.CancelledError, ConnectionError):
+        raise  # the client went away: nobody to answer
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response(APIError(500, "internal server error", code="internal_error"))
+    request.app[CTX_KEY].metrics.http_responses.labels(str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.app[CTX_KEY].api_key
+    if key and request.path not in AUTH_EXEMPT:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(
+                401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+            )
+    return await handler(request)
+
+
+async def _ping(request: web.Request) -> web.Response:
+    return web.Response(text="pong")
+
+
+def create_app(ctx: GatewayContext) -> web.Application:
+    """The application for an already-built context (tests build their own context)."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=ctx.max_body_bytes)
+    app[CTX_KEY] = ctx
+    app.router.add_post("/v1/chat/completions", handle_chat)
+    app.router.add_post("/v1/completions", handle_completions)
+    app.router.add_get("/v1/models", routes.handle_models)
+    app.router.add_get("/v1/models/{model:.+}", routes.handle_model)
+    app.router.add_get("/health", routes.handle_health)
+    app.router.add_get("/ping", _ping)
+    app.router.add_get("/status", routes.handle_status)
+    app.router.add_get("/metrics", routes.handle_metrics)
+    app.router.add_post("/tokenize", routes.handle_tokenize)
+    app.router.add_post("/detokenize", routes.handle_detokenize)
+    return app
+
+
+async def build_context(settings: GatewaySettings) -> GatewayContext:
+    """Load the tokenizer (in a thread: it takes seconds) and wire the shared objects."""
+    from common.tokenizer import load_tokenizer
+
+    loop = asyncio.get_running_loop()
+    tokenizer = await loop.run_in_executor(None, load_tokenizer, settings.model_path)
+    model = await loop.run_in_executor(None, ModelInfo.from_path, settings.model_path, settings.max_model_len)
+    metrics = GatewayMetrics(model.model_id)
+    client = BusClient(settings.frontend_addr, settings.tokens_addr, settings.gateway_id)
+    client.on_status = metrics.update_workers
+    return GatewayContext(
+        model=model, tokenizer=tokenizer, token_texts=TokenTexts(tokenizer), client=client, metrics=metrics,
+        admission=Admission(settings.max_queue), api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+    )
+
+
+async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGINT/SIGTERM (or `stop` is set), then shut down cleanly."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass  # not the main thread (tests): the caller sets `stop`
+    ctx = await build_context(settings)
+    await ctx.client.start()
+    # handler_cancellation: a client that goes away cancels its handler, whose `finally` aborts
+    # the request on the worker (for non-streaming requests nothing else would notice).
+    runner = web.AppRunner(create_app(ctx), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    try:
+        await site.start()
+        logger.warning("gateway %s serving %s on http://%s:%d", settings.gateway_id, ctx.model.model_id,
+                       settings.host, settings.port)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await ctx.client.close()

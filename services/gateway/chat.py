@@ -1,0 +1,106 @@
+"""`POST /v1/chat/completions`: the handler and its response / stream-chunk builders."""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+
+from services.gateway.context import CTX_KEY, GatewayContext
+from services.gateway.generation import Generation
+from services.gateway.httpio import SSEWriter, dumps, json_response, read_json
+from services.gateway.logprobs import chat_entries
+from services.gateway.openai_schema import APIError, GenerationRequest, bad_request, check_prompts_for_model, \
+    parse_chat_request
+
+def chat_prompt_ids(ctx: GatewayContext, req: GenerationRequest) -> list[int]:
+    """The conversation rendered with the model's chat template, as token ids."""
+    try:
+        return ctx.tokenizer.encode_chat(req.messages or [], add_generation_prompt=req.add_generation_prompt)
+    except ValueError as exc:  # the template refused the conversation (roles out of order, no template...)
+        raise bad_request(str(exc), param="messages") from None
+
+
+async def handle_chat(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX_KEY]
+    req = parse_chat_request(await read_json(request, ctx.max_body_bytes))
+    ctx.model.check(req.model)
+    prompt_ids = chat_prompt_ids(ctx, req)
+    check_prompts_for_model(req.params, [prompt_ids], ctx.max_model_len, ctx.vocab_size, param="messages")
+    gen = Generation(ctx, f"chatcmpl-{uuid.uuid4().hex}", [prompt_ids], req.params, req.top_logprobs is not None)
+    try:
+        await gen.start()
+        if req.stream:
+            return await _stream(request, ctx, gen, req)
+        return await _complete(ctx, gen, req)
+    finally:
+        gen.close()
+
+
+async def _complete(ctx: GatewayContext, gen: Generation, req: GenerationRequest) -> web.Response:
+    n = len(gen.choices)
+    texts: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    async for updates in gen.updates():
+        for u in updates:
+            if u.text:
+                texts[u.index].append(u.text)
+            if u.logprobs:
+                logprobs[u.index].extend(u.logprobs)
+            if u.finish_reason is not None:
+                finish[u.index] = u.finish_reason
+    top_n = req.top_logprobs or 0
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": "".join(texts[i])},
+            "logprobs": ({"content": chat_entries(ctx.token_texts, logprobs[i], top_n)}
+                         if req.top_logprobs is not None else None),
+            "finish_reason": finish[i],
+        }
+        for i in range(n)
+    ]
+    return json_response({
+        "id": gen.request_id, "object": "chat.completion", "created": int(gen.arrival), "model": ctx.model.model_id,
+        "system_fingerprint": None, "choices": choices, "usage": gen.usage(),
+    })
+
+
+async def _stream(request: web.Request, ctx: GatewayContext, gen: Generation,
+                  req: GenerationRequest) -> web.StreamResponse:
+    # Every chunk shares this envelope: encode it once, splice each choice's small JSON in.
+    head = (f'{{"id":"{gen.request_id}","object":"chat.completion.chunk","created":{int(gen.arrival)},'
+            f'"model":{dumps(ctx.model.model_id)},"system_fingerprint":null,"choices":[')
+    tail = '],"usage":null}' if req.include_usage else "]}"
+    top_n = req.top_logprobs or 0
+    want_logprobs = req.top_logprobs is not None
+    writer = SSEWriter(request)
+    # The role chunks go out with the first tokens (see SSEWriter).
+    role_chunks = [
+        f'{head}{{"index":{c.index},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
+        f'"finish_reason":null}}{tail}'
+        for c in gen.choices
+    ]
+    try:
+        async for updates in gen.updates():
+            chunks, role_chunks = role_chunks, []
+            for u in updates:
+                delta = f'{{"content":{dumps(u.text)}}}' if u.text or u.finish_reason is None else "{}"
+                lp = "null"
+                if want_logprobs:
+                    lp = dumps({"content": chat_entries(ctx.token_texts, u.logprobs or [], top_n)})
+                reason = "null" if u.finish_reason is None else f'"{u.finish_reason}"'
+                chunks.append(f'{head}{{"index":{u.index},"delta":{delta},"logprobs":{lp},'
+                              f'"finish_reason":{reason}}}{tail}')
+            await writer.send(chunks)
+        if req.include_usage:
+            await writer.send([dumps({
+                "id": gen.request_id, "object": "chat.completion.chunk", "created": int(gen.arrival),
+                "model": ctx.model.model_id, "system_fingerprint": None, "choices": [], "usage": gen.usage(),
+            })])
+    except APIError as error:
+        if not writer.started:
+            raise  # nothing sent yet: a plain HTTP error response
+        await writer.send_error(error)  # mid-stream: tell the client in-band
+    return await writer.close()

@@ -1,0 +1,224 @@
+"""The gateway's side of the bus: DEALER to the scheduler, PULL for token streams, request registry.
+
+One PULL socket receives TokenDelta / RequestError for every request this gateway owns; a single
+dispatcher task routes each message to the owning request's `RequestStream` (a deque plus one
+future: lighter than an asyncio.Queue on the per-token path). The DEALER carries Submit / Abort /
+StatusQuery out and StatusReply (and any RequestError the scheduler answers a Submit with) back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from common import bus
+from common.protocol import (
+    Abort,
+    GatewayHello,
+    Message,
+    RequestError,
+    StatusQuery,
+    StatusReply,
+    Submit,
+    TokenDelta,
+)
+
+logger = logging.getLogger(__name__)
+
+# An instance in one of these states takes no new work (anything else, or no state, is ready).
+_NOT_READY_STATES = frozenset(("starting", "loading", "draining", "dead", "suspect", "stopping"))
+
+
+class RequestStream:
+    """Messages for one generation (all its sub-requests), consumed in batches by one handler."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Message] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, msg: Message) -> None:
+        self._items.append(msg)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get_batch(self) -> list[Message]:
+        """Everything that arrived since the last call (waits for at least one message)."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+def instance_ready(instance: dict[str, Any]) -> bool:
+    if instance.get("ready") is False:
+        return False
+    state = instance.get("state") or instance.get("status")
+    return not (isinstance(state, str) and state.lower() in _NOT_READY_STATES)
+
+
+class BusClient:
+    def __init__(
+        self,
+        frontend_addr: str,
+        tokens_addr: str,
+        gateway_id: str,
+        *,
+        status_interval: float = 0.5,
+        status_stale_after: float = 3.0,
+    ) -> None:
+        self.frontend_addr = frontend_addr
+        self.tokens_addr = tokens_addr
+        self.gateway_id = gateway_id
+        self.status_interval = status_interval
+        self.status_stale_after = status_stale_after
+        self.instances: list[dict[str, Any]] = []
+        self.last_status_time = 0.0  # monotonic time of the last StatusReply
+        self.on_status: Callable[[list[dict[str, Any]]], None] | None = None
+        self._streams: dict[str, RequestStream] = {}
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._pull: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._pending_sends: set[asyncio.Task] = set()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._pull = bus.make_socket(zmq.PULL)
+        self.tokens_addr = bus.bind(self._pull, self.tokens_addr)
+        self._dealer = bus.make_socket(zmq.DEALER, routing_id=self.gateway_id.encode())
+        bus.connect(self._dealer, self.frontend_addr)
+        # GatewayHello goes out on the first StatusReply (see _on_status), i.e. once the
+        # scheduler is known to be there, and again whenever it comes back.
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(self._pull), name="gateway-tokens"),
+            asyncio.create_task(self._receive_loop(self._dealer), name="gateway-frontend"),
+            asyncio.create_task(self._status_loop(), name="gateway-status"),
+        ]
+        logger.info("bus client up: frontend=%s tokens=%s id=%s", self.frontend_addr, self.tokens_addr,
+                    self.gateway_id)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # give queued aborts a moment to leave, so the workers free their pages
+        if self._pending_sends:
+            await asyncio.wait(self._pending_sends, timeout=0.5)
+        for sock in (self._dealer, self._pull):
+            if sock is not None:
+                bus.close(sock)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def register(self, request_id: str, stream: RequestStream) -> None:
+        self._streams[request_id] = stream
+
+    def unregister(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    @property
+    def num_registered(self) -> int:
+        return len(self._streams)
+
+    async def submit(self, request_id: str, prompt_ids: list[int], sampling: dict[str, Any],
+                     arrival_time: float) -> None:
+        msg = Submit(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling, priority="online",
+                     gateway_id=self.gateway_id, tokens_addr=self.tokens_addr, arrival_time=arrival_time)
+        await bus.send(self._dealer, msg)
+
+    def abort_soon(self, request_id: str, reason: str) -> None:
+        """Send Abort without awaiting (usable from `finally` blocks of cancelled handlers)."""
+        self._send_soon(Abort(request_id=request_id, reason=reason))
+
+    def _send_soon(self, msg: Message) -> None:
+        if self._dealer is None or self._dealer.closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._send_logged(msg))
+        self._pending_sends.add(task)
+        task.add_done_callback(self._pending_sends.discard)
+
+    async def _send_logged(self, msg: Message) -> None:
+        try:
+            await bus.send(self._dealer, msg)
+        except Exception:  # a failed abort must not take anything else down
+            logger.exception("could not send %s", msg.TAG)
+
+    # ---- health ---------------------------------------------------------------------------
+
+    @property
+    def scheduler_alive(self) -> bool:
+        return time.monotonic() - self.last_status_time < self.status_stale_after
+
+    @property
+    def ready(self) -> bool:
+        """A fresh status says at least one worker can take requests."""
+        return self.scheduler_alive and any(instance_ready(inst) for inst in self.instances)
+
+    # ---- loops ----------------------------------------------------------------------------
+
+    async def _receive_loop(self, sock: zmq.asyncio.Socket) -> None:
+        streams = self._streams
+        while True:
+            try:
+                _, msg, _ = await bus.recv(sock)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as exc:
+                if sock.closed:
+                    return
+                logger.error("receive failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            msg_type = type(msg)
+            if msg_type is TokenDelta or msg_type is RequestError:
+                stream = streams.get(msg.request_id)
+                if stream is not None:
+                    stream.put(msg)
+                else:  # late deltas of an aborted or finished request: expected, harmless
+                    logger.debug("%s for unknown request %s dropped", msg.TAG, msg.request_id)
+            elif msg_type is StatusReply:
+                self._on_status(msg)
+            else:
+                logger.warning("unexpected %s message on the gateway; dropped", msg.TAG)
+
+    def _on_status(self, msg: StatusReply) -> None:
+        was_alive = self.scheduler_alive
+        self.instances = [inst for inst in msg.instances if isinstance(inst, dict)]
+        self.last_status_time = time.monotonic()
+        if not was_alive:
+            logger.info("scheduler reachable: %d instance(s)", len(self.instances))
+            # a restarted scheduler has forgotten us: introduce ourselves again
+            self._send_soon(GatewayHello(gateway_id=self.gateway_id, tokens_addr=self.tokens_addr))
+        if self.on_status is not None:
+            try:
+                self.on_status(self.instances)
+            except Exception:
+                logger.exception("status callback failed")
+
+    async def _status_loop(self) -> None:
+        while True:
+            try:
+                await bus.send(self._dealer, StatusQuery())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("status query failed: %s", exc)
+            if not self.scheduler_alive and self.instances:
+                self.instances = []  # stale: the scheduler is gone, nobody can serve
+                if self.on_status is not None:
+                    self.on_status([])
+            await asyncio.sleep(self.status_interval)

@@ -1,0 +1,491 @@
+"""OpenAI request bodies -> validated internal requests (+ SamplingParams), and the API error type.
+
+Everything here is pure: no sockets, no tokenizer. Every rejection is an `APIError` carrying the
+HTTP status and the OpenAI error fields (`message`, `type`, `param`, `code`), so the app can turn
+it into `{"error": {...}}` without knowing where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.engine.sampling_params import MAX_LOGPROBS, InvalidSamplingParameter, SamplingParams
+
+# Hard caps on one request, so a single body cannot ask for unbounded work.
+MAX_N = 16
+MAX_BATCH_PROMPTS = 64
+MAX_CHOICES = 64  # prompts x n
+MAX_TOTAL_TOKENS = 16 * 32768  # choices x max_tokens
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 512
+CHAT_ROLES = frozenset(("system", "developer", "user", "assistant", "tool"))
+
+
+class APIError(Exception):
+    """An error response in OpenAI's shape; `status` is the HTTP status code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or _default_type(status)
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _default_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code or "invalid_value")
+
+
+# ------------------------------------------------------------------------------------ the body
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN/Infinity, which are not JSON and would poison the sampler.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """Bytes of an HTTP body -> a JSON object, or a 400 saying exactly what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_body") from None
+    if not text.strip():
+        raise bad_request("request body is empty; expected a JSON object", code="invalid_body")
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request(
+            f"request body must be a JSON object, got {_json_type(body)}", code="invalid_body"
+        )
+    return body
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+# -------------------------------------------------------------------------------- field readers
+
+
+class _Fields:
+    """Typed, param-named access to a body's fields; `None`/absent gives the default."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+    def _wrong(self, name: str, expected: str, value: Any) -> APIError:
+        return bad_request(f"'{name}' must be {expected}, got {_json_type(value)} {_short(value)}", param=name,
+                           code="invalid_type")
+
+    def int(self, name: str, default: int | None = None) -> int | None:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+            return int(value)  # 2.0 is an integer in JSON's eyes
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self._wrong(name, "an integer", value)
+        return value
+
+    def number(self, name: str, default: float | None = None) -> float | None:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise self._wrong(name, "a number", value)
+        if not math.isfinite(value):
+            raise bad_request(f"'{name}' must be finite", param=name)
+        return float(value)
+
+    def bool(self, name: str, default: bool = False) -> bool:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._wrong(name, "a boolean", value)
+        return value
+
+    def str(self, name: str, default: str | None = None) -> str | None:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self._wrong(name, "a string", value)
+        return value
+
+    def dict(self, name: str) -> dict[str, Any] | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self._wrong(name, "an object", value)
+        return value
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------ request types
+
+
+@dataclass
+class GenerationRequest:
+    """What both endpoints turn into: prompts (text, messages or ids) plus sampling settings."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    # chat: the conversation; completion: a list of prompts, each a string or a list of token ids
+    messages: list[dict[str, Any]] | None = None
+    prompts: list[str | list[int]] = field(default_factory=list)
+    add_generation_prompt: bool = True
+    top_logprobs: int | None = None  # None: no logprobs in the response
+    add_special_tokens: bool = True  # completions: tokenizer adds BOS etc. to text prompts
+
+
+def _model(fields: _Fields) -> str:
+    model = fields.str("model")
+    if model is None or not model.strip():
+        raise bad_request("'model' is required", param="model", code="missing_required_parameter")
+    return model
+
+
+def _stop(fields: _Fields) -> list[str]:
+    value = fields.body.get("stop")
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad_request("'stop' must be a string or an array of strings", param="stop", code="invalid_type")
+    stops = [s for s in stops if s]  # OpenAI ignores empty stop strings
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad_request(f"each stop string may be at most {MAX_STOP_CHARS} characters", param="stop")
+    return stops
+
+
+def _stop_token_ids(fields: _Fields) -> list[int]:
+    value = fields.body.get("stop_token_ids")
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise bad_request("'stop_token_ids' must be an array of integers", param="stop_token_ids",
+                          code="invalid_type")
+    return value
+
+
+def _stream_options(fields: _Fields, stream: bool) -> bool:
+    options = fields.dict("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    include = options.get("include_usage", False)
+    if include is None:
+        return False
+    if not isinstance(include, bool):
+        raise bad_request("'stream_options.include_usage' must be a boolean", param="stream_options.include_usage",
+                          code="invalid_type")
+    return include
+
+
+def _reject_unsupported(fields: _Fields) -> None:
+    """Fields we cannot honour: a clear 400 beats silently ignoring them."""
+    body = fields.body
+    if body.get("logit_bias"):
+        raise bad_request("'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise bad_request("'response_format' must be an object", param="response_format", code="invalid_type")
+        if response_format.get("type", "text") != "text":
+            raise bad_request(
+                f"response_format type {response_format.get('type')!r} is not supported (only 'text')",
+                param="response_format", code="unsupported_parameter",
+            )
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and tool_choice not in ("none", "auto"):
+        raise bad_request("tool calling is not supported: 'tool_choice' must be 'none' or 'auto'",
+                          param="tool_choice", code="unsupported_parameter")
+
+
+def _sampling(fields: _Fields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    n = fields.int("n", 1)
+    if n is not None and n > MAX_N:
+        raise bad_request(f"'n' must be <= {MAX_N}, got {n}", param="n")
+    params = SamplingParams(
+        n=n,
+        temperature=fields.number("temperature", 1.0),
+        top_p=fields.number("top_p", 1.0),
+        top_k=fields.int("top_k", 0),
+        min_p=fields.number("min_p", 0.0),
+        seed=fields.int("seed"),
+        presence_penalty=fields.number("presence_penalty", 0.0),
+        frequency_penalty=fields.number("frequency_penalty", 0.0),
+        repetition_penalty=fields.number("repetition_penalty", 1.0),
+        max_tokens=max_tokens,
+        min_tokens=fields.int("min_tokens", 0),
+        stop_token_ids=_stop_token_ids(fields),
+        stop=_stop(fields),
+        ignore_eos=fields.bool("ignore_eos", False),
+        logprobs=logprobs,
+        skip_special_tokens=fields.bool("skip_special_tokens", True),
+    )
+    try:
+        params.validate()
+    except InvalidSamplingParameter as exc:
+        raise bad_request(str(exc), param=exc.param) from None
+    return params
+
+
+def _max_tokens(fields: _Fields, names: tuple[str, ...], default: int | None) -> int | None:
+    # The newer name wins when both are given (OpenAI deprecated max_tokens for chat).
+    for name in names:
+        value = fields.int(name)
+        if value is not None:
+            if value < 1:
+                raise bad_request(f"'{name}' must be at least 1, got {value}", param=name)
+            return value
+    return default
+
+
+# ---------------------------------------------------------------------------------- endpoints
+
+
+def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
+    """Validate a `/v1/chat/completions` body."""
+    fields = _Fields(body)
+    model = _model(fields)
+    messages = _messages(body.get("messages"))
+    stream = fields.bool("stream", False)
+    include_usage = _stream_options(fields, stream)
+    _reject_unsupported(fields)
+    want_logprobs = fields.bool("logprobs", False)
+    top = fields.int("top_logprobs")
+    if top is not None:
+        if not want_logprobs:
+            raise bad_request("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+        if not 0 <= top <= MAX_LOGPROBS:
+            raise bad_request(f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", param="top_logprobs")
+    top_logprobs = (top or 0) if want_logprobs else None
+    max_tokens = _max_tokens(fields, ("max_completion_tokens", "max_tokens"), None)
+    params = _sampling(fields, max_tokens, top_logprobs)
+    return GenerationRequest(
+        kind="chat", model=model, params=params, stream=stream, include_usage=include_usage,
+        messages=messages, add_generation_prompt=fields.bool("add_generation_prompt", True),
+        top_logprobs=top_logprobs,
+    )
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        raise bad_request("'messages' is required", param="messages", code="missing_required_parameter")
+    if not isinstance(value, list):
+        raise bad_request(f"'messages' must be an array, got {_json_type(value)}", param="messages",
+                          code="invalid_type")
+    if not value:
+        raise bad_request("'messages' must hold at least one message", param="messages")
+    out = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object, got {_json_type(message)}", param=where,
+                              code="invalid_type")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise bad_request(f"{where}.role is required and must be a string", param=f"{where}.role")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"{where}.role {role!r} is not one of {sorted(CHAT_ROLES)}", param=f"{where}.role")
+        content = message.get("content")
+        if content is None:
+            if role != "assistant":
+                raise bad_request(f"{where}.content is required for role {role!r}", param=f"{where}.content")
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else _json_type(part)
+                    raise bad_request(
+                        f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': ...}}; "
+                        f"part type {kind!r} is not supported (this model takes text only)",
+                        param=f"{where}.content",
+                    )
+        elif not isinstance(content, str):
+            raise bad_request(f"{where}.content must be a string or an array of content parts",
+                              param=f"{where}.content", code="invalid_type")
+        clean = dict(message)
+        if role == "developer":
+            clean["role"] = "system"  # OpenAI's newer name; chat templates know "system"
+        out.append(clean)
+    return out
+
+
+def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:
+    """Validate a `/v1/completions` body."""
+    fields = _Fields(body)
+    model = _model(fields)
+    prompts = _prompts(body.get("prompt"))
+    stream = fields.bool("stream", False)
+    include_usage = _stream_options(fields, stream)
+    _reject_unsupported(fields)
+    if fields.bool("echo", False):
+        raise bad_request("'echo' is not supported", param="echo", code="unsupported_parameter")
+    if fields.str("suffix"):
+        raise bad_request("'suffix' is not supported", param="suffix", code="unsupported_parameter")
+    logprobs = fields.int("logprobs")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise bad_request(f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+    max_tokens = _max_tokens(fields, ("max_tokens",), 16)  # OpenAI's completions default
+    params = _sampling(fields, max_tokens, logprobs)
+    best_of = fields.int("best_of")
+    if best_of is not None and best_of != params.n:
+        raise bad_request("'best_of' other than n is not supported", param="best_of", code="unsupported_parameter")
+    if len(prompts) * params.n > MAX_CHOICES:
+        raise bad_request(
+            f"{len(prompts)} prompts x n={params.n} gives {len(prompts) * params.n} choices; at most "
+            f"{MAX_CHOICES} are allowed per request", param="n",
+        )
+    return GenerationRequest(
+        kind="completion", model=model, params=params, stream=stream, include_usage=include_usage,
+        prompts=prompts, top_logprobs=logprobs,
+        add_special_tokens=fields.bool("add_special_tokens", True),
+    )
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+def _prompts(value: Any) -> list[str | list[int]]:
+    if value is None:
+        raise bad_request("'prompt' is required", param="prompt", code="missing_required_parameter")
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise bad_request(
+            f"'prompt' must be a string, an array of strings, an array of token ids or an array of such arrays, "
+            f"got {_json_type(value)}", param="prompt", code="invalid_type",
+        )
+    if not value:
+        raise bad_request("'prompt' must not be an empty array", param="prompt")
+    if _is_token_list(value):
+        return [value]
+    if all(isinstance(p, str) for p in value) or all(_is_token_list(p) for p in value):
+        if len(value) > MAX_BATCH_PROMPTS:
+            raise bad_request(f"at most {MAX_BATCH_PROMPTS} prompts per request, got {len(value)}", param="prompt")
+        for i, p in enumerate(value):
+            if isinstance(p, list) and not p:
+                raise bad_request(f"prompt[{i}] is an empty token list", param="prompt")
+        return list(value)
+    raise bad_request(
+        "'prompt' must be a string, an array of strings, an array of token ids or an array of token-id arrays "
+        "(not a mix)", param="prompt", code="invalid_type",
+    )
+
+
+# ------------------------------------------------------------------- limits of the served model
+
+
+def check_prompts_for_model(
+    params: SamplingParams,
+    prompt_ids: list[list[int]],
+    max_model_len: int,
+    vocab_size: int,
+    param: str = "prompt",
+) -> None:
+    """Context-window, vocabulary and total-work checks once the prompts are token ids."""
+    total = 0
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise bad_request("the prompt is empty: at least one token is needed", param=param)
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary (size {vocab_size})", param=param)
+        try:
+            params.validate_for_model(len(ids), max_model_len, vocab_size)
+        except InvalidSamplingParameter as exc:
+            message = str(exc) if len(prompt_ids) == 1 else f"prompt {i}: {exc}"
+            code = "context_length_exceeded" if exc.param in ("prompt", "max_tokens") else "invalid_value"
+            raise bad_request(message, param=param if exc.param == "prompt" else exc.param, code=code) from None
+        total += params.n * params.resolved_max_tokens(len(ids), max_model_len)
+    if total > MAX_TOTAL_TOKENS:
+        raise bad_request(
+            f"the request asks for up to {total} generated tokens in all (n x max_tokens over every prompt); "
+            f"the limit is {MAX_TOTAL_TOKENS}: lower n or max_tokens", param="n",
+        )
+
+
+def parse_tokenize_request(body: dict[str, Any]) -> GenerationRequest:
+    """`/tokenize`: {"prompt": str} or {"messages": [...]} (model optional)."""
+    fields = _Fields(body)
+    model = fields.str("model", "")
+    if "messages" in body:
+        return GenerationRequest(
+            kind="chat", model=model, params=SamplingParams(), messages=_messages(body.get("messages")),
+            add_generation_prompt=fields.bool("add_generation_prompt", True),
+        )
+    prompt = fields.str("prompt")
+    if prompt is None:
+        raise bad_request("'prompt' (a string) or 'messages' is required", param="prompt",
+                          code="missing_required_parameter")
+    return GenerationRequest(
+        kind="completion", model=model, params=SamplingParams(), prompts=[prompt],
+        add_special_tokens=fields.bool("add_special_tokens", True),
+    )
+
+
+def parse_detokenize_request(body: dict[str, Any], vocab_size: int) -> list[int]:
+    """`/detokenize`: {"tokens": [ids]} -> the ids, checked against the vocabulary."""
+    tokens = body.get("tokens")
+    if tokens is None:
+        raise bad_request("'tokens' is required", param="tokens", code="missing_required_parameter")
+    if not _is_token_list(tokens):
+        raise bad_request("'tokens' must be an array of integers", param="tokens", code="invalid_type")
+    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside the vocabulary (size {vocab_size})", param="tokens")
+    return tokens

@@ -1,0 +1,195 @@
+"""The instance registry: who is registered, their last reported load, and who went silent.
+
+Pure bookkeeping (no sockets, an injectable clock) so the policy is unit-testable. An instance
+is identified by its `instance_id`; the bus identity of its DEALER is unique per process
+incarnation, which tells a worker that re-sends Register (same identity: nothing lost) from a
+restarted worker under the same id (new identity: the old incarnation's requests are gone).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from common.protocol import Heartbeat, Register
+
+__all__ = ["Instance", "Registry", "RegisterOutcome", "DEFAULT_HEARTBEAT_TIMEOUT_S"]
+
+# An instance silent for this long is dead (heartbeats come every 0.5 s).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 3.0
+
+
+@dataclass
+class Instance:
+    instance_id: str
+    identity: bytes
+    role: str
+    kv_addr: str
+    num_pages: int
+    page_size: int
+    model: str
+    max_model_len: int
+    registered_at: float
+    last_heartbeat: float
+    # Load as last reported by the instance itself.
+    waiting: int = 0
+    running: int = 0
+    free_pages: int = 0
+    total_pages: int = 0
+    prefix_hit_rate: float = 0.0
+    stats: dict = field(default_factory=dict)
+    # Requests the scheduler assigned and has not seen finish: fresher than the heartbeat
+    # between two heartbeats, so back-to-back submissions spread out.
+    inflight: set[str] = field(default_factory=set)
+    assigned_total: int = 0
+    heartbeats: int = 0
+
+    @property
+    def capacity(self) -> int:
+        """Sequences the instance can run at once (reported in heartbeat stats)."""
+        value = self.stats.get("max_num_seqs")
+        return value if isinstance(value, int) and value > 0 else 1
+
+    @property
+    def load(self) -> int:
+        reported = self.waiting + self.running
+        return max(reported, len(self.inflight))
+
+    def describe(self, now: float) -> dict:
+        """One entry of a StatusReply (plain msgpack-able values)."""
+        return {
+            "id": self.instance_id,
+            "role": self.role,
+            "ready": True,
+            "waiting": self.waiting,
+            "running": self.running,
+            "free_pages": self.free_pages,
+            "total_pages": self.total_pages,
+            "used_pages": int(self.stats.get("used_pages", self.total_pages - self.free_pages)),
+            "prefix_hit_rate": self.prefix_hit_rate,
+            "last_heartbeat_age": round(now - self.last_heartbeat, 3),
+            "inflight": len(self.inflight),
+            "assigned_total": self.assigned_total,
+            "model": self.model,
+            "max_model_len": self.max_model_len,
+            "page_size": self.page_size,
+            "kv_addr": self.kv_addr,
+            "stats": self.stats,
+        }
+
+
+class RegisterOutcome(Enum):
+    NEW = "new"  # first registration of this id
+    REFRESHED = "refreshed"  # the same process registered again (e.g. a lost ack)
+    REPLACED = "replaced"  # a new process took over the id: the old one's requests are lost
+
+
+class Registry:
+    def __init__(
+        self,
+        heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.clock = clock
+        self._instances: dict[str, Instance] = {}
+        self._by_identity: dict[bytes, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+    def __contains__(self, instance_id: str) -> bool:
+        return instance_id in self._instances
+
+    def get(self, instance_id: str) -> Instance | None:
+        return self._instances.get(instance_id)
+
+    def by_identity(self, identity: bytes) -> Instance | None:
+        instance_id = self._by_identity.get(identity)
+        return self._instances.get(instance_id) if instance_id is not None else None
+
+    def instances(self) -> list[Instance]:
+        return list(self._instances.values())
+
+    # ---- membership -------------------------------------------------------------------
+
+    def register(self, identity: bytes, msg: Register) -> tuple[RegisterOutcome, Instance, Instance | None]:
+        """Add or refresh an instance. Returns (outcome, instance, replaced old incarnation)."""
+        now = self.clock()
+        old = self._instances.get(msg.instance_id)
+        if old is not None and old.identity == identity:
+            old.role, old.kv_addr, old.model = msg.role, msg.kv_addr, msg.model
+            old.num_pages, old.page_size, old.max_model_len = msg.num_pages, msg.page_size, msg.max_model_len
+            old.last_heartbeat = now
+            return RegisterOutcome.REFRESHED, old, None
+        if old is not None:
+            self._by_identity.pop(old.identity, None)
+        stale_id = self._by_identity.pop(identity, None)
+        if stale_id is not None and stale_id != msg.instance_id:
+            # One process renaming itself: keep the table consistent, drop the old name.
+            self._instances.pop(stale_id, None)
+        instance = Instance(
+            instance_id=msg.instance_id, identity=identity, role=msg.role, kv_addr=msg.kv_addr,
+            num_pages=msg.num_pages, page_size=msg.page_size, model=msg.model,
+            max_model_len=msg.max_model_len, registered_at=now, last_heartbeat=now,
+            free_pages=msg.num_pages, total_pages=msg.num_pages,
+        )
+        self._instances[msg.instance_id] = instance
+        self._by_identity[identity] = msg.instance_id
+        if old is not None:
+            return RegisterOutcome.REPLACED, instance, old
+        return RegisterOutcome.NEW, instance, None
+
+    def heartbeat(self, identity: bytes, msg: Heartbeat) -> Instance | None:
+        """Record a heartbeat; None when the sender is not (or no longer) registered."""
+        instance = self.by_identity(identity)
+        if instance is None or instance.instance_id != msg.instance_id:
+            return None
+        instance.last_heartbeat = self.clock()
+        instance.heartbeats += 1
+        instance.role = msg.role
+        instance.waiting, instance.running = msg.waiting, msg.running
+        instance.free_pages, instance.total_pages = msg.free_pages, msg.total_pages
+        instance.prefix_hit_rate = msg.prefix_hit_rate
+        instance.stats = msg.stats
+        return instance
+
+    def remove(self, instance_id: str) -> Instance | None:
+        instance = self._instances.pop(instance_id, None)
+        if instance is not None:
+            self._by_identity.pop(instance.identity, None)
+        return instance
+
+    def deregister(self, identity: bytes, instance_id: str) -> Instance | None:
+        """Remove an instance leaving cleanly; only its own process may do so."""
+        instance = self._instances.get(instance_id)
+        if instance is None or instance.identity != identity:
+            return None
+        return self.remove(instance_id)
+
+    def expire(self) -> list[Instance]:
+        """Remove and return every instance silent for longer than the timeout."""
+        now = self.clock()
+        dead = [i for i in self._instances.values() if now - i.last_heartbeat > self.heartbeat_timeout_s]
+        for instance in dead:
+            self.remove(instance.instance_id)
+        return dead
+
+    # ---- request bookkeeping ----------------------------------------------------------
+
+    def assign(self, instance_id: str, request_id: str) -> None:
+        instance = self._instances.get(instance_id)
+        if instance is not None:
+            instance.inflight.add(request_id)
+            instance.assigned_total += 1
+
+    def release(self, instance_id: str, request_id: str) -> None:
+        instance = self._instances.get(instance_id)
+        if instance is not None:
+            instance.inflight.discard(request_id)
+
+    def describe(self) -> list[dict]:
+        now = self.clock()
+        return [instance.describe(now) for instance in sorted(self._instances.values(), key=lambda i: i.instance_id)]

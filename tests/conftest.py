@@ -1,0 +1,36 @@
+"""Shared fixtures: the default model, loaded once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores, several processes: keep each test process from oversubscribing.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    from common.models.registry import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smol_llm(smollm_path):
+    """The offline engine on the default model, fp32 (the dtype the transformers comparisons use)."""
+    from common.engine import LLM
+
+    return LLM(smollm_path, dtype="float32", kv_cache_memory="96MiB", max_num_batched_tokens=256)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_path):
+    """transformers' own loading of the same GGUF, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    d, f = os.path.split(smollm_path)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    return model.eval()
