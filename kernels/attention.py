@@ -37,9 +37,10 @@ class AttentionGroup:
 
     token_index: torch.Tensor  # [B, Q] index of each query slot in the flat batch (padding -> 0)
     query_valid: torch.Tensor  # [B, Q] bool, False on padding
-    kv_slots: torch.Tensor  # [B, L] flat cache slot of each context position (padding -> 0)
+    pages: torch.Tensor  # [B, P] page ids covering each context (padding -> page 0, masked out)
     q_pos: torch.Tensor  # [B, Q] absolute position of each query
     k_len: torch.Tensor  # [B] context length (cached + new)
+    page_size: int
     _masks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -51,8 +52,8 @@ class AttentionGroup:
         cached = self._masks.get(sliding_window)
         if cached is not None:
             return cached
-        L = self.kv_slots.shape[1]
-        k_pos = torch.arange(L, device=self.kv_slots.device)
+        L = self.pages.shape[1] * self.page_size
+        k_pos = torch.arange(L, device=self.pages.device)
         q_pos = self.q_pos[:, :, None]
         m = (k_pos[None, None, :] <= q_pos) & (k_pos[None, None, :] < self.k_len[:, None, None])
         if sliding_window is not None:
@@ -79,7 +80,8 @@ def _build_group(
     query_starts: list[int],
     query_lens: list[int],
     context_lens: list[int],
-    slot_tables: torch.Tensor,
+    page_table: torch.Tensor,
+    page_size: int,
     device: torch.device,
 ) -> AttentionGroup:
     q_max = max(query_lens[i] for i in seq_ids)
@@ -92,13 +94,14 @@ def _build_group(
     valid = ar[None, :] < qlens[:, None]
     token_index = torch.where(valid, qstarts[:, None] + ar[None, :], 0)
     q_pos = (klens - qlens)[:, None] + ar[None, :]
-    kv_slots = slot_tables[idx, :l_max]
+    pages = page_table[idx, : -(-l_max // page_size)]
     return AttentionGroup(
         token_index=token_index.to(device),
         query_valid=valid.to(device),
-        kv_slots=kv_slots.to(device),
+        pages=pages.to(device),
         q_pos=q_pos.to(device),
         k_len=klens.to(device),
+        page_size=page_size,
     )
 
 
@@ -140,12 +143,12 @@ def build_attention_metadata(
     decode_ids = [i for i in range(n) if query_lens[i] == 1]
     prefill_ids = [i for i in range(n) if query_lens[i] > 1]
     decode = (
-        _build_group(decode_ids, query_starts, query_lens, context_lens, slot_tables, device)
+        _build_group(decode_ids, query_starts, query_lens, context_lens, bt, page_size, device)
         if decode_ids
         else None
     )
     prefill = (
-        _build_group(prefill_ids, query_starts, query_lens, context_lens, slot_tables, device)
+        _build_group(prefill_ids, query_starts, query_lens, context_lens, bt, page_size, device)
         if prefill_ids
         else None
     )
@@ -170,8 +173,8 @@ def _softcapped_attention(q, k, v, mask, scale, soft_cap):
 
 def _group_attention(
     q: torch.Tensor,
-    flat_k: torch.Tensor,
-    flat_v: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     group: AttentionGroup,
     scale: float,
     sliding_window: int | None,
@@ -180,9 +183,10 @@ def _group_attention(
     """Attention for one group; returns ``[B, Q, H, D]``."""
     B, Q = group.token_index.shape
     H, D = q.shape[1], q.shape[2]
-    KVH = flat_k.shape[1]
-    k = flat_k[group.kv_slots].transpose(1, 2)  # [B, KVH, L, D]
-    v = flat_v[group.kv_slots].transpose(1, 2)
+    KVH = k_pages.shape[2]
+    # Gather whole pages (contiguous runs of page_size * KVH * D) rather than single slots.
+    k = k_pages[group.pages].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
+    v = v_pages[group.pages].flatten(1, 2).transpose(1, 2)
     qg = q[group.token_index.reshape(-1)].view(B, Q, H, D)
     mask = group.mask(sliding_window)  # [B, 1, Q, L]
     if Q == 1:
@@ -220,13 +224,12 @@ def paged_attention(
     (itself included); ``soft_cap`` applies ``tanh`` capping to the scores.
     """
     T, H, D = q.shape
-    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
-    q = q.to(flat.dtype)
+    q = q.to(kv_cache.dtype)
     out = q.new_empty((T, H, D))
     for group in (meta.decode, meta.prefill):
         if group is None:
             continue
-        res = _group_attention(q, flat[0], flat[1], group, scale, sliding_window, soft_cap)
+        res = _group_attention(q, kv_cache[0], kv_cache[1], group, scale, sliding_window, soft_cap)
         if group.is_decode:
             out[group.token_index[:, 0]] = res[:, 0]
         else:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.linear import packed_linear_supported
+
 __all__ = ["EngineConfig", "parse_dtype"]
 
 _DTYPES = {
@@ -44,6 +46,10 @@ class EngineConfig:
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
+            # bf16 halves the bytes each decode step streams; only worth it where oneDNN runs
+            # prepacked bf16 GEMMs natively (AVX512-BF16/AMX), else fp32 is as fast and exact.
+            if self.device == "cpu" and packed_linear_supported(torch.bfloat16):
+                return torch.bfloat16
             return torch.float32
         return parse_dtype(self.dtype)
 

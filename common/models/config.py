@@ -9,7 +9,7 @@ exactly one.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ class ModelConfig:
     # Per-frequency divisors of the inverse frequencies, as llama.cpp stores Llama 3 rope
     # scaling in GGUF files (tensor ``rope_freqs``); None everywhere else.
     rope_freq_factors: list[float] | None = None
-    torch_dtype: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    torch_dtype: str | None = None  # the checkpoint's own dtype, if it says
 
     @property
     def q_size(self) -> int:

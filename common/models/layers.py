@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from common.models.config import ModelConfig
 from kernels.activation import act_and_mul
+from kernels.linear import pack_linears, packed_linear_supported
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary
@@ -150,6 +151,7 @@ class RotaryEmbedding:
         self.inv_freq, self.attention_scaling = rope_inverse_frequencies(head_dim, theta, scaling, freq_factors)
         self._table: torch.Tensor | None = None  # float32 [L, head_dim]
         self._cast: dict[torch.dtype, torch.Tensor] = {}
+        self._fixed = False  # set by reserve(): no per-call length check (no host sync)
 
     def _build(self, length: int, device: torch.device) -> None:
         positions = torch.arange(length, dtype=torch.float32, device=device)
@@ -160,13 +162,24 @@ class RotaryEmbedding:
         self._table = table
         self._cast = {torch.float32: table}
 
+    def reserve(self, num_positions: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Build the table for positions ``< num_positions`` now and stop checking lengths.
+
+        Lookups then never read ``positions`` back to the host, which CUDA-graph capture needs;
+        a position past the reserved range becomes an indexing error.
+        """
+        self._build(num_positions, torch.device(device))
+        self._cast[dtype] = self._table.to(dtype)
+        self._fixed = True
+
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[T, head_dim/2]`` in ``dtype`` for ``positions [T]``."""
-        needed = int(positions.max()) + 1 if positions.numel() else 1
-        table = self._table
-        if table is None or table.shape[0] < needed or table.device != positions.device:
-            current = 0 if table is None else table.shape[0]
-            self._build(max(needed, 2 * current, _INITIAL_ROPE_POSITIONS), positions.device)
+        if not self._fixed:
+            needed = int(positions.max()) + 1 if positions.numel() else 1
+            table = self._table
+            if table is None or table.shape[0] < needed or table.device != positions.device:
+                current = 0 if table is None else table.shape[0]
+                self._build(max(needed, 2 * current, _INITIAL_ROPE_POSITIONS), positions.device)
         cast = self._cast.get(dtype)
         if cast is None:
             cast = self._cast[dtype] = self._table.to(dtype)
@@ -339,6 +352,14 @@ class DecoderForCausalLM(nn.Module):
     def spec_for(cls, config: ModelConfig) -> DecoderSpec:
         raise NotImplementedError
 
+    def reserve_positions(self, num_positions: int) -> None:
+        """Precompute rotary tables for ``num_positions`` (e.g. max_model_len) on the model's
+        device and dtype; afterwards :meth:`forward` does no host sync (CUDA-graph safe)."""
+        weight = self.model.embed_tokens.weight
+        for rotary in (self.rotary, self.local_rotary):
+            if rotary is not None:
+                rotary.reserve(num_positions, weight.device, weight.dtype)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
         if self.spec.embed_scale is not None:
@@ -369,10 +390,25 @@ class DecoderForCausalLM(nn.Module):
                 h = layer(h, cos, sin, meta, kv_caches[i])
         return self.model.norm(h)
 
+    def pack_linears(self) -> int:
+        """Prepack every linear (and the tied lm head) for oneDNN where it helps (CPU, bf16)."""
+        weight = self.model.embed_tokens.weight
+        if not packed_linear_supported(weight.dtype) or weight.device.type != "cpu":
+            return 0
+        if self.lm_head is None:
+            # A tied head gets its own module sharing the embedding's storage, so it can be packed.
+            head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+            head.weight = self.model.embed_tokens.weight
+            self.lm_head = head
+        return pack_linears(self)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden] -> [N, vocab]`` float32 logits (final soft-cap applied)."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden.to(weight.dtype), weight).float()
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        else:
+            weight = self.model.embed_tokens.weight
+            logits = F.linear(hidden.to(weight.dtype), weight).float()
         cap = self.spec.final_soft_cap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

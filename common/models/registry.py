@@ -118,7 +118,9 @@ def load_model(
         raise ValueError(f"checkpoint does not match {cls.__name__}: missing={missing} unexpected={unexpected}")
     model.eval()
     model.requires_grad_(False)
-    logger.info("loaded %s (%s) from %s in %.1fs", cls.__name__, dtype, path, time.perf_counter() - start)
+    packed = model.pack_linears()
+    logger.info("loaded %s (%s, %d prepacked linears) from %s in %.1fs", cls.__name__, dtype, packed, path,
+                time.perf_counter() - start)
     return model, config
 
 
