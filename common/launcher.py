@@ -39,6 +39,10 @@ _PR_SET_PDEATHSIG = 1
 _STABLE_AFTER_S = 30.0
 _BACKOFF_BASE_S = 0.5
 _BACKOFF_MAX_S = 30.0
+# Consecutive quick deaths of one child before the topology was ever ready that make us give up.
+_MAX_STARTUP_FAILURES = 5
+# Stands in for a signal number when the launcher decides to stop by itself.
+_SELF_STOP = 0
 # Exit status of argparse usage errors: restarting with the same flags cannot help.
 _USAGE_ERROR = 2
 
@@ -127,9 +131,18 @@ class Launcher:
         if code == _USAGE_ERROR and lived < _STABLE_AFTER_S:
             logger.error("%s exited with status %d (bad flags?): stopping", child.spec.name, code)
             self.exit_code = 1
-            self._stop_signal = self._stop_signal or signal.SIGTERM
+            self._stop_signal = self._stop_signal or _SELF_STOP
             return
         child.failures = 0 if lived >= _STABLE_AFTER_S else child.failures + 1
+        if not self.ready and child.failures >= _MAX_STARTUP_FAILURES:
+            # Never served yet and keeps dying (a bad model path, a taken port): give up loudly.
+            logger.error("%s failed %d times in a row before the server became ready: stopping",
+                         child.spec.name, child.failures)
+            print(f"xllm: {child.spec.name} keeps failing at startup (last exit status {code}); see the log above",
+                  file=sys.stderr, flush=True)
+            self.exit_code = 1
+            self._stop_signal = self._stop_signal or _SELF_STOP
+            return
         delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** max(0, child.failures - 1))
         how = f"signal {-code}" if code < 0 else f"status {code}"
         logger.warning("%s (pid %d) exited with %s after %.1f s; restarting in %.1f s",
@@ -165,7 +178,7 @@ class Launcher:
                     last_health = now
                     self._poll_health()
                 time.sleep(self.poll_interval_s)
-            if self._stop_signal is not None:
+            if self._stop_signal != _SELF_STOP:
                 logger.info("received %s: stopping", signal.Signals(self._stop_signal).name)
         finally:
             self.stop()

@@ -13,10 +13,11 @@ import json
 import logging
 import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from common.bus import default_ipc_dir
 
@@ -29,6 +30,7 @@ __all__ = [
     "parse_args_with_config",
     "setup_logging",
     "safe_name",
+    "exit_process",
 ]
 
 # Used when a service is started on its own without --run-dir or explicit addresses, so that
@@ -225,3 +227,26 @@ def setup_logging(level: str, service: str) -> None:
         format=f"%(asctime)s %(levelname)s [{service} {os.getpid()}] %(name)s: %(message)s",
         force=True,
     )
+
+
+def exit_process(code: int) -> NoReturn:
+    """Leave a service process at once after its own clean shutdown.
+
+    Interpreter finalization (garbage-collecting torch, tokenizers and module state) takes
+    seconds on a busy machine and does nothing useful for a process that already closed its
+    sockets, so stop the ZeroMQ context (waits for queued messages up to their linger) and exit.
+    """
+    import zmq
+    import zmq.asyncio
+
+    try:
+        # Context.instance() is per class: the asyncio one is not zmq.Context's. Only look.
+        for cls in (zmq.asyncio.Context, zmq.Context):
+            context = vars(cls).get("_instance")
+            if context is not None and not context.closed:
+                context.destroy(linger=500)
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

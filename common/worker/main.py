@@ -10,7 +10,13 @@ import uuid
 
 import uvloop
 
-from common.service_config import add_service_arguments, addresses_from_args, parse_args_with_config, setup_logging
+from common.service_config import (
+    add_service_arguments,
+    addresses_from_args,
+    exit_process,
+    parse_args_with_config,
+    setup_logging,
+)
 from common.worker.worker import DEFAULT_HEARTBEAT_INTERVAL_S, ROLES, Worker
 
 __all__ = ["build_parser", "main"]
@@ -57,8 +63,12 @@ def main(role: str, argv: list[str] | None = None) -> int:
 
     try:
         engine = LLMEngine(engine_config_from_args(args))
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        # Bad flags or a missing model: say so in one line rather than a traceback.
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad flags or a missing model: one line rather than a traceback, and the usage-error
+        # status so a supervisor does not restart it in a loop.
+        logger.error("worker %s cannot load the engine: %s", instance_id, exc)
+        return 2
+    except OSError as exc:
         logger.error("worker %s cannot load the engine: %s", instance_id, exc)
         return 1
     worker = Worker(

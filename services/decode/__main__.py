@@ -1,9 +1,9 @@
 """`python -m services.decode`: a worker in the decode role (a mixed engine for now; the role is
 recorded and reported). The worker code is shared in `common.worker`."""
 
-import sys
-
+from common.service_config import exit_process
 from common.worker.main import main
 
 if __name__ == "__main__":
-    sys.exit(main("decode"))
+    # Skips interpreter finalization once the worker has shut down cleanly.
+    exit_process(main("decode"))

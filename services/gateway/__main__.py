@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import logging
 import os
 import sys
 import uuid
 from collections.abc import Sequence
 
-from common.service_config import add_service_arguments, addresses_from_args, parse_args_with_config, setup_logging
+from common.service_config import (
+    add_service_arguments,
+    addresses_from_args,
+    exit_process,
+    parse_args_with_config,
+    setup_logging,
+)
+
+logger = logging.getLogger("services.gateway")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,9 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key=args.api_key or os.environ.get("XLLM_API_KEY") or None, max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
     )
-    uvloop.run(serve(settings))
+    try:
+        uvloop.run(serve(settings))
+    except (ValueError, FileNotFoundError) as exc:  # an unusable model path: restarting cannot help
+        logger.error("gateway cannot start: %s", exc)
+        return 2
+    except OSError as exc:  # port in use, unreadable files, ipc path problems
+        logger.error("gateway cannot start: %s", exc)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # skips interpreter finalization once the gateway shut down cleanly

@@ -97,10 +97,17 @@ async def _ping(request: web.Request) -> web.Response:
     return web.Response(text="pong")
 
 
+async def _on_shutdown(app: web.Application) -> None:
+    # Requests still running end now with a 503 (in-band for streams) instead of holding
+    # the shutdown until aiohttp's timeout; their `finally` aborts them on the workers.
+    app[CTX_KEY].client.fail_all(503, "the gateway is shutting down")
+
+
 def create_app(ctx: GatewayContext) -> web.Application:
     """The application for an already-built context (tests build their own context)."""
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=ctx.max_body_bytes)
     app[CTX_KEY] = ctx
+    app.on_shutdown.append(_on_shutdown)
     app.router.add_post("/v1/chat/completions", handle_chat)
     app.router.add_post("/v1/completions", handle_completions)
     app.router.add_get("/v1/models", routes.handle_models)
@@ -143,7 +150,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     await ctx.client.start()
     # handler_cancellation: a client that goes away cancels its handler, whose `finally` aborts
     # the request on the worker (for non-streaming requests nothing else would notice).
-    runner = web.AppRunner(create_app(ctx), handler_cancellation=True, access_log=None)
+    # shutdown_timeout: streams still open at shutdown get a few seconds, not aiohttp's 60.
+    runner = web.AppRunner(create_app(ctx), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
     try:

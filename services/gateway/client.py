@@ -130,6 +130,11 @@ class BusClient:
     def unregister(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
+    def fail_all(self, code: int, message: str) -> None:
+        """End every request in flight with an error (shutdown: handlers finish at once)."""
+        for request_id, stream in list(self._streams.items()):
+            stream.put(RequestError(request_id=request_id, code=code, message=message))
+
     @property
     def num_registered(self) -> int:
         return len(self._streams)
@@ -212,11 +217,12 @@ class BusClient:
     async def _status_loop(self) -> None:
         while True:
             try:
-                await bus.send(self._dealer, StatusQuery())
+                # bounded: with the scheduler gone for long the DEALER queue fills and send waits
+                await asyncio.wait_for(bus.send(self._dealer, StatusQuery()), self.status_stale_after)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("status query failed: %s", exc)
+                logger.debug("status query not sent: %r", exc)
             if not self.scheduler_alive and self.instances:
                 self.instances = []  # stale: the scheduler is gone, nobody can serve
                 if self.on_status is not None:

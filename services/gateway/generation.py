@@ -88,6 +88,7 @@ class Generation:
         self.stream = RequestStream()
         self._admitted = False
         self._closed = False
+        self._failed = False
         self._state = "new"  # new -> waiting -> running
 
     @property
@@ -129,6 +130,7 @@ class Generation:
             for msg in batch:
                 if type(msg) is RequestError:
                     self._live_subs.discard(msg.request_id)
+                    self._failed = True
                     raise error_from_worker(msg)
                 self._apply(msg, updates)
             if updates:
@@ -195,24 +197,30 @@ class Generation:
 
     # ---- end ------------------------------------------------------------------------------
 
-    def close(self, reason: str = "client disconnected") -> None:
-        """Always called once the handler is done with the request (idempotent)."""
+    def close(self) -> None:
+        """Always called once the handler is done with the request (idempotent).
+
+        Whatever is still running on a worker at this point is unwanted: the client left, the
+        handler was cancelled, or another part of the request failed.
+        """
         if self._closed:
             return
         self._closed = True
         client = self.ctx.client
+        submitted = self._state != "new"
+        reason = "another prompt of the request failed" if self._failed else "client disconnected"
         for sub in self.subs:
             client.unregister(sub)
-        if self._state != "new":
-            for sub in self._live_subs:
-                client.abort_soon(sub, reason)
-                logger.info("request %s aborted: %s", sub, reason)
+        for sub in self._live_subs if submitted else ():
+            client.abort_soon(sub, reason)
+            logger.info("request %s aborted: %s", sub, reason)
         self._live_subs.clear()
         self._set_state("done")
         if self._admitted:
             self.ctx.admission.release()
-        if self.first_token_time is not None or self.finished:
-            reasons = [c.finish_reason or "abort" for c in self.choices]
+        if submitted:
+            unfinished = "error" if self._failed else "abort"
+            reasons = [c.finish_reason or unfinished for c in self.choices]
             self.ctx.metrics.record_request(self.prompt_tokens, self.completion_tokens, reasons, self.arrival,
                                             self.first_token_time, time.time())
 

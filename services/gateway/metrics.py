@@ -83,6 +83,8 @@ class GatewayMetrics:
         self.generation_tokens.inc(output_tokens)
         for reason in finish_reasons:
             self.requests_finished.labels(reason).inc()
+        if "abort" in finish_reasons or "error" in finish_reasons:
+            return  # cut short: its latencies would only blur the histograms
         self.e2e.observe(end - arrival)
         choices = max(1, len(finish_reasons))
         if first_token is not None and output_tokens > choices:

@@ -1,18 +1,21 @@
-"""OpenAI request bodies -> validated internal requests (+ SamplingParams), and the API error type.
+"""OpenAI request bodies -> validated internal requests (+ SamplingParams).
 
-Everything here is pure: no sockets, no tokenizer. Every rejection is an `APIError` carrying the
-HTTP status and the OpenAI error fields (`message`, `type`, `param`, `code`), so the app can turn
-it into `{"error": {...}}` without knowing where it came from.
+Everything here is pure: no sockets, no tokenizer. Rejections are `APIError`s (defined in
+`json_fields`, re-exported here) naming the offending parameter.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from common.engine.sampling_params import MAX_LOGPROBS, InvalidSamplingParameter, SamplingParams
+from services.gateway.json_fields import APIError, Fields, bad_request, json_type, parse_json_body
+
+__all__ = [
+    "APIError", "GenerationRequest", "bad_request", "parse_json_body", "parse_chat_request",
+    "parse_completion_request", "parse_tokenize_request", "parse_detokenize_request", "check_prompts_for_model",
+]
 
 # Hard caps on one request, so a single body cannot ask for unbounded work.
 MAX_N = 16
@@ -22,149 +25,6 @@ MAX_TOTAL_TOKENS = 16 * 32768  # choices x max_tokens
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 512
 CHAT_ROLES = frozenset(("system", "developer", "user", "assistant", "tool"))
-
-
-class APIError(Exception):
-    """An error response in OpenAI's shape; `status` is the HTTP status code."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type_: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type_ or _default_type(status)
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _default_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 429:
-        return "rate_limit_error"
-    if status >= 500:
-        return "server_error"
-    return "invalid_request_error"
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code or "invalid_value")
-
-
-# ------------------------------------------------------------------------------------ the body
-
-
-def _reject_constant(name: str) -> Any:
-    # Python's json accepts NaN/Infinity, which are not JSON and would poison the sampler.
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """Bytes of an HTTP body -> a JSON object, or a 400 saying exactly what is wrong."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise bad_request(f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_body") from None
-    if not text.strip():
-        raise bad_request("request body is empty; expected a JSON object", code="invalid_body")
-    try:
-        body = json.loads(text, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request(
-            f"request body must be a JSON object, got {_json_type(body)}", code="invalid_body"
-        )
-    return body
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-# -------------------------------------------------------------------------------- field readers
-
-
-class _Fields:
-    """Typed, param-named access to a body's fields; `None`/absent gives the default."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-
-    def _wrong(self, name: str, expected: str, value: Any) -> APIError:
-        return bad_request(f"'{name}' must be {expected}, got {_json_type(value)} {_short(value)}", param=name,
-                           code="invalid_type")
-
-    def int(self, name: str, default: int | None = None) -> int | None:
-        value = self.body.get(name)
-        if value is None:
-            return default
-        if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
-            return int(value)  # 2.0 is an integer in JSON's eyes
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self._wrong(name, "an integer", value)
-        return value
-
-    def number(self, name: str, default: float | None = None) -> float | None:
-        value = self.body.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise self._wrong(name, "a number", value)
-        if not math.isfinite(value):
-            raise bad_request(f"'{name}' must be finite", param=name)
-        return float(value)
-
-    def bool(self, name: str, default: bool = False) -> bool:
-        value = self.body.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self._wrong(name, "a boolean", value)
-        return value
-
-    def str(self, name: str, default: str | None = None) -> str | None:
-        value = self.body.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self._wrong(name, "a string", value)
-        return value
-
-    def dict(self, name: str) -> dict[str, Any] | None:
-        value = self.body.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise self._wrong(name, "an object", value)
-        return value
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------------ request types
@@ -187,14 +47,14 @@ class GenerationRequest:
     add_special_tokens: bool = True  # completions: tokenizer adds BOS etc. to text prompts
 
 
-def _model(fields: _Fields) -> str:
+def _model(fields: Fields) -> str:
     model = fields.str("model")
     if model is None or not model.strip():
         raise bad_request("'model' is required", param="model", code="missing_required_parameter")
     return model
 
 
-def _stop(fields: _Fields) -> list[str]:
+def _stop(fields: Fields) -> list[str]:
     value = fields.body.get("stop")
     if value is None:
         return []
@@ -209,7 +69,7 @@ def _stop(fields: _Fields) -> list[str]:
     return stops
 
 
-def _stop_token_ids(fields: _Fields) -> list[int]:
+def _stop_token_ids(fields: Fields) -> list[int]:
     value = fields.body.get("stop_token_ids")
     if value is None:
         return []
@@ -219,7 +79,7 @@ def _stop_token_ids(fields: _Fields) -> list[int]:
     return value
 
 
-def _stream_options(fields: _Fields, stream: bool) -> bool:
+def _stream_options(fields: Fields, stream: bool) -> bool:
     options = fields.dict("stream_options")
     if options is None:
         return False
@@ -234,7 +94,7 @@ def _stream_options(fields: _Fields, stream: bool) -> bool:
     return include
 
 
-def _reject_unsupported(fields: _Fields) -> None:
+def _reject_unsupported(fields: Fields) -> None:
     """Fields we cannot honour: a clear 400 beats silently ignoring them."""
     body = fields.body
     if body.get("logit_bias"):
@@ -254,7 +114,7 @@ def _reject_unsupported(fields: _Fields) -> None:
                           param="tool_choice", code="unsupported_parameter")
 
 
-def _sampling(fields: _Fields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling(fields: Fields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     n = fields.int("n", 1)
     if n is not None and n > MAX_N:
         raise bad_request(f"'n' must be <= {MAX_N}, got {n}", param="n")
@@ -283,7 +143,7 @@ def _sampling(fields: _Fields, max_tokens: int | None, logprobs: int | None) -> 
     return params
 
 
-def _max_tokens(fields: _Fields, names: tuple[str, ...], default: int | None) -> int | None:
+def _max_tokens(fields: Fields, names: tuple[str, ...], default: int | None) -> int | None:
     # The newer name wins when both are given (OpenAI deprecated max_tokens for chat).
     for name in names:
         value = fields.int(name)
@@ -299,7 +159,7 @@ def _max_tokens(fields: _Fields, names: tuple[str, ...], default: int | None) ->
 
 def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
     """Validate a `/v1/chat/completions` body."""
-    fields = _Fields(body)
+    fields = Fields(body)
     model = _model(fields)
     messages = _messages(body.get("messages"))
     stream = fields.bool("stream", False)
@@ -326,7 +186,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     if value is None:
         raise bad_request("'messages' is required", param="messages", code="missing_required_parameter")
     if not isinstance(value, list):
-        raise bad_request(f"'messages' must be an array, got {_json_type(value)}", param="messages",
+        raise bad_request(f"'messages' must be an array, got {json_type(value)}", param="messages",
                           code="invalid_type")
     if not value:
         raise bad_request("'messages' must hold at least one message", param="messages")
@@ -334,7 +194,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise bad_request(f"{where} must be an object, got {_json_type(message)}", param=where,
+            raise bad_request(f"{where} must be an object, got {json_type(message)}", param=where,
                               code="invalid_type")
         role = message.get("role")
         if not isinstance(role, str):
@@ -348,7 +208,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, dict) else _json_type(part)
+                    kind = part.get("type") if isinstance(part, dict) else json_type(part)
                     raise bad_request(
                         f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': ...}}; "
                         f"part type {kind!r} is not supported (this model takes text only)",
@@ -366,7 +226,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 
 def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:
     """Validate a `/v1/completions` body."""
-    fields = _Fields(body)
+    fields = Fields(body)
     model = _model(fields)
     prompts = _prompts(body.get("prompt"))
     stream = fields.bool("stream", False)
@@ -408,7 +268,7 @@ def _prompts(value: Any) -> list[str | list[int]]:
     if not isinstance(value, list):
         raise bad_request(
             f"'prompt' must be a string, an array of strings, an array of token ids or an array of such arrays, "
-            f"got {_json_type(value)}", param="prompt", code="invalid_type",
+            f"got {json_type(value)}", param="prompt", code="invalid_type",
         )
     if not value:
         raise bad_request("'prompt' must not be an empty array", param="prompt")
@@ -461,7 +321,7 @@ def check_prompts_for_model(
 
 def parse_tokenize_request(body: dict[str, Any]) -> GenerationRequest:
     """`/tokenize`: {"prompt": str} or {"messages": [...]} (model optional)."""
-    fields = _Fields(body)
+    fields = Fields(body)
     model = fields.str("model", "")
     if "messages" in body:
         return GenerationRequest(

@@ -6,11 +6,16 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
 
 import uvloop
 
-from common.service_config import add_service_arguments, addresses_from_args, parse_args_with_config, setup_logging
+from common.service_config import (
+    add_service_arguments,
+    addresses_from_args,
+    exit_process,
+    parse_args_with_config,
+    setup_logging,
+)
 from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S
 from services.scheduler.server import SchedulerServer
 
@@ -51,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # skips interpreter finalization once the scheduler shut down cleanly

@@ -59,10 +59,12 @@ class Instance:
 
     def describe(self, now: float) -> dict:
         """One entry of a StatusReply (plain msgpack-able values)."""
+        draining = bool(self.stats.get("draining"))
         return {
             "id": self.instance_id,
             "role": self.role,
-            "ready": True,
+            "state": "draining" if draining else "ready",
+            "ready": not draining,  # registered means the engine is loaded
             "waiting": self.waiting,
             "running": self.running,
             "free_pages": self.free_pages,

@@ -179,7 +179,11 @@ class SchedulerServer:
     async def _on_abort(self, msg: Abort) -> None:
         entry = self.requests.pop(msg.request_id, None)
         if entry is None:
-            return  # already finished, or never seen: nothing holds it
+            # Finished already, or submitted before this scheduler (re)started: a worker may still
+            # hold it, and an unknown id is a no-op for a worker, so ask every one of them.
+            for instance in self.registry.instances():
+                await bus.send(self.backend, AbortRequest(request_id=msg.request_id), identity=instance.identity)
+            return
         self.registry.release(entry.instance_id, msg.request_id)
         instance = self.registry.get(entry.instance_id)
         if instance is not None:

@@ -68,6 +68,9 @@ class XllmServer:
         self.stopped = False
         self._seen: dict[int, psutil.Process] = {}
 
+    # Test modules use it through the fixture (importing conftest by name is fragile).
+    wait_until = staticmethod(wait_until)
+
     # ---- HTTP -----------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None, timeout_s: float = 60.0) -> tuple[int, Any]:
@@ -177,15 +180,17 @@ def _kill_quietly(proc: psutil.Process) -> None:
         pass
 
 
-def start_server(workers: int = 1, extra_args: tuple[str, ...] = (), timeout_s: float = STARTUP_TIMEOUT_S) -> XllmServer:
+def start_server(
+    workers: int = 1, extra_args: tuple[str, ...] = (), timeout_s: float = STARTUP_TIMEOUT_S
+) -> XllmServer:
     """Launch `xllm serve` and wait until `GET /health` is 200."""
     # Short path: ipc socket paths are limited to 107 bytes.
     run_dir = Path(tempfile.mkdtemp(prefix="xsrv-", dir="/tmp"))
-    log_path = Path(tempfile.mkstemp(prefix="xsrv-", suffix=".log", dir="/tmp")[1])
+    log_path = run_dir / "serve.log"  # removed with the run dir when the server stops cleanly
     port = free_tcp_port()
     cmd = [
-        sys.executable, "/tmp/xserve.py", "--workers", str(workers), "--port", str(port),
-        "--run-dir", str(run_dir), "--kv-cache-memory", "64MiB", *extra_args,
+        sys.executable, "-m", "common.cli", "serve", "--workers", str(workers), "--port", str(port),
+        "--run-dir", str(run_dir), "--kv-cache-memory", "64MiB", "--dtype", "float32", *extra_args,
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, process_group=0,

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import msgpack
@@ -124,6 +125,7 @@ class Services:
         self.log_path = self.run_dir / "services.log"
         self.log = open(self.log_path, "wb")
         self.procs: dict[str, subprocess.Popen] = {}
+        self.offline: Future[list[int]] | None = None
 
     def start(self, name: str, *args: str) -> None:
         self.procs[name] = subprocess.Popen(
@@ -148,16 +150,29 @@ class Services:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+def offline_greedy_tokens() -> list[int]:
+    from common.engine.llm import LLM
+
+    return LLM(kv_cache_memory="16MiB", dtype="float32").generate([PROMPT], GREEDY)[0].token_ids
+
+
 @pytest.fixture(scope="module")
 def services():
     svc = Services()
+    pool = ThreadPoolExecutor(1)
     try:
         svc.start("scheduler", "services.scheduler")
         svc.start("worker", "services.decode", "--instance-id", "w0", "--kv-cache-memory", "64MiB",
-                  "--max-num-seqs", "8", "--threads", str(max(1, (os.cpu_count() or 2) // 2)))
+                  "--dtype", "float32", "--max-num-seqs", "8", "--threads", str(max(1, (os.cpu_count() or 2) // 2)))
+        # The reference run loads its own model meanwhile, instead of after the worker is up.
+        svc.offline = pool.submit(offline_greedy_tokens)
         yield svc
     finally:
         svc.stop()
+        pool.shutdown(wait=True)
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +197,10 @@ def used_pages(client: BusClient) -> int:
     return inst["stats"]["used_pages"]
 
 
-def test_greedy_tokens_match_offline_engine(client: BusClient) -> None:
-    from common.engine.llm import LLM
-
-    sampling = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    tokens, finish = client.generate(PROMPT, sampling.to_dict())
+def test_greedy_tokens_match_offline_engine(services: Services, client: BusClient) -> None:
+    tokens, finish = client.generate(PROMPT, GREEDY.to_dict())
     assert finish == "length" and len(tokens) == 6
-    offline = LLM(kv_cache_memory="16MiB").generate([PROMPT], sampling)[0]
-    assert tokens == offline.token_ids
+    assert tokens == services.offline.result(timeout=STARTUP_TIMEOUT_S)
     # The worker's RequestFinished cleared the scheduler's table.
     wait_until(lambda: client.status()[0]["inflight"] == 0, 5, "the request to leave the scheduler's table")
 

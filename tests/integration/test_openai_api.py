@@ -230,6 +230,10 @@ def test_stop_string_cuts_without_leaking(client, model_id, greedy_chat):
     assert "".join(p for p, _ in pieces) == expected
     assert pieces[-1][1] == "stop"
     assert all(stop not in p for p, _ in pieces)
+    # n=2 greedy: both choices stop at the same place; the request ends once both are done
+    both = client.chat.completions.create(
+        model=model_id, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, stop=stop, n=2)
+    assert [(c.message.content, c.finish_reason) for c in both.choices] == [(expected, "stop")] * 2
 
 
 def test_chat_logprobs_shape(client, model_id, greedy_chat):
@@ -262,9 +266,29 @@ def _worker(server: Topology) -> dict:
     return instance
 
 
-def test_disconnect_mid_stream_frees_the_workers_pages(server, model_id):
+def _wait_pages_freed(server: Topology, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        instance = _worker(server)
+        if instance["running"] == 0 and instance["inflight"] == 0 and instance["stats"]["used_pages"] == 0:
+            return
+        assert time.monotonic() < deadline, f"pages not freed after {what}: {instance}"
+        time.sleep(0.25)
+
+
+def _aborted(server: Topology) -> float:
+    with urllib.request.urlopen(f"{server.url}/metrics") as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith('xllm_requests_finished_total{finish_reason="abort"}'):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_client_that_leaves_frees_the_workers_pages(server, model_id):
+    aborted = _aborted(server)
+    body = {"model": model_id, "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
+
     async def read_a_bit_then_leave() -> int:
-        body = {"model": model_id, "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{server.url}/v1/completions", json=body) as response:
                 assert response.status == 200
@@ -276,13 +300,18 @@ def test_disconnect_mid_stream_frees_the_workers_pages(server, model_id):
         return seen
 
     assert asyncio.run(read_a_bit_then_leave()) == 3
-    deadline = time.monotonic() + 20
-    while True:
-        instance = _worker(server)
-        if instance["running"] == 0 and instance["inflight"] == 0 and instance["stats"]["used_pages"] == 0:
-            break
-        assert time.monotonic() < deadline, f"pages not freed after the client left: {instance}"
-        time.sleep(0.25)
+    _wait_pages_freed(server, "a streaming client left")
+    assert _aborted(server) == aborted + 1  # ended by the abort, not by running out of tokens
+
+    async def wait_then_give_up() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.5)) as session:
+            with pytest.raises(asyncio.TimeoutError):
+                async with session.post(f"{server.url}/v1/completions", json={**body, "stream": False}):
+                    pass
+
+    asyncio.run(wait_then_give_up())
+    _wait_pages_freed(server, "a non-streaming client left")
+    assert _aborted(server) == aborted + 2
 
 
 def test_tokenize_detokenize_health_metrics(server, model_id, chat_ids):

@@ -20,7 +20,6 @@ import zmq
 
 from common.codec import encode
 from common.protocol import Heartbeat, Submit
-from conftest import XllmServer, wait_until
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -28,13 +27,13 @@ WORKERS = ("worker-0", "worker-1")
 
 
 @pytest.fixture(scope="module")
-def server(xllm_server_factory) -> XllmServer:
+def server(xllm_server_factory):
     srv = xllm_server_factory(workers=2)
-    wait_until(lambda: set(srv.instances()) == set(WORKERS), 60, "both workers in /status")
+    srv.wait_until(lambda: set(srv.instances()) == set(WORKERS), 60, "both workers in /status")
     return srv
 
 
-def test_requests_spread_across_both_workers(server: XllmServer) -> None:
+def test_requests_spread_across_both_workers(server) -> None:
     before = {iid: inst["assigned_total"] for iid, inst in server.instances().items()}
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda i: server.complete(f"Count to {i}:", max_tokens=2), range(4)))
@@ -48,13 +47,15 @@ def test_requests_spread_across_both_workers(server: XllmServer) -> None:
         served = {iid: insts[iid]["stats"]["requests_total"] for iid in WORKERS}
         return sum(assigned.values()) == 4 and all(assigned.values()) and all(served.values()) and assigned
 
-    wait_until(spread, 10, "both workers to be assigned and report served requests")
+    server.wait_until(spread, 10, "both workers to be assigned and report served requests")
+    # Finished requests leave the scheduler's table (the gateway's view lags by ~0.5 s).
+    server.wait_until(lambda: all(i["inflight"] == 0 for i in server.instances().values()), 5,
+                      "an empty request table")
     for inst in server.instances().values():
-        assert inst["role"] == "decode" and inst["inflight"] == 0
-        assert inst["total_pages"] > 0 and inst["last_heartbeat_age"] < 3.0
+        assert inst["role"] == "decode" and inst["total_pages"] > 0 and inst["last_heartbeat_age"] < 3.0
 
 
-def test_malformed_bus_messages_are_dropped(server: XllmServer) -> None:
+def test_malformed_bus_messages_are_dropped(server) -> None:
     pids = {name: server.child_pid("services." + name) for name in ("scheduler", "gateway")}
     pids["worker-0"] = server.child_pid("services.decode", "worker-0")
     garbage = [
@@ -85,10 +86,11 @@ def test_malformed_bus_messages_are_dropped(server: XllmServer) -> None:
         ctx.destroy(linger=500)
     reply = server.complete("Still there?", max_tokens=2)
     assert reply["choices"][0]["text"] is not None and reply["usage"]["completion_tokens"] >= 1
-    logs = wait_until(lambda: (text := server.logs()).count("dropped invalid message") >= 15 and text, 10,
+    logs = server.wait_until(lambda: (text := server.logs()).count("dropped invalid message") >= 15 and text, 10,
                       "the dropped messages to be logged")
     assert "dropped invalid message on ROUTER socket" in logs
     assert "unknown message type" in logs and "wrong protocol version" in logs
+    assert "bad tokens address" in logs and "not a gateway message" in logs
     # Nobody crashed or was restarted.
     for name, pid in pids.items():
         assert psutil.pid_exists(pid), f"{name} died"
@@ -96,7 +98,7 @@ def test_malformed_bus_messages_are_dropped(server: XllmServer) -> None:
     assert set(server.instances()) == set(WORKERS)
 
 
-def _open_stream(server: XllmServer, max_tokens: int) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def _open_stream(server, max_tokens: int) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     url = urlparse(server.base_url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     body = {"model": server.model_id(), "prompt": "Tell me a long story about the sea.", "max_tokens": max_tokens,
@@ -115,7 +117,7 @@ def _read_event(response: http.client.HTTPResponse) -> dict:
             return json.loads(line[len(b"data: "):])
 
 
-def test_client_disconnect_frees_pages(server: XllmServer) -> None:
+def test_client_disconnect_frees_pages(server) -> None:
     conn, response = _open_stream(server, max_tokens=400)
     try:
         for _ in range(3):
@@ -126,7 +128,7 @@ def test_client_disconnect_frees_pages(server: XllmServer) -> None:
             _read_event(response)  # keep the stream flowing while the status catches up
             return sum(inst["used_pages"] for inst in server.instances().values())
 
-        assert wait_until(pages_in_use, 15, "the worker to report the stream's pages") > 0
+        assert server.wait_until(pages_in_use, 15, "the worker to report the stream's pages") > 0
     finally:
         conn.close()  # the client goes away mid-stream
 
@@ -134,14 +136,14 @@ def test_client_disconnect_frees_pages(server: XllmServer) -> None:
         insts = server.instances().values()
         return all(i["used_pages"] == 0 and i["running"] == 0 and i["inflight"] == 0 for i in insts)
 
-    wait_until(freed, 15, "the aborted stream's pages to be freed on the worker")
+    server.wait_until(freed, 15, "the aborted stream's pages to be freed on the worker")
     # The generation really stopped: no worker is still producing tokens for it.
     steps = {iid: inst["stats"]["steps"] for iid, inst in server.instances().items()}
     time.sleep(1.5)
     assert {iid: inst["stats"]["steps"] for iid, inst in server.instances().items()} == steps
 
 
-def test_killed_worker_is_restarted(server: XllmServer) -> None:
+def test_killed_worker_is_restarted(server) -> None:
     old = server.instances()["worker-1"]
     old_pid = old["stats"]["pid"]
     assert old_pid == server.child_pid("services.decode", "worker-1")
@@ -151,22 +153,25 @@ def test_killed_worker_is_restarted(server: XllmServer) -> None:
         inst = server.instances().get("worker-1")
         return inst is None or inst["stats"]["pid"] != old_pid
 
-    wait_until(replaced_or_gone, 15, "the scheduler to drop the killed worker")
+    server.wait_until(replaced_or_gone, 15, "the scheduler to drop the killed worker")
     # Serving goes on with the other worker while worker-1 reloads its model.
     for _ in range(2):
         assert server.complete("Hi", max_tokens=2)["usage"]["completion_tokens"] >= 1
-    wait_until(lambda: server.instances().get("worker-1", {}).get("stats", {}).get("pid") not in (None, old_pid),
-               150, "the launcher to restart worker-1")
+    def restarted():
+        pid = server.instances().get("worker-1", {}).get("stats", {}).get("pid")
+        return pid not in (None, old_pid)
+
+    server.wait_until(restarted, 150, "the launcher to restart worker-1")
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
     assert "worker-1 exited with signal 9" in server.logs()
     # The restarted worker takes requests again.
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda i: server.complete(f"Again {i}", max_tokens=2), range(2)))
-    wait_until(lambda: server.instances()["worker-1"]["stats"]["requests_total"] >= 1, 10,
-               "the restarted worker to serve a request")
+    server.wait_until(lambda: server.instances()["worker-1"]["stats"]["requests_total"] >= 1, 10,
+                      "the restarted worker to serve a request")
 
 
-def test_sigterm_stops_everything(server: XllmServer) -> None:
+def test_sigterm_stops_everything(server) -> None:
     children = server.children()
     assert len(children) >= 4  # scheduler, two workers, gateway
     assert list(server.run_dir.glob("*.sock"))

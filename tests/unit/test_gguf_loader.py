@@ -3,8 +3,6 @@ and whole models equal to transformers (the real SmolLM2 file and tiny files wri
 
 from __future__ import annotations
 
-import os
-
 import gguf
 import numpy as np
 import pytest
@@ -310,12 +308,10 @@ def test_unsupported_gguf_architecture_is_rejected(tmp_path):
 # ---------------------------------------------------------------- the real SmolLM2 file
 
 @pytest.fixture(scope="module")
-def smollm2():
-    path = default_model_path()
-    ours, config = load_model(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-    return ours, config, hf
+def smollm2(hf_smollm):
+    """Our load of the bundled GGUF next to transformers' (``hf_smollm``: tests/conftest.py, session-wide)."""
+    ours, config = load_model(default_model_path())
+    return ours, config, hf_smollm
 
 
 @pytest.mark.slow
@@ -347,7 +343,7 @@ def test_smollm2_logits_match_transformers(smollm2):
     driver = PagedDriver(ours, num_pages=16, page_size=4)
     tokens = list(CHAT_PROMPT)
     rows = [driver.step([(0, tokens)])[0]]
-    for _ in range(4):
+    for _ in range(3):
         tokens.append(int(rows[-1][-1].argmax()))
         rows.append(driver.step([(0, [tokens[-1]])])[0])
     got = torch.cat(rows)[: len(tokens) - 1]

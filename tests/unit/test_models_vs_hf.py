@@ -141,6 +141,16 @@ def test_bfloat16_is_close_to_fp32_reference(variant, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
 
+def test_reserved_rotary_tables_give_the_same_result(tmp_path):
+    hf = make_hf_model("gemma3", seed=5, **{**VARIANTS["gemma3"][1], "max_position_embeddings": 64})
+    ours, _ = load_model(save_hf_model(hf, tmp_path))
+    ours.reserve_positions(64)
+    assert ours.rotary._table.shape[0] == 64 and ours.local_rotary._table.shape[0] == 64
+    tokens = _tokens(9, seed=6)
+    got = PagedDriver(ours).step([(0, tokens)])[0]
+    assert (got - hf_logits(hf, tokens)).abs().max() < ATOL
+
+
 def test_compute_logits_only_on_selected_rows(tmp_path):
     hf = make_hf_model("llama", seed=3)
     ours, config = load_model(save_hf_model(hf, tmp_path))
