@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_HWM",
     "DEFAULT_LINGER_MS",
     "make_socket",
+    "advertised_address",
     "bind",
     "connect",
     "close",
@@ -387,3 +388,14 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     with pysocket.socket(pysocket.AF_INET, pysocket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def advertised_address(endpoint: str, host: str | None = None) -> str:
+    """What peers should connect to: a tcp wildcard bind is advertised under `host` (default:
+    this machine's hostname, which resolves for peers on a compose network or a LAN)."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    bound_host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if bound_host in ("0.0.0.0", "*", "[::]", "::") or host:
+        return f"tcp://{host or pysocket.gethostname()}:{port}"
+    return endpoint

@@ -5,14 +5,17 @@ The batch is a flat run of tokens: each sequence contributes ``query_len`` new t
 page pool first; attention then reads the whole context of every sequence back from the
 pages. Sequences are split into two groups so neither pays for the other's shape:
 
-* decode group (query_len == 1): grouped-query heads are folded into the query axis, so one
-  ``scaled_dot_product_attention`` call covers the batch with only a length mask;
+* decode group (query_len == 1): the query heads that share a KV head are folded into the
+  query axis and the batch runs as two batched matmuls over contiguous gathered pages (the
+  flash kernel is slower than that for one-token queries on CPU);
 * prefill group (query_len > 1): queries are padded to the longest chunk and masked causally.
 
 Everything that depends only on the batch layout (gather indices, masks) is built once per
 step in :func:`build_attention_metadata` and shared by every layer.
 
-KV cache layout, one tensor per layer: ``[2, num_pages, page_size, num_kv_heads, head_dim]``.
+KV cache layout, one tensor per layer: ``[2, num_kv_heads, num_pages, page_size, head_dim]``.
+Head-major pages make a gather of a batch's pages come out as ``[KVH, B, L, D]``, contiguous
+and ready for batched matmuls, without a transposing copy.
 """
 
 from __future__ import annotations
@@ -46,6 +49,17 @@ class AttentionGroup:
     @property
     def is_decode(self) -> bool:
         return self.token_index.shape[1] == 1
+
+    def bias(self, sliding_window: int | None = None) -> torch.Tensor:
+        """Additive float mask ``[1, B, Q, L]`` (0 = attend, -inf = not), cached per window."""
+        key = ("bias", sliding_window)
+        cached = self._masks.get(key)
+        if cached is None:
+            allowed = self.mask(sliding_window)[:, 0]
+            cached = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+            cached = cached.masked_fill_(~allowed, float("-inf"))[None]
+            self._masks[key] = cached
+        return cached
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """Boolean mask [B, 1, Q, L] (True = attend), cached per window size."""
@@ -159,9 +173,9 @@ def build_attention_metadata(
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store new keys/values ``[T, KVH, D]`` at their flat slots."""
-    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
-    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+    flat = kv_cache.view(2, kv_cache.shape[1], -1, kv_cache.shape[-1])  # [2, KVH, slots, D]
+    flat[0].index_copy_(1, slot_mapping, k.transpose(0, 1).to(flat.dtype))
+    flat[1].index_copy_(1, slot_mapping, v.transpose(0, 1).to(flat.dtype))
 
 
 def _softcapped_attention(q, k, v, mask, scale, soft_cap):
@@ -183,21 +197,22 @@ def _group_attention(
     """Attention for one group; returns ``[B, Q, H, D]``."""
     B, Q = group.token_index.shape
     H, D = q.shape[1], q.shape[2]
-    KVH = k_pages.shape[2]
-    # Gather whole pages (contiguous runs of page_size * KVH * D) rather than single slots.
-    k = k_pages[group.pages].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
-    v = v_pages[group.pages].flatten(1, 2).transpose(1, 2)
+    KVH = k_pages.shape[0]
+    L = group.pages.shape[1] * group.page_size
+    # Gather whole pages (contiguous runs of page_size * D per head), not single slots.
+    k = k_pages[:, group.pages].view(KVH, B, L, D)
+    v = v_pages[:, group.pages].view(KVH, B, L, D)
     qg = q[group.token_index.reshape(-1)].view(B, Q, H, D)
-    mask = group.mask(sliding_window)  # [B, 1, Q, L]
     if Q == 1:
         # Fold the query heads that share a KV head into the query axis: no GQA expansion.
-        G = H // KVH
-        qh = qg.view(B, KVH, G, D)
-        if soft_cap is None:
-            out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
-        else:
-            out = _softcapped_attention(qh, k, v, mask, scale, soft_cap)
-        return out.reshape(B, 1, H, D)
+        qh = qg.view(B, KVH, H // KVH, D).transpose(0, 1)  # [KVH, B, G, D]
+        scores = torch.matmul(qh, k.transpose(-1, -2)).float() * scale  # [KVH, B, G, L]
+        if soft_cap is not None:
+            scores = torch.tanh(scores / soft_cap) * soft_cap
+        probs = torch.softmax(scores + group.bias(sliding_window), dim=-1).to(v.dtype)
+        return torch.matmul(probs, v).transpose(0, 1).reshape(B, 1, H, D)
+    mask = group.mask(sliding_window)  # [B, 1, Q, L]
+    k, v = k.transpose(0, 1), v.transpose(0, 1)  # [B, KVH, L, D] views
     qh = qg.transpose(1, 2)  # [B, H, Q, D]
     if H != KVH:
         k = k.repeat_interleave(H // KVH, dim=1)

@@ -1,6 +1,6 @@
 """The KV page pool: sizing it and allocating it.
 
-One tensor per layer shaped ``[2, num_pages, page_size, num_kv_heads, head_dim]`` (K then V).
+One tensor per layer shaped ``[2, num_kv_heads, num_pages, page_size, head_dim]`` (K then V).
 The layout is fixed because ``kernels/attention.py`` reads it. Which page belongs to which
 sequence is the block manager's business (``common/engine/block_manager.py``); this module
 only owns the memory.
@@ -153,7 +153,7 @@ def allocate_kv_caches(
     dtype: torch.dtype | str,
     device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
-    """One zeroed ``[2, num_pages, page_size, num_kv_heads, head_dim]`` tensor per layer."""
+    """One zeroed ``[2, num_kv_heads, num_pages, page_size, head_dim]`` tensor per layer."""
     _check_positive(
         num_pages=num_pages,
         num_layers=num_layers,
@@ -162,7 +162,7 @@ def allocate_kv_caches(
         page_size=page_size,
     )
     dtype = _resolve_dtype(dtype)
-    shape = (2, num_pages, page_size, num_kv_heads, head_dim)
+    shape = (2, num_kv_heads, num_pages, page_size, head_dim)
     caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
     total = kv_page_bytes(num_layers, num_kv_heads, head_dim, page_size, dtype) * num_pages
     logger.info(
@@ -180,4 +180,4 @@ def copy_kv_pages(kv_caches: Sequence[torch.Tensor], copy_pairs: Sequence[tuple[
     src = torch.tensor([s for s, _ in copy_pairs], dtype=torch.long, device=device)
     dst = torch.tensor([d for _, d in copy_pairs], dtype=torch.long, device=device)
     for cache in kv_caches:
-        cache[:, dst] = cache[:, src]
+        cache[:, :, dst] = cache[:, :, src]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -49,21 +48,10 @@ from common.worker.outputs import GatewayPushers, token_delta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Worker", "ROLES", "DEFAULT_HEARTBEAT_INTERVAL_S", "advertised_address"]
+__all__ = ["Worker", "ROLES", "DEFAULT_HEARTBEAT_INTERVAL_S"]
 
 ROLES = ("mixed", "prefill", "decode")
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
-
-
-def advertised_address(endpoint: str, host: str | None = None) -> str:
-    """What peers should connect to: a tcp wildcard bind is advertised under `host` (default:
-    this machine's hostname, which resolves for peers on a compose network or a LAN)."""
-    if not endpoint.startswith("tcp://"):
-        return endpoint
-    bound_host, _, port = endpoint[len("tcp://"):].rpartition(":")
-    if bound_host in ("0.0.0.0", "*", "[::]", "::") or host:
-        return f"tcp://{host or socket.gethostname()}:{port}"
-    return endpoint
 
 
 @dataclass
@@ -117,7 +105,7 @@ class Worker:
 
     def connect(self) -> None:
         self.kv = bus.make_socket(zmq.ROUTER, context=self._context)
-        self.kv_addr = advertised_address(bus.bind(self.kv, self.kv_addr), self.advertise_host)
+        self.kv_addr = bus.advertised_address(bus.bind(self.kv, self.kv_addr), self.advertise_host)
         self.backend = bus.make_socket(zmq.DEALER, context=self._context, routing_id=self._identity)
         bus.connect(self.backend, self.addresses.backend)
         self.control = bus.make_socket(zmq.SUB, context=self._context)

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gateway-id", default=None, help="this gateway's id on the bus (default: generated)")
     g.add_argument("--tokens-addr", default=None, help="where to bind the token PULL socket "
                                                        "(default: ipc under --run-dir, or tcp with --tcp-host)")
+    g.add_argument("--advertise-host", default=None,
+                   help="host workers should push tokens to when --tokens-addr binds a tcp wildcard "
+                        "(default: this machine's hostname)")
     add_service_arguments(parser)
     return parser
 
@@ -65,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens_addr=args.tokens_addr or addresses.tokens_addr(gateway_id), gateway_id=gateway_id,
         api_key=args.api_key or os.environ.get("XLLM_API_KEY") or None, max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
+        advertise_host=args.advertise_host,
     )
     try:
         uvloop.run(serve(settings))

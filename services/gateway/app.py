@@ -46,6 +46,7 @@ class GatewaySettings:
     max_queue: int = 256
     max_body_bytes: int = 8 * 1024 * 1024
     max_model_len: int | None = None
+    advertise_host: str | None = None
 
 
 def _from_http_exception(exc: web.HTTPException) -> APIError:
@@ -129,7 +130,8 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     tokenizer = await loop.run_in_executor(None, load_tokenizer, settings.model_path)
     model = await loop.run_in_executor(None, ModelInfo.from_path, settings.model_path, settings.max_model_len)
     metrics = GatewayMetrics(model.model_id)
-    client = BusClient(settings.frontend_addr, settings.tokens_addr, settings.gateway_id)
+    client = BusClient(settings.frontend_addr, settings.tokens_addr, settings.gateway_id,
+                       advertise_host=settings.advertise_host)
     client.on_status = metrics.update_workers
     return GatewayContext(
         model=model, tokenizer=tokenizer, token_texts=TokenTexts(tokenizer), client=client, metrics=metrics,

@@ -79,9 +79,11 @@ class BusClient:
         *,
         status_interval: float = 0.5,
         status_stale_after: float = 3.0,
+        advertise_host: str | None = None,
     ) -> None:
         self.frontend_addr = frontend_addr
         self.tokens_addr = tokens_addr
+        self.advertise_host = advertise_host
         self.gateway_id = gateway_id
         self.status_interval = status_interval
         self.status_stale_after = status_stale_after
@@ -98,7 +100,8 @@ class BusClient:
 
     async def start(self) -> None:
         self._pull = bus.make_socket(zmq.PULL)
-        self.tokens_addr = bus.bind(self._pull, self.tokens_addr)
+        # Workers push to this address, so a tcp wildcard bind is advertised under a reachable host.
+        self.tokens_addr = bus.advertised_address(bus.bind(self._pull, self.tokens_addr), self.advertise_host)
         self._dealer = bus.make_socket(zmq.DEALER, routing_id=self.gateway_id.encode())
         bus.connect(self._dealer, self.frontend_addr)
         # GatewayHello goes out on the first StatusReply (see _on_status), i.e. once the
@@ -114,7 +117,8 @@ class BusClient:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
         # give queued aborts a moment to leave, so the workers free their pages
         if self._pending_sends:
             await asyncio.wait(self._pending_sends, timeout=0.5)
@@ -134,10 +138,6 @@ class BusClient:
         """End every request in flight with an error (shutdown: handlers finish at once)."""
         for request_id, stream in list(self._streams.items()):
             stream.put(RequestError(request_id=request_id, code=code, message=message))
-
-    @property
-    def num_registered(self) -> int:
-        return len(self._streams)
 
     async def submit(self, request_id: str, prompt_ids: list[int], sampling: dict[str, Any],
                      arrival_time: float) -> None:
@@ -180,8 +180,6 @@ class BusClient:
         while True:
             try:
                 _, msg, _ = await bus.recv(sock)
-            except asyncio.CancelledError:
-                raise
             except zmq.ZMQError as exc:
                 if sock.closed:
                     return
@@ -217,11 +215,14 @@ class BusClient:
     async def _status_loop(self) -> None:
         while True:
             try:
-                # bounded: with the scheduler gone for long the DEALER queue fills and send waits
-                await asyncio.wait_for(bus.send(self._dealer, StatusQuery()), self.status_stale_after)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+                # Bounded: with the scheduler gone for long the DEALER queue fills and send waits.
+                # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+                # lands as the send completes, and this loop would then never stop.)
+                async with asyncio.timeout(self.status_stale_after):
+                    await bus.send(self._dealer, StatusQuery())
+            except TimeoutError:
+                logger.debug("status query not sent: the scheduler is not taking messages")
+            except zmq.ZMQError as exc:
                 logger.debug("status query not sent: %r", exc)
             if not self.scheduler_alive and self.instances:
                 self.instances = []  # stale: the scheduler is gone, nobody can serve

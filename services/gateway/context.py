@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -117,20 +117,17 @@ class GatewayContext:
 
     @property
     def max_model_len(self) -> int:
-        """The smallest context window among ready workers, else the model's own."""
+        """The smallest of the model's window (or --max-model-len) and every worker's."""
         lens = [
             inst["max_model_len"]
             for inst in self.client.instances
             if isinstance(inst.get("max_model_len"), int) and inst["max_model_len"] > 0
         ]
-        return min(lens) if lens else self.model.context_len
+        return min([*lens, self.model.context_len])
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
-
-    def describe(self) -> dict[str, Any]:
-        return {"model": self.model.model_id, "max_model_len": self.max_model_len, "in_flight": self.admission.in_flight}
 
 
 # Where handlers find the context on the aiohttp app.

@@ -115,8 +115,9 @@ class Generation:
         sampling = self.params.to_dict()
         for sub, ids in zip(self.subs, self.prompt_ids):
             try:
-                await asyncio.wait_for(ctx.client.submit(sub, ids, sampling, self.arrival), SUBMIT_TIMEOUT_S)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(SUBMIT_TIMEOUT_S):  # (not wait_for: see client._status_loop)
+                    await ctx.client.submit(sub, ids, sampling, self.arrival)
+            except TimeoutError:
                 raise APIError(503, "the scheduler is not accepting requests; retry shortly",
                                code="service_unavailable", headers={"Retry-After": "2"}) from None
 

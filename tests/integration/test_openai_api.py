@@ -1,4 +1,4 @@
-"""The official `openai` client against the real topology: scheduler + worker + gateway processes.
+"""The official `openai` client against the real topology (`xllm serve`: scheduler, worker, gateway).
 
 Greedy output is compared with the offline engine on the same prompt ids; usage counts must be
 exact; stop strings must not leak; logprobs have OpenAI's shapes; a client that disconnects
@@ -10,23 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
 
-from common.bus import free_tcp_port
 from common.engine.sampling_params import SamplingParams
 
-REPO = Path(__file__).resolve().parents[2]
-STARTUP_TIMEOUT_S = 240.0
 MAX_TOKENS = 12
 CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
 PROMPT = "The three primary colors are"
@@ -34,82 +26,18 @@ PROMPT = "The three primary colors are"
 pytestmark = pytest.mark.timeout(600)
 
 
-# ------------------------------------------------------------------------------------ topology
-
-
-class Topology:
-    """Scheduler, one worker and one gateway as real processes on ipc sockets in a temp dir."""
-
-    def __init__(self) -> None:
-        self.run_dir = Path(tempfile.mkdtemp(prefix="xgw-", dir="/tmp"))  # ipc paths max 107 bytes
-        self.port = free_tcp_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = self.run_dir / "services.log"
-        self._log = open(self.log_path, "wb")
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", *args, "--run-dir", str(self.run_dir), "--log-level", "WARNING"],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, process_group=0,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def wait_healthy(self, url: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for proc in self.procs:
-                assert proc.poll() is None, f"{proc.args} exited early:\n{self.logs()[-4000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"{url} not healthy after {timeout_s} s:\n{self.logs()[-4000:]}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self._log.close()
-        for path in self.run_dir.iterdir():
-            path.unlink()
-        self.run_dir.rmdir()
-
-
-def start_topology(*gateway_args: str) -> Topology:
-    topo = Topology()
-    topo.start("services.scheduler")
-    topo.start("services.decode", "--instance-id", "w0", "--kv-cache-memory", "32MiB", "--threads", "1")
-    topo.start("services.gateway", "--port", str(topo.port), "--gateway-id", "gw0", *gateway_args)
-    return topo
+# ------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
-def server():
-    topo = start_topology()
-    try:
-        topo.wait_healthy(topo.url)
-        yield topo
-    finally:
-        topo.stop()
+def server(xllm_server_factory):
+    """`xllm serve` with one worker (tests/integration/conftest.py)."""
+    return xllm_server_factory(workers=1)
 
 
 @pytest.fixture(scope="module")
-def client(server: Topology) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +68,7 @@ def greedy_completion(smol_llm):
 def test_models_lists_the_served_model(client, server, smollm_path):
     models = client.models.list().data
     assert [m.id for m in models] == [os.path.basename(smollm_path)]
-    with urllib.request.urlopen(f"{server.url}/v1/models/{models[0].id}") as response:
+    with urllib.request.urlopen(f"{server.base_url}/v1/models/{models[0].id}") as response:
         assert json.load(response)["id"] == models[0].id
 
 
@@ -260,13 +188,12 @@ def test_completion_logprobs_shape(client, model_id):
     assert [lp.text_offset[i + 1] - lp.text_offset[i] for i in range(3)] == [len(t) for t in lp.tokens[:3]]
 
 
-def _worker(server: Topology) -> dict:
-    with urllib.request.urlopen(f"{server.url}/status") as response:
-        (instance,) = json.load(response)["instances"]
+def _worker(server) -> dict:
+    (instance,) = server.status()["instances"]
     return instance
 
 
-def _wait_pages_freed(server: Topology, what: str) -> None:
+def _wait_pages_freed(server, what: str) -> None:
     deadline = time.monotonic() + 20
     while True:
         instance = _worker(server)
@@ -276,8 +203,8 @@ def _wait_pages_freed(server: Topology, what: str) -> None:
         time.sleep(0.25)
 
 
-def _aborted(server: Topology) -> float:
-    with urllib.request.urlopen(f"{server.url}/metrics") as response:
+def _aborted(server) -> float:
+    with urllib.request.urlopen(f"{server.base_url}/metrics") as response:
         for line in response.read().decode().splitlines():
             if line.startswith('xllm_requests_finished_total{finish_reason="abort"}'):
                 return float(line.split()[-1])
@@ -290,7 +217,7 @@ def test_client_that_leaves_frees_the_workers_pages(server, model_id):
 
     async def read_a_bit_then_leave() -> int:
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{server.url}/v1/completions", json=body) as response:
+            async with session.post(f"{server.base_url}/v1/completions", json=body) as response:
                 assert response.status == 200
                 seen = 0
                 async for line in response.content:
@@ -306,7 +233,7 @@ def test_client_that_leaves_frees_the_workers_pages(server, model_id):
     async def wait_then_give_up() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.5)) as session:
             with pytest.raises(asyncio.TimeoutError):
-                async with session.post(f"{server.url}/v1/completions", json={**body, "stream": False}):
+                async with session.post(f"{server.base_url}/v1/completions", json={**body, "stream": False}):
                     pass
 
     asyncio.run(wait_then_give_up())
@@ -316,7 +243,7 @@ def test_client_that_leaves_frees_the_workers_pages(server, model_id):
 
 def test_tokenize_detokenize_health_metrics(server, model_id, chat_ids):
     def post(path: str, body: dict) -> dict:
-        request = urllib.request.Request(f"{server.url}{path}", data=json.dumps(body).encode(),
+        request = urllib.request.Request(f"{server.base_url}{path}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request) as response:
             return json.load(response)
@@ -326,14 +253,14 @@ def test_tokenize_detokenize_health_metrics(server, model_id, chat_ids):
     assert tokenized["max_model_len"] > len(chat_ids)
     text_ids = post("/tokenize", {"prompt": PROMPT})["tokens"]
     assert post("/detokenize", {"tokens": text_ids})["prompt"] == PROMPT
-    with urllib.request.urlopen(f"{server.url}/health") as response:
+    with urllib.request.urlopen(f"{server.base_url}/health") as response:
         assert response.status == 200
-    with urllib.request.urlopen(f"{server.url}/metrics") as response:
+    with urllib.request.urlopen(f"{server.base_url}/metrics") as response:
         metrics = response.read().decode()
     for name in ("xllm_time_to_first_token_seconds_bucket", "xllm_time_per_output_token_seconds_bucket",
                  "xllm_e2e_request_latency_seconds_count", "xllm_num_requests_running",
                  "xllm_num_requests_waiting", "xllm_prompt_tokens_total", "xllm_generation_tokens_total",
                  'xllm_requests_finished_total{finish_reason="stop"}', 'xllm_http_responses_total{status="200"}',
-                 'xllm_worker_kv_cache_usage_ratio{instance="w0"}',
-                 'xllm_worker_prefix_cache_hit_rate{instance="w0"}'):
+                 f'xllm_worker_kv_cache_usage_ratio{{instance="{_worker(server)["id"]}"}}',
+                 f'xllm_worker_prefix_cache_hit_rate{{instance="{_worker(server)["id"]}"}}'):
         assert name in metrics, name

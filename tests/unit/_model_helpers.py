@@ -88,7 +88,7 @@ class PagedDriver:
         self.page_size = page_size
         dtype = dtype or next(model.parameters()).dtype
         self.kv_caches = [
-            torch.zeros(2, num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype)
+            torch.zeros(2, cfg.num_key_value_heads, num_pages, page_size, cfg.head_dim, dtype=dtype)
             for _ in range(cfg.num_hidden_layers)
         ]
         self.free_pages = list(range(num_pages))

@@ -27,13 +27,13 @@ def test_mixed_batch_matches_naive(window, cap, dtype):
     # A fresh 7-token prefill, a decode at context 10, and a 3-token chunk after 5 cached tokens.
     query_lens, context_lens = [7, 1, 3], [7, 10, 8]
     tables = [[3, 5], [1, 7, 9], [11, 2]]
-    cache = torch.zeros(2, 16, PAGE, KVH, D, dtype=dtype)
+    cache = torch.zeros(2, KVH, 16, PAGE, D, dtype=dtype)
     keys = [torch.randn(c, KVH, D) for c in context_lens]
     values = [torch.randn(c, KVH, D) for c in context_lens]
     for i, c in enumerate(context_lens):
         for p in range(c - query_lens[i]):  # the cached part
             page, off = tables[i][p // PAGE], p % PAGE
-            cache[0, page, off], cache[1, page, off] = keys[i][p], values[i][p]
+            cache[0, :, page, off], cache[1, :, page, off] = keys[i][p], values[i][p]
     meta = build_attention_metadata(query_lens, context_lens, tables, PAGE)
     new_k = torch.cat([keys[i][c - n:] for i, (n, c) in enumerate(zip(query_lens, context_lens))])
     new_v = torch.cat([values[i][c - n:] for i, (n, c) in enumerate(zip(query_lens, context_lens))])

@@ -83,7 +83,7 @@ def test_allocate_layout_and_zeroed():
     caches = allocate_kv_caches(5, 3, 2, 8, 4, torch.float16, "cpu")
     assert len(caches) == 3
     for cache in caches:
-        assert cache.shape == (2, 5, 4, 2, 8)
+        assert cache.shape == (2, 2, 5, 4, 8)  # [K/V, kv heads, pages, page slots, head dim]
         assert cache.dtype == torch.float16
         assert not cache.any()
     # Layers are distinct storage: writing one must not touch another.
@@ -108,8 +108,8 @@ def test_allocate_works_with_attention_kernel():
     # Page 0 is an ordinary page: a sequence may own it.
     meta = build_attention_metadata([3], [3], [[2, 0]], page_size=2)
     write_kv(caches[0], k, v, meta.slot_mapping)
-    assert torch.equal(caches[0][0, 2, 0], k[0])
-    assert torch.equal(caches[0][1, 0, 0], v[2])
+    assert torch.equal(caches[0][0, :, 2, 0], k[0])
+    assert torch.equal(caches[0][1, :, 0, 0], v[2])
     out = paged_attention(q, caches[0], meta, scale=8**-0.5)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=8**-0.5
@@ -124,8 +124,8 @@ def test_copy_kv_pages_copies_k_and_v_in_every_layer():
     before = [c.clone() for c in caches]
     copy_kv_pages(caches, [(1, 3), (0, 2)])
     for cache, old in zip(caches, before):
-        assert torch.equal(cache[:, 3], old[:, 1])
-        assert torch.equal(cache[:, 2], old[:, 0])
-        assert torch.equal(cache[:, :2], old[:, :2])
+        assert torch.equal(cache[:, :, 3], old[:, :, 1])
+        assert torch.equal(cache[:, :, 2], old[:, :, 0])
+        assert torch.equal(cache[:, :, :2], old[:, :, :2])
     copy_kv_pages(caches, [])
-    assert torch.equal(caches[0][:, 3], before[0][:, 1])
+    assert torch.equal(caches[0][:, :, 3], before[0][:, :, 1])

@@ -17,7 +17,7 @@ from common.service_config import (
     load_config_file,
     parse_args_with_config,
 )
-from common.worker.worker import advertised_address
+from common.bus import advertised_address
 
 
 def service_parser() -> argparse.ArgumentParser:
