@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 
 from _model_helpers import PagedDriver, hf_logits, make_hf_model, save_hf_model
 from common.models.config import ModelConfig
-from common.models.layers import RotaryEmbedding, rope_inverse_frequencies
+from common.models.rope import RotaryEmbedding, rope_inverse_frequencies
 from common.models.registry import default_model_path, load_model
 from kernels.activation import gelu_tanh_and_mul, silu_and_mul
 from kernels.norm import rms_norm
