@@ -74,6 +74,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    """Create CurveZMQ certificates for the scheduler and each named peer, peers authorized."""
+    import shutil
+    from pathlib import Path
+
+    from common.bus import generate_keys
+
+    directory = Path(args.directory)
+    generate_keys(directory, "scheduler")
+    (directory / "authorized").mkdir(mode=0o700, exist_ok=True)
+    for name in args.peers:
+        public, _ = generate_keys(directory, name)
+        shutil.copy(public, directory / "authorized" / public.name)
+    print(f"keys in {directory}: scheduler + {', '.join(args.peers)} (authorized); "
+          f"start every service with --curve-dir {directory}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xllm", description="xllm: LLM inference and serving")
     parser.add_argument("--log-level", default="WARNING")
@@ -106,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(TTFT, TPOT, end-to-end, tokens/s over a concurrency sweep)")
     bench_serve.add_arguments(online)
     online.set_defaults(func=bench_serve.run)
+
+    keys = sub.add_parser("keys", help="create CurveZMQ keys for tcp deployments")
+    keys.add_argument("directory", help="where to write the certificates")
+    keys.add_argument("peers", nargs="*", default=["worker", "gateway"], help="peer names (default: worker gateway)")
+    keys.set_defaults(func=_cmd_keys)
 
     serve = sub.add_parser("serve", help="serve the model over HTTP (gateway + scheduler + workers)")
     add_engine_arguments(serve)

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from common import bus
 from common.bus import default_ipc_dir
 
 __all__ = [
+    "CurveKeys",
     "ServiceAddresses",
     "DEFAULT_RUN_DIR_NAME",
     "add_service_arguments",
@@ -47,6 +49,27 @@ def safe_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class CurveKeys:
+    """CurveZMQ keys for the scheduler's sockets, from one directory (`xllm keys DIR` makes it).
+
+    ``scheduler.key`` / ``scheduler.key_secret`` is the scheduler's certificate; ``authorized/``
+    holds the public keys of the peers it accepts; ``<name>.key_secret`` is a peer's own
+    certificate. A peer whose public key is not authorized never gets a message through, so
+    it cannot register or submit.
+    """
+
+    directory: Path
+    name: str = "client"
+
+    def make_server(self, sock) -> None:
+        bus.configure_curve_server(sock, self.directory / "scheduler.key_secret", self.directory / "authorized")
+
+    def make_client(self, sock) -> None:
+        bus.configure_curve_client(sock, self.directory / f"{self.name}.key_secret",
+                                   self.directory / "scheduler.key")
+
+
+@dataclass(frozen=True)
 class ServiceAddresses:
     """Where the scheduler's sockets live, and how per-gateway / per-worker addresses are made."""
 
@@ -56,6 +79,7 @@ class ServiceAddresses:
     run_dir: str | None = None  # set when the addresses are ipc files under one directory
     # Host used for per-service tcp addresses when there is no run dir (tcp deployments).
     tcp_host: str = "127.0.0.1"
+    curve: CurveKeys | None = None  # when set, the scheduler's sockets require CurveZMQ
 
     @classmethod
     def from_run_dir(cls, run_dir: str | os.PathLike) -> ServiceAddresses:
@@ -104,29 +128,39 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--control-addr", default=None, help="scheduler control PUB address (overrides --run-dir)")
     g.add_argument("--tcp-host", default="127.0.0.1",
                    help="host for per-service tcp addresses when no run dir is used")
+    g.add_argument("--curve-dir", default=None,
+                   help="require CurveZMQ on the scheduler's sockets, keys from this directory (see `xllm keys`)")
+    g.add_argument("--curve-key", default=None,
+                   help="this peer's certificate name in --curve-dir (default: the service kind)")
     g.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING | ERROR")
 
 
-def addresses_from_args(args: argparse.Namespace) -> ServiceAddresses:
-    """Explicit addresses win over the run dir; without either, the default run dir is used."""
+def addresses_from_args(args: argparse.Namespace, kind: str = "client") -> ServiceAddresses:
+    """Explicit addresses win over the run dir; without either, the default run dir is used.
+
+    ``kind`` names this peer's CurveZMQ certificate when ``--curve-dir`` is given and
+    ``--curve-key`` is not.
+    """
+    curve_dir = getattr(args, "curve_dir", None)
+    curve = CurveKeys(Path(curve_dir), getattr(args, "curve_key", None) or kind) if curve_dir else None
     run_dir = getattr(args, "run_dir", None)
     explicit = {
         "frontend": getattr(args, "frontend_addr", None),
         "backend": getattr(args, "backend_addr", None),
         "control": getattr(args, "control_addr", None),
     }
+    tcp_host = getattr(args, "tcp_host", "127.0.0.1")
     if all(explicit.values()) and run_dir is None:
-        return ServiceAddresses(**explicit, tcp_host=getattr(args, "tcp_host", "127.0.0.1"))
+        return ServiceAddresses(**explicit, tcp_host=tcp_host, curve=curve)
     base = ServiceAddresses.from_run_dir(run_dir or default_run_dir())
     overrides = {key: value for key, value in explicit.items() if value}
-    if not overrides:
-        return base
     return ServiceAddresses(
         frontend=overrides.get("frontend", base.frontend),
         backend=overrides.get("backend", base.backend),
         control=overrides.get("control", base.control),
         run_dir=base.run_dir,
-        tcp_host=getattr(args, "tcp_host", "127.0.0.1"),
+        tcp_host=tcp_host if overrides else base.tcp_host,
+        curve=curve,
     )
 
 

@@ -72,7 +72,7 @@ def main(role: str, argv: list[str] | None = None) -> int:
         logger.error("worker %s cannot load the engine: %s", instance_id, exc)
         return 1
     worker = Worker(
-        engine, addresses_from_args(args), instance_id, role=args.role, kv_addr=args.kv_addr,
+        engine, addresses_from_args(args, "worker"), instance_id, role=args.role, kv_addr=args.kv_addr,
         advertise_host=args.advertise_host, heartbeat_interval_s=args.heartbeat_interval,
     )
     try:

@@ -107,8 +107,11 @@ class Worker:
         self.kv = bus.make_socket(zmq.ROUTER, context=self._context)
         self.kv_addr = bus.advertised_address(bus.bind(self.kv, self.kv_addr), self.advertise_host)
         self.backend = bus.make_socket(zmq.DEALER, context=self._context, routing_id=self._identity)
-        bus.connect(self.backend, self.addresses.backend)
         self.control = bus.make_socket(zmq.SUB, context=self._context)
+        if self.addresses.curve is not None:
+            self.addresses.curve.make_client(self.backend)
+            self.addresses.curve.make_client(self.control)
+        bus.connect(self.backend, self.addresses.backend)
         bus.subscribe(self.control, self.instance_id, TOPIC_ALL)
         bus.connect(self.control, self.addresses.control)
         self._refresh_stats()

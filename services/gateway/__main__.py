@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.tokenizer import default_model_path
     from services.gateway.app import GatewaySettings, serve
 
-    addresses = addresses_from_args(args)
+    addresses = addresses_from_args(args, "gateway")
     gateway_id = args.gateway_id or f"gw-{uuid.uuid4().hex[:8]}"
     try:
         model = args.model or default_model_path()
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens_addr=args.tokens_addr or addresses.tokens_addr(gateway_id), gateway_id=gateway_id,
         api_key=args.api_key or os.environ.get("XLLM_API_KEY") or None, max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
-        advertise_host=args.advertise_host,
+        advertise_host=args.advertise_host, curve=addresses.curve,
     )
     try:
         uvloop.run(serve(settings))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from common.service_config import CurveKeys
+
 from services.gateway import routes
 from services.gateway.chat import handle_chat
 from services.gateway.client import BusClient
@@ -47,6 +49,7 @@ class GatewaySettings:
     max_body_bytes: int = 8 * 1024 * 1024
     max_model_len: int | None = None
     advertise_host: str | None = None
+    curve: CurveKeys | None = None  # CurveZMQ keys for the scheduler connection
 
 
 def _from_http_exception(exc: web.HTTPException) -> APIError:
@@ -131,7 +134,7 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     model = await loop.run_in_executor(None, ModelInfo.from_path, settings.model_path, settings.max_model_len)
     metrics = GatewayMetrics(model.model_id)
     client = BusClient(settings.frontend_addr, settings.tokens_addr, settings.gateway_id,
-                       advertise_host=settings.advertise_host)
+                       advertise_host=settings.advertise_host, curve=settings.curve)
     client.on_status = metrics.update_workers
     return GatewayContext(
         model=model, tokenizer=tokenizer, token_texts=TokenTexts(tokenizer), client=client, metrics=metrics,

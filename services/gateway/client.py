@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from common import bus
+from common.service_config import CurveKeys
 from common.protocol import (
     Abort,
     GatewayHello,
@@ -80,10 +81,12 @@ class BusClient:
         status_interval: float = 0.5,
         status_stale_after: float = 3.0,
         advertise_host: str | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.frontend_addr = frontend_addr
         self.tokens_addr = tokens_addr
         self.advertise_host = advertise_host
+        self.curve = curve
         self.gateway_id = gateway_id
         self.status_interval = status_interval
         self.status_stale_after = status_stale_after
@@ -103,6 +106,8 @@ class BusClient:
         # Workers push to this address, so a tcp wildcard bind is advertised under a reachable host.
         self.tokens_addr = bus.advertised_address(bus.bind(self._pull, self.tokens_addr), self.advertise_host)
         self._dealer = bus.make_socket(zmq.DEALER, routing_id=self.gateway_id.encode())
+        if self.curve is not None:
+            self.curve.make_client(self._dealer)
         bus.connect(self._dealer, self.frontend_addr)
         # GatewayHello goes out on the first StatusReply (see _on_status), i.e. once the
         # scheduler is known to be there, and again whenever it comes back.

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    server = SchedulerServer(addresses_from_args(args), heartbeat_timeout_s=args.heartbeat_timeout)
+    server = SchedulerServer(addresses_from_args(args, "scheduler"), heartbeat_timeout_s=args.heartbeat_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -82,6 +82,9 @@ class SchedulerServer:
         # A restarted worker may reconnect before ZeroMQ noticed the old connection died.
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.control = bus.make_socket(zmq.PUB, context=self._context)
+        if self.addresses.curve is not None:
+            for sock in (self.frontend, self.backend, self.control):
+                self.addresses.curve.make_server(sock)
         bus.bind(self.frontend, self.addresses.frontend)
         bus.bind(self.backend, self.addresses.backend)
         bus.bind(self.control, self.addresses.control)
