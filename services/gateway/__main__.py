@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvloop
 
-    from common.tokenizer import default_model_path
+    from common.default_model import default_model_path
     from services.gateway.app import GatewaySettings, serve
 
     addresses = addresses_from_args(args, "gateway")
