@@ -24,6 +24,7 @@ import zmq
 import zmq.asyncio
 
 from common import bus
+from common.aio import run_until_stopped
 from common.engine.sampling_params import SamplingParams
 from common.protocol import (
     TOPIC_ALL,
@@ -130,16 +131,9 @@ class Worker:
             asyncio.create_task(self._kv_loop(), name="kv"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
         ]
-        waiter = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not waiter and task.exception() is not None:
-                    raise task.exception()
+            await run_until_stopped(stop, tasks)
         finally:
-            for task in (*tasks, waiter):
-                task.cancel()
-            await asyncio.gather(*tasks, waiter, return_exceptions=True)
             await self._leave()
 
     async def _leave(self) -> None:

@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from common import bus
+from common.aio import run_until_stopped
 from common.protocol import (
     Abort,
     AbortRequest,
@@ -109,15 +110,8 @@ class SchedulerServer:
             asyncio.create_task(self._reap_loop(), name="reaper"),
         ]
         try:
-            waiter = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not waiter and task.exception() is not None:
-                    raise task.exception()
+            await run_until_stopped(stop, tasks)
         finally:
-            for task in (*tasks, waiter):
-                task.cancel()
-            await asyncio.gather(*tasks, waiter, return_exceptions=True)
             self.close()
 
     async def _receive_loop(self, sock: zmq.asyncio.Socket, handler) -> None:
