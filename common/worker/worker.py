@@ -89,6 +89,8 @@ class Worker:
         self.draining = False
         self.requests: dict[str, _Request] = {}
         self.requests_total = 0
+        self.integrity_failures = 0
+        self._audited_at_step = 0
         self._context = context or zmq.asyncio.Context.instance()
         self._pending: deque[Message] = deque()  # Assign / AbortRequest waiting for the step to end
         self._wake = asyncio.Event()
@@ -162,6 +164,7 @@ class Worker:
             if not self.engine.has_unfinished():
                 self._wake.clear()
                 if not self._pending:
+                    self._check_memory_when_idle()
                     await self._wake.wait()
                 continue
             try:
@@ -178,6 +181,20 @@ class Worker:
                 await self._emit(output)
             # Let receivers run between steps even when every send completed synchronously.
             await asyncio.sleep(0)
+
+    def _check_memory_when_idle(self) -> None:
+        """Audit the page pool once per idle period: every page free XOR referenced, refcounts
+        equal to page-table references. Cheap (O(pages)) and off the hot path."""
+        steps = self.engine.stats.steps
+        if steps == self._audited_at_step:
+            return
+        self._audited_at_step = steps
+        try:
+            self.engine.check_integrity()
+        except AssertionError as exc:
+            logger.error("KV page pool integrity check failed on %s: %s", self.instance_id, exc)
+            self.integrity_failures += 1
+        self._refresh_stats()
 
     async def _apply_pending(self) -> None:
         while self._pending:
@@ -255,6 +272,8 @@ class Worker:
             requests=len(self.requests),
             requests_total=self.requests_total,
             dropped_messages=self.pushers.dropped,
+            integrity_failures=self.integrity_failures,
+            audited_at_step=self._audited_at_step,
         )
         self._stats = stats
 

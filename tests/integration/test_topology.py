@@ -141,6 +141,10 @@ def test_client_disconnect_frees_pages(server) -> None:
     steps = {iid: inst["stats"]["steps"] for iid, inst in server.instances().items()}
     time.sleep(1.5)
     assert {iid: inst["stats"]["steps"] for iid, inst in server.instances().items()} == steps
+    # Idle workers audit their page pools; the aborted stream left every page free XOR referenced.
+    server.wait_until(lambda: all(i["stats"]["audited_at_step"] == i["stats"]["steps"]
+                                  for i in server.instances().values()), 10, "the idle integrity audit")
+    assert all(i["stats"]["integrity_failures"] == 0 for i in server.instances().values())
 
 
 def test_killed_worker_is_restarted(server) -> None:
