@@ -92,8 +92,9 @@ class BatchScheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         items: list[ScheduledSeq] = []
-        preempted: list[Sequence] = []
+        preempted: list[Sequence] = self._make_room_for_online()
         scheduled: set[int] = set()
+        online_made_room = bool(preempted)
 
         # Running sequences, oldest/most important first, so preemption hits the newest.
         self.running.sort(key=Sequence.sort_key)
@@ -117,7 +118,9 @@ class BatchScheduler:
             self._preempt(seq)
             preempted.append(seq)
 
-        if not preempted:
+        # A step that had to preempt to keep its running sequences going admits nothing new
+        # (that would only thrash), unless the preemption was to let online work in.
+        if online_made_room or not preempted:
             budget = self._admit_waiting(items, budget)
         return ScheduledBatch(items=items, preempted=preempted)
 
@@ -147,6 +150,28 @@ class BatchScheduler:
                 items.append(ScheduledSeq(seq, n))
                 budget -= n
         return budget
+
+    def _make_room_for_online(self) -> list[Sequence]:
+        """Preempt running offline sequences (newest first) while the online queue's head
+        cannot be admitted for want of pages or of a batch slot."""
+        queue = self.waiting[Priority.ONLINE]
+        if not queue:
+            return []
+        head, bm = queue[0], self.block_manager
+        hit = bm.lookup_prefix(head.token_ids)
+        first_chunk = min(head.num_tokens - hit, self.max_num_batched_tokens)
+        preempted: list[Sequence] = []
+        while (
+            len(self.running) >= self.max_num_seqs
+            or bm.pages_needed(head.seq_id, hit + first_chunk) > bm.num_free_pages
+        ):
+            offline = [s for s in self.running if s.priority > head.priority]
+            if not offline:
+                break
+            victim = max(offline, key=Sequence.sort_key)
+            self._preempt(victim)
+            preempted.append(victim)
+        return preempted
 
     def _pick_victim(self, exclude: set[int]) -> Sequence | None:
         candidates = [s for s in self.running if s.seq_id not in exclude]

@@ -106,3 +106,38 @@ def test_remove_frees_pages_at_once():
     sched.remove(s)
     assert bm.num_used_pages == 0
     bm.check_integrity()
+
+
+def test_online_request_preempts_running_offline_when_pages_run_out():
+    bm = BlockManager(num_pages=8, page_size=4, enable_prefix_cache=False)
+    sched = BatchScheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    offline = [make_seq(f"off{i}", 11, Priority.OFFLINE, arrival=float(i), max_tokens=20, base=10 * i)
+               for i in range(2)]
+    for s in offline:
+        sched.add(s)
+    fake_step(sched, bm)  # both offline prompts run: 6 of 8 pages
+    online = make_seq("on", 11, Priority.ONLINE, arrival=5.0, max_tokens=3, base=500)
+    sched.add(online)
+    batch = fake_step(sched, bm)
+    assert [s.request_id for s in batch.preempted] == ["off1"]  # the newest offline yields
+    assert online in [item.seq for item in batch.items]
+    for _ in range(200):
+        if not sched.has_work():
+            break
+        fake_step(sched, bm)
+    assert online.num_output_tokens == 3
+    assert all(s.num_output_tokens == 20 for s in offline)
+    assert bm.num_used_pages == 0
+
+
+def test_online_request_takes_a_batch_slot_from_offline():
+    bm = BlockManager(num_pages=64, page_size=4)
+    sched = BatchScheduler(bm, max_num_seqs=2, max_num_batched_tokens=64)
+    for i in range(2):
+        sched.add(make_seq(f"off{i}", 5, Priority.OFFLINE, arrival=float(i), max_tokens=30, base=10 * i))
+    fake_step(sched, bm)
+    sched.add(make_seq("on", 5, Priority.ONLINE, arrival=9.0, max_tokens=2, base=300))
+    batch = fake_step(sched, bm)
+    assert "on" in [item.seq.request_id for item in batch.items]
+    assert [s.request_id for s in batch.preempted] == ["off1"]
+    assert sched.num_running <= 2
