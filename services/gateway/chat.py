@@ -27,7 +27,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     ctx.model.check(req.model)
     prompt_ids = chat_prompt_ids(ctx, req)
     check_prompts_for_model(req.params, [prompt_ids], ctx.max_model_len, ctx.vocab_size, param="messages")
-    gen = Generation(ctx, f"chatcmpl-{uuid.uuid4().hex}", [prompt_ids], req.params, req.top_logprobs is not None)
+    gen = Generation(ctx, f"chatcmpl-{uuid.uuid4().hex}", [prompt_ids], req.params, req.top_logprobs is not None,
+                     req.priority)
     try:
         await gen.start()
         if req.stream:

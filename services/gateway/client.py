@@ -145,8 +145,8 @@ class BusClient:
             stream.put(RequestError(request_id=request_id, code=code, message=message))
 
     async def submit(self, request_id: str, prompt_ids: list[int], sampling: dict[str, Any],
-                     arrival_time: float) -> None:
-        msg = Submit(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling, priority="online",
+                     arrival_time: float, priority: str = "online") -> None:
+        msg = Submit(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling, priority=priority,
                      gateway_id=self.gateway_id, tokens_addr=self.tokens_addr, arrival_time=arrival_time)
         await bus.send(self._dealer, msg)
 

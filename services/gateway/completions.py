@@ -28,7 +28,8 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
     ctx.model.check(req.model)
     prompt_ids = completion_prompt_ids(ctx, req)
     check_prompts_for_model(req.params, prompt_ids, ctx.max_model_len, ctx.vocab_size)
-    gen = Generation(ctx, f"cmpl-{uuid.uuid4().hex}", prompt_ids, req.params, req.top_logprobs is not None)
+    gen = Generation(ctx, f"cmpl-{uuid.uuid4().hex}", prompt_ids, req.params, req.top_logprobs is not None,
+                     req.priority)
     try:
         await gen.start()
         if req.stream:

@@ -65,8 +65,9 @@ def error_from_worker(msg: RequestError) -> APIError:
 
 class Generation:
     def __init__(self, ctx: GatewayContext, request_id: str, prompt_ids: list[list[int]], params: SamplingParams,
-                 want_logprobs: bool) -> None:
+                 want_logprobs: bool, priority: str = "online") -> None:
         self.ctx = ctx
+        self.priority = priority
         self.request_id = request_id
         self.params = params
         self.prompt_ids = prompt_ids
@@ -116,7 +117,7 @@ class Generation:
         for sub, ids in zip(self.subs, self.prompt_ids):
             try:
                 async with asyncio.timeout(SUBMIT_TIMEOUT_S):  # (not wait_for: see client._status_loop)
-                    await ctx.client.submit(sub, ids, sampling, self.arrival)
+                    await ctx.client.submit(sub, ids, sampling, self.arrival, self.priority)
             except TimeoutError:
                 raise APIError(503, "the scheduler is not accepting requests; retry shortly",
                                code="service_unavailable", headers={"Retry-After": "2"}) from None

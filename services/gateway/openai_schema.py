@@ -45,6 +45,7 @@ class GenerationRequest:
     add_generation_prompt: bool = True
     top_logprobs: int | None = None  # None: no logprobs in the response
     add_special_tokens: bool = True  # completions: tokenizer adds BOS etc. to text prompts
+    priority: str = "online"  # "offline" work yields to online work (pages, batch slots)
 
 
 def _model(fields: Fields) -> str:
@@ -143,6 +144,20 @@ def _sampling(fields: Fields, max_tokens: int | None, logprobs: int | None) -> S
     return params
 
 
+def _priority(fields: Fields) -> str:
+    """xllm's `priority` ("online" | "offline"), or OpenAI's `service_tier` ("flex" = offline)."""
+    priority = fields.str("priority")
+    if priority is not None:
+        if priority not in ("online", "offline"):
+            raise bad_request(f"'priority' must be 'online' or 'offline', got {priority!r}", param="priority")
+        return priority
+    tier = fields.str("service_tier")
+    if tier is not None and tier not in ("auto", "default", "flex", "priority"):
+        raise bad_request(f"'service_tier' must be 'auto', 'default', 'flex' or 'priority', got {tier!r}",
+                          param="service_tier")
+    return "offline" if tier == "flex" else "online"
+
+
 def _max_tokens(fields: Fields, names: tuple[str, ...], default: int | None) -> int | None:
     # The newer name wins when both are given (OpenAI deprecated max_tokens for chat).
     for name in names:
@@ -178,7 +193,7 @@ def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
     return GenerationRequest(
         kind="chat", model=model, params=params, stream=stream, include_usage=include_usage,
         messages=messages, add_generation_prompt=fields.bool("add_generation_prompt", True),
-        top_logprobs=top_logprobs,
+        top_logprobs=top_logprobs, priority=_priority(fields),
     )
 
 
@@ -252,7 +267,7 @@ def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:
     return GenerationRequest(
         kind="completion", model=model, params=params, stream=stream, include_usage=include_usage,
         prompts=prompts, top_logprobs=logprobs,
-        add_special_tokens=fields.bool("add_special_tokens", True),
+        add_special_tokens=fields.bool("add_special_tokens", True), priority=_priority(fields),
     )
 
 

@@ -86,6 +86,14 @@ def test_chat_greedy_equals_offline_engine_with_exact_usage(client, model_id, ch
     assert response.usage.total_tokens == len(chat_ids) + len(greedy_chat.token_ids)
 
 
+def test_offline_priority_gives_the_same_greedy_output(client, model_id, greedy_chat):
+    # service_tier="flex" (OpenAI's cheaper tier) runs as offline work: same tokens, lower priority.
+    for extra in ({"priority": "offline"}, {"service_tier": "flex"}):
+        response = client.chat.completions.create(
+            model=model_id, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra)
+        assert response.choices[0].message.content == greedy_chat.text
+
+
 def test_chat_stream_matches_and_reports_usage(client, model_id, chat_ids, greedy_chat):
     stream = client.chat.completions.create(
         model=model_id, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, stream=True,

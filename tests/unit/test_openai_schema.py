@@ -288,3 +288,26 @@ def test_chat_and_completion_logprob_shapes():
     assert first["tokens"] == ["t3"] and first["text_offset"] == [0]
     assert second["text_offset"] == [2]  # offsets continue across stream chunks
     assert second["top_logprobs"] == [{"t4": -0.1, "t12": -2.0}]  # the sampled token is always listed
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({}, "online"),
+        ({"priority": "offline"}, "offline"),
+        ({"priority": "online", "service_tier": "flex"}, "online"),  # the explicit field wins
+        ({"service_tier": "flex"}, "offline"),
+        ({"service_tier": "default"}, "online"),
+    ],
+)
+def test_priority_from_priority_or_service_tier(fields, expected):
+    assert parse_chat_request(chat(**fields)).priority == expected
+    assert parse_completion_request(completion(**fields)).priority == expected
+
+
+@pytest.mark.parametrize("fields, param", [({"priority": "urgent"}, "priority"), ({"priority": 1}, "priority"),
+                                           ({"service_tier": "turbo"}, "service_tier")])
+def test_bad_priority_is_400(fields, param):
+    with pytest.raises(APIError) as info:
+        parse_chat_request(chat(**fields))
+    assert info.value.status == 400 and info.value.param == param
