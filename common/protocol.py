@@ -79,6 +79,17 @@ class Abort(Message):
 
 @register
 @dataclass(kw_only=True, slots=True)
+class FinishChoice(Message):
+    """One choice of a request ended early (a stop string matched in its text): stop computing
+    it. Gateway -> scheduler on the frontend, scheduler -> worker on the backend."""
+
+    TAG: ClassVar[str] = "finish_choice"
+    request_id: str
+    index: int
+
+
+@register
+@dataclass(kw_only=True, slots=True)
 class StatusQuery(Message):
     TAG: ClassVar[str] = "status_query"
 

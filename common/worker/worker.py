@@ -29,6 +29,7 @@ from common.engine.sampling_params import SamplingParams
 from common.protocol import (
     TOPIC_ALL,
     AbortRequest,
+    FinishChoice,
     Assign,
     Deregister,
     Drain,
@@ -206,6 +207,8 @@ class Worker:
                 state = self.requests.pop(msg.request_id)
                 logger.debug("aborted %s", msg.request_id)
                 await self._finished(msg.request_id, state, "abort")
+            elif isinstance(msg, FinishChoice) and msg.request_id in self.requests:
+                await self._finish_choice(msg.request_id, msg.index)
 
     async def _add(self, msg: Assign) -> None:
         if msg.request_id in self.requests:
@@ -245,6 +248,17 @@ class Worker:
                 del self.requests[output.request_id]
                 await self._finished(output.request_id, state, output.finish_reason)
 
+    async def _finish_choice(self, request_id: str, index: int) -> None:
+        """Stop one choice the gateway already ended (stop string); its pages are freed now."""
+        state = self.requests[request_id]
+        if index in state.finished or not 0 <= index < state.n:
+            return
+        self.engine.finish_sequence(request_id, index, "stop")
+        state.finished.add(index)
+        if len(state.finished) >= state.n:
+            del self.requests[request_id]
+            await self._finished(request_id, state, "stop")
+
     async def _finished(self, request_id: str, state: _Request, reason: str) -> None:
         await self._send_backend(RequestFinished(
             request_id=request_id, instance_id=self.instance_id, finish_reason=reason,
@@ -282,7 +296,7 @@ class Worker:
     async def _backend_loop(self) -> None:
         while True:
             _, msg, _ = await bus.recv(self.backend)
-            if isinstance(msg, (Assign, AbortRequest)):
+            if isinstance(msg, (Assign, AbortRequest, FinishChoice)):
                 self._pending.append(msg)
                 self._wake.set()
             elif isinstance(msg, RegisterAck):

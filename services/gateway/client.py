@@ -21,6 +21,7 @@ from common import bus
 from common.service_config import CurveKeys
 from common.protocol import (
     Abort,
+    FinishChoice,
     GatewayHello,
     Message,
     RequestError,
@@ -153,6 +154,10 @@ class BusClient:
     def abort_soon(self, request_id: str, reason: str) -> None:
         """Send Abort without awaiting (usable from `finally` blocks of cancelled handlers)."""
         self._send_soon(Abort(request_id=request_id, reason=reason))
+
+    def finish_choice_soon(self, request_id: str, index: int) -> None:
+        """Stop one choice on the worker (the others of the request keep going)."""
+        self._send_soon(FinishChoice(request_id=request_id, index=index))
 
     def _send_soon(self, msg: Message) -> None:
         if self._dealer is None or self._dealer.closed:

@@ -172,18 +172,23 @@ class Generation:
         if finish is not None:
             choice.finish_reason = finish
             self._unfinished -= 1
-            self._end_sub_if_done(choice.sub)
+            if not self._end_sub_if_done(choice.sub) and not choice.worker_done:
+                # a stop string ended this choice while its siblings go on: stop just this one
+                self.ctx.client.finish_choice_soon(choice.sub, delta.index)
         if text or finish is not None or logprobs:
             updates.append(ChoiceUpdate(choice.index, text, logprobs, finish))
 
-    def _end_sub_if_done(self, sub: str) -> None:
+    def _end_sub_if_done(self, sub: str) -> bool:
+        """Close a submitted request once all its choices ended; returns whether it did."""
         choices = [c for c in self.choices if c.sub == sub]
-        if all(c.finish_reason is not None for c in choices):
-            if not all(c.worker_done for c in choices):
-                # a stop string ended it here: stop the worker too, freeing its pages now
-                self.ctx.client.abort_soon(sub, "stop string")
-            self._live_subs.discard(sub)
-            self.ctx.client.unregister(sub)
+        if not all(c.finish_reason is not None for c in choices):
+            return False
+        if not all(c.worker_done for c in choices):
+            # a stop string ended it here: stop the worker too, freeing its pages now
+            self.ctx.client.abort_soon(sub, "stop string")
+        self._live_subs.discard(sub)
+        self.ctx.client.unregister(sub)
+        return True
 
     def _set_state(self, state: str) -> None:
         metrics = self.ctx.metrics

@@ -22,6 +22,7 @@ from common.aio import run_until_stopped
 from common.protocol import (
     Abort,
     AbortRequest,
+    FinishChoice,
     Assign,
     Deregister,
     FlipAck,
@@ -140,6 +141,11 @@ class SchedulerServer:
             await self._on_submit(identity, msg)
         elif isinstance(msg, Abort):
             await self._on_abort(msg)
+        elif isinstance(msg, FinishChoice):
+            entry = self.requests.get(msg.request_id)
+            instance = self.registry.get(entry.instance_id) if entry is not None else None
+            if instance is not None:
+                await bus.send(self.backend, msg, identity=instance.identity)
         elif isinstance(msg, StatusQuery):
             await bus.send(self.frontend, StatusReply(instances=self.registry.describe()), identity=identity)
         elif isinstance(msg, GatewayHello):

@@ -27,6 +27,7 @@ from common.codec import decode, encode
 from common.engine.sampling_params import SamplingParams
 from common.protocol import (
     Abort,
+    FinishChoice,
     GatewayHello,
     Heartbeat,
     KvTransferAck,
@@ -218,6 +219,29 @@ def test_n2_streams_both_choices(client: BusClient) -> None:
         if msg.finish_reason:
             finished[msg.index] = msg.num_output_tokens
     assert counts == {0: 3, 1: 3} and finished == {0: 3, 1: 3}
+
+
+def test_finish_choice_stops_one_choice_and_keeps_the_other(client: BusClient) -> None:
+    request_id = "fc-" + uuid.uuid4().hex
+    client.submit(request_id, PROMPT, SamplingParams(n=2, temperature=0.8, seed=11, max_tokens=40,
+                                                      ignore_eos=True).to_dict())
+    counts = {0: 0, 1: 0}
+    while counts[0] < 2:
+        msg = client.next_result()
+        assert isinstance(msg, TokenDelta)
+        counts[msg.index] += len(msg.token_ids)
+    client.send(FinishChoice(request_id=request_id, index=0))
+    at_finish = counts[0]
+    finish = None
+    while finish is None:
+        msg = client.next_result()
+        assert isinstance(msg, TokenDelta)
+        counts[msg.index] += len(msg.token_ids)
+        if msg.index == 1:
+            finish = msg.finish_reason
+    # Choice 0 stopped within a step or two of the message; choice 1 ran to its length.
+    assert counts[0] <= at_finish + 2 and counts[0] < 40
+    assert finish == "length" and counts[1] == 40
 
 
 def test_bad_input_is_answered_with_400(client: BusClient) -> None:
