@@ -76,6 +76,7 @@ class Worker:
         advertise_host: str | None = None,
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         context: zmq.asyncio.Context | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -96,7 +97,8 @@ class Worker:
         self._pending: deque[Message] = deque()  # Assign / AbortRequest waiting for the step to end
         self._wake = asyncio.Event()
         self._stop: asyncio.Event | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        # Every engine call that runs torch work happens on this one thread (see worker.main).
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._stats: dict = {}
         self.pushers = GatewayPushers(self._context)
         # Unique per process: tells the scheduler a restarted worker from a repeated Register.
