@@ -12,6 +12,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/xllm/.venv \
     PATH=/opt/xllm/.venv/bin:$PATH
 
+# g++ builds the C++ CPU kernels (kernels/csrc) on first use; without it the PyTorch path runs.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # Same layout as a bare-metal install (deploy/systemd): the venv lives in /opt/xllm/.venv.
 RUN python -m venv /opt/xllm/.venv
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_ext import paged_decode_module
+
 __all__ = [
     "AttentionGroup",
     "AttentionMetadata",
@@ -197,12 +199,17 @@ def _group_attention(
     """Attention for one group; returns ``[B, Q, H, D]``."""
     B, Q = group.token_index.shape
     H, D = q.shape[1], q.shape[2]
+    qg = q[group.token_index.reshape(-1)].view(B, Q, H, D)
+    if Q == 1 and k_pages.device.type == "cpu" and (ext := paged_decode_module()) is not None:
+        # Reads the pages in place: no gathered copy of every context, every layer.
+        out = ext.paged_decode_attention(qg.view(B, H, D), k_pages, v_pages, group.pages, group.k_len, scale,
+                                         sliding_window or -1, soft_cap or 0.0)
+        return out.to(q.dtype).view(B, 1, H, D)
     KVH = k_pages.shape[0]
     L = group.pages.shape[1] * group.page_size
     # Gather whole pages (contiguous runs of page_size * D per head), not single slots.
     k = k_pages[:, group.pages].view(KVH, B, L, D)
     v = v_pages[:, group.pages].view(KVH, B, L, D)
-    qg = q[group.token_index.reshape(-1)].view(B, Q, H, D)
     if Q == 1:
         # Fold the query heads that share a KV head into the query axis: no GQA expansion.
         qh = qg.view(B, KVH, H // KVH, D).transpose(0, 1)  # [KVH, B, G, D]

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+import kernels.attention as attention
 from kernels.attention import build_attention_metadata, paged_attention, write_kv
+from kernels.cpu_ext import paged_decode_module
 
 H, KVH, D, PAGE = 4, 2, 8, 4
 
@@ -19,10 +21,21 @@ def naive(q_tok, keys, values, pos, scale, window, cap):
     return torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def decode_path(request, monkeypatch):
+    """Run each case through the C++ decode kernel and through the PyTorch fallback."""
+    if request.param == "cpp":
+        # The C++ kernel is the default CPU decode path: it must build wherever the tests run.
+        assert paged_decode_module() is not None
+    else:
+        monkeypatch.setattr(attention, "paged_decode_module", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("cap", [None, 5.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_batch_matches_naive(window, cap, dtype):
+def test_mixed_batch_matches_naive(window, cap, dtype, decode_path):
     torch.manual_seed(0)
     # A fresh 7-token prefill, a decode at context 10, and a 3-token chunk after 5 cached tokens.
     query_lens, context_lens = [7, 1, 3], [7, 10, 8]
