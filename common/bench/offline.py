@@ -13,7 +13,7 @@ import time
 import torch
 
 from common.engine.config import EngineConfig
-from common.engine.engine import LLMEngine
+from common.engine.engine import EngineStats, LLMEngine
 from common.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict:
     engine.add_request("warmup", prompts.pop(), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    engine.stats.__init__()
+    engine.stats = EngineStats()  # the warm-up is not part of the measurement
 
     submitted = finished = 0
     arrival: dict[str, float] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +46,6 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     peak_used_pages: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class LLMEngine:

@@ -14,7 +14,6 @@ import uvloop
 from common.service_config import (
     add_service_arguments,
     addresses_from_args,
-    exit_process,
     parse_args_with_config,
     setup_logging,
 )
