@@ -10,6 +10,7 @@ codec and its validation pick it up. Tags are wire format: never reuse or rename
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -168,6 +169,9 @@ class Assign(Message):
     prefill_instance: str
     decode_instance: str
     arrival_time: float
+    # P/D disaggregation: decode workers to hand the KV to after prefill, best first, as
+    # [instance_id, kv_addr] pairs. Empty: the assigned worker serves the whole request.
+    decode_candidates: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 @register
@@ -186,6 +190,48 @@ class RequestFinished(Message):
     finish_reason: str
     num_prompt_tokens: int
     num_output_tokens: int
+    # Latency as the serving worker saw it (-1 when unknown): feeds the dynamic PD policy.
+    ttft_s: float = -1.0
+    tpot_s: float = -1.0
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class RequestHandoff(Message):
+    """A decode worker took a request over from its prefill worker (the KV landed): from now on
+    aborts go to `to_instance` and its RequestFinished ends the request."""
+
+    TAG: ClassVar[str] = "request_handoff"
+    request_id: str
+    from_instance: str
+    to_instance: str
+    ttft_s: float = -1.0
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvEvent(Message):
+    """Prefix blocks a KV holder stored or evicted (HBM of a worker on the backend socket; DRAM /
+    SSD of the kvstore on its PUB socket). `seq` increases by one per event from one `source`, so
+    a gap tells the global prefix index it missed one and must resync. `kind` is "stored",
+    "evicted" or "snapshot" (the full set of `hashes` the source holds in `tier`, after a
+    KvSnapshotRequest or a restart)."""
+
+    TAG: ClassVar[str] = "kv_event"
+    source: str
+    seq: int
+    kind: str
+    tier: str
+    hashes: list[bytes]
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvSnapshotRequest(Message):
+    """Ask a KV holder for a `snapshot` KvEvent per tier (the index saw a gap in `seq`)."""
+
+    TAG: ClassVar[str] = "kv_snapshot_request"
+    source: str
 
 
 # ----------------------------------------------------------------- tokens: worker -> gateway
@@ -249,21 +295,54 @@ class Shutdown(Message):
 
 
 # -------------------------------------------------------------------- kv: worker <-> worker
+#
+# One transfer moves one sequence's KV from a prefill worker to a decode worker's `kv` ROUTER:
+#   P -> D  KvTransferBegin     (the request and its state; D reserves pages or refuses)
+#   D -> P  KvTransferReady     (ok: pages reserved; else P tries its next decode candidate)
+#   P -> D  KvTransferChunk x k (layers [layer_start, layer_start + num_layers), one raw frame per
+#                                layer: that layer's pages, shape [2, kv_heads, pages, page_size, dim])
+#   D -> P  KvTransferAck       (after the last chunk: ok means D owns the sequence now)
 
 
 @register
 @dataclass(kw_only=True, slots=True)
-class KvTransferHeader(Message):
-    """Precedes the raw KV frames of one transfer chunk (the tensors ride as codec frames)."""
-
-    TAG: ClassVar[str] = "kv_transfer"
+class KvTransferBegin(Message):
+    TAG: ClassVar[str] = "kv_transfer_begin"
+    transfer_id: str
     request_id: str
+    source_instance: str
+    prompt_ids: list[int]
+    output_ids: list[int]  # tokens sampled on the prefill worker (already streamed to the client)
+    logprobs: list | None = None  # the matching TokenLogprobs dicts when logprobs were asked for
+    sampling: dict
+    priority: str
+    tokens_addr: str
+    arrival_time: float
+    num_tokens: int  # tokens whose KV travels (prompt + outputs already computed)
+    num_layers: int
+    page_size: int
+    dtype: str
+    namespace: str  # model | kv dtype | page size: both ends must agree
+    num_cached_tokens: int = 0
+    ttft_s: float = -1.0
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvTransferReady(Message):
+    TAG: ClassVar[str] = "kv_transfer_ready"
+    transfer_id: str
+    ok: bool
+    reason: str = ""
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvTransferChunk(Message):
+    TAG: ClassVar[str] = "kv_transfer_chunk"
+    transfer_id: str
     layer_start: int
     num_layers: int
-    page_ids: list[int]
-    num_tokens: int
-    dtype: str
-    shape: list[int]
     last: bool
 
 
@@ -271,9 +350,87 @@ class KvTransferHeader(Message):
 @dataclass(kw_only=True, slots=True)
 class KvTransferAck(Message):
     TAG: ClassVar[str] = "kv_transfer_ack"
-    request_id: str
+    transfer_id: str
     ok: bool
     reason: str = ""
+
+
+# ------------------------------------------------------ kvstore: workers/scheduler <-> kvstore
+#
+# Requests go to the kvstore's ROUTER from a DEALER; each carries a `req_id` the reply echoes.
+# Block payloads are raw frames (uint8 tensors), one per hash, in the order of `hashes`.
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvPut(Message):
+    TAG: ClassVar[str] = "kv_put"
+    req_id: str
+    namespace: str
+    hashes: list[bytes]
+    want_ack: bool = False
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvPutAck(Message):
+    TAG: ClassVar[str] = "kv_put_ack"
+    req_id: str
+    stored: int
+    reason: str = ""
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvGet(Message):
+    """Fetch blocks; the reply holds the longest run of `hashes`, from the first, that the store has."""
+
+    TAG: ClassVar[str] = "kv_get"
+    req_id: str
+    namespace: str
+    hashes: list[bytes]
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvGetReply(Message):
+    TAG: ClassVar[str] = "kv_get_reply"
+    req_id: str
+    hashes: list[bytes]
+    tiers: list[str]  # where each returned block was found: "dram" or "ssd"
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvLookup(Message):
+    TAG: ClassVar[str] = "kv_lookup"
+    req_id: str
+    namespace: str
+    hashes: list[bytes]
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvLookupReply(Message):
+    TAG: ClassVar[str] = "kv_lookup_reply"
+    req_id: str
+    num_hits: int  # length of the leading run of `hashes` the store has
+    tiers: list[str]
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvStatsQuery(Message):
+    TAG: ClassVar[str] = "kv_stats_query"
+    req_id: str
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class KvStatsReply(Message):
+    TAG: ClassVar[str] = "kv_stats_reply"
+    req_id: str
+    stats: dict
 
 
 # The control-channel topic that every worker subscribes to besides its own instance id.
@@ -305,6 +462,19 @@ __all__ = [
     "FlipAck",
     "Drain",
     "Shutdown",
-    "KvTransferHeader",
+    "RequestHandoff",
+    "KvEvent",
+    "KvSnapshotRequest",
+    "KvTransferBegin",
+    "KvTransferReady",
+    "KvTransferChunk",
     "KvTransferAck",
+    "KvPut",
+    "KvPutAck",
+    "KvGet",
+    "KvGetReply",
+    "KvLookup",
+    "KvLookupReply",
+    "KvStatsQuery",
+    "KvStatsReply",
 ]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import torch
 import zmq
 
 from common.codec import decode, encode
@@ -31,7 +32,7 @@ from common.protocol import (
     GatewayHello,
     Heartbeat,
     KvTransferAck,
-    KvTransferHeader,
+    KvTransferChunk,
     Message,
     RequestError,
     StatusQuery,
@@ -283,12 +284,11 @@ def test_malformed_bus_messages_are_dropped(services: Services, client: BusClien
             instance_id="ghost", role="decode", waiting=0, running=0, free_pages=0, total_pages=0,
             prefix_hit_rate=0.0, stats={})))
         # The worker's kv socket answers a transfer it cannot take with a clear refusal.
-        sockets["kv"].send_multipart(encode(KvTransferHeader(
-            request_id="kv1", layer_start=0, num_layers=1, page_ids=[0], num_tokens=1, dtype="float32",
-            shape=[1], last=True)))
+        sockets["kv"].send_multipart(encode(KvTransferChunk(
+            transfer_id="kv1", layer_start=0, num_layers=1, last=True), torch.zeros(4)))
         assert sockets["kv"].poll(10_000), "no answer from the worker's kv socket"
         ack, _ = decode(sockets["kv"].recv_multipart())
-        assert isinstance(ack, KvTransferAck) and not ack.ok and ack.request_id == "kv1"
+        assert isinstance(ack, KvTransferAck) and not ack.ok and ack.transfer_id == "kv1"
     finally:
         ctx.destroy(linger=0)
     # Everything keeps working, and the drops were logged with a reason.

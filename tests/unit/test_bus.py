@@ -261,22 +261,22 @@ def test_oversize_peer_is_cut_off_and_receiver_serves_the_next(address: str, cap
             big_sender = bus.make_socket(zmq.PUSH, context=context)
             bus.connect(big_sender, endpoint)
             # Over MAXMSGSIZE: libzmq disconnects this peer before Python sees anything.
-            await bus.send(big_sender, KvTransferAck(request_id="big", ok=True), torch.zeros(4096, dtype=torch.uint8))
+            await bus.send(big_sender, KvTransferAck(transfer_id="big", ok=True), torch.zeros(4096, dtype=torch.uint8))
             await assert_nothing_arrives(pull)
 
             # Each frame under MAXMSGSIZE but the message over it: recv drops it.
             small_frames = torch.zeros(600, dtype=torch.uint8)
             next_sender = bus.make_socket(zmq.PUSH, context=context)
             bus.connect(next_sender, endpoint)
-            await next_sender.send_multipart(encode(KvTransferAck(request_id="sum", ok=True), small_frames, small_frames), copy=False)
-            await bus.send(next_sender, KvTransferAck(request_id="ok", ok=True))
+            await next_sender.send_multipart(encode(KvTransferAck(transfer_id="sum", ok=True), small_frames, small_frames), copy=False)
+            await bus.send(next_sender, KvTransferAck(transfer_id="ok", ok=True))
             _, msg, _ = await recv_within(pull)
             assert msg.request_id == "ok"
 
             # A socket refuses to send what its own limit says is too big.
             limited = bus.make_socket(zmq.PUSH, context=context, max_message_bytes=100)
             with pytest.raises(ProtocolError, match="exceeds the 100 limit"):
-                await bus.send(limited, KvTransferAck(request_id="x" * 200, ok=True))
+                await bus.send(limited, KvTransferAck(transfer_id="x" * 200, ok=True))
             for sock in (pull, big_sender, next_sender, limited):
                 bus.close(sock)
 

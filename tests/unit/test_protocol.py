@@ -20,7 +20,7 @@ from common.protocol import (
     PROTOCOL_VERSION,
     Heartbeat,
     KvTransferAck,
-    KvTransferHeader,
+    KvTransferChunk,
     Message,
     ProtocolError,
     Submit,
@@ -116,7 +116,8 @@ def test_registry_covers_the_designed_messages() -> None:
     expected = {
         "Submit", "Abort", "StatusQuery", "StatusReply", "GatewayHello", "Register", "RegisterAck",
         "Heartbeat", "Deregister", "Assign", "AbortRequest", "RequestFinished", "TokenDelta",
-        "RequestError", "RoleFlip", "FlipAck", "Drain", "Shutdown", "KvTransferHeader", "KvTransferAck",
+        "RequestError", "RoleFlip", "FlipAck", "Drain", "Shutdown", "KvTransferChunk", "KvTransferAck",
+        "KvTransferBegin", "KvTransferReady", "RequestHandoff", "KvEvent", "KvPut", "KvGet", "KvGetReply",
     }
     assert expected <= {cls.__name__ for cls in ALL_CLASSES}
     for tag, cls in MESSAGE_TYPES.items():
@@ -177,10 +178,7 @@ def test_defaulted_field_may_be_absent_on_the_wire_and_ints_widen_to_float() -> 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool, torch.uint8])
 def test_tensors_round_trip_with_dtype_and_shape(dtype: torch.dtype) -> None:
     source = (torch.randn(2, 3, 4) * 10).to(dtype)
-    header = KvTransferHeader(
-        request_id="r", layer_start=0, num_layers=2, page_ids=[4, 9], num_tokens=20,
-        dtype=str(dtype), shape=[2, 3, 4], last=True,
-    )
+    header = KvTransferChunk(transfer_id="r", layer_start=0, num_layers=2, last=True)
     frames = encode(header, source, torch.arange(5))
     assert len(frames) == 3
     decoded, tensors = decode([bytes(frame) for frame in frames])
@@ -193,14 +191,14 @@ def test_tensors_round_trip_with_dtype_and_shape(dtype: torch.dtype) -> None:
 def test_empty_scalar_and_non_contiguous_tensors_round_trip() -> None:
     matrix = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     sources = [torch.empty(0, 5, dtype=torch.bfloat16), torch.tensor(3.5), matrix.t(), matrix[:, 1]]
-    _, tensors = decode(encode(KvTransferAck(request_id="r", ok=True), *sources))
+    _, tensors = decode(encode(KvTransferAck(transfer_id="r", ok=True), *sources))
     for got, want in zip(tensors, sources):
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
 
 
 def test_tensor_frames_are_zero_copy_on_both_sides() -> None:
     source = torch.randn(64, 32).to(torch.bfloat16)
-    frames = encode(KvTransferAck(request_id="r", ok=True), source)
+    frames = encode(KvTransferAck(transfer_id="r", ok=True), source)
     # The send frame is the tensor's own memory, and decode wraps that memory as it is.
     _, (through_views,) = decode(frames)
     assert through_views.data_ptr() == source.data_ptr()
@@ -217,13 +215,13 @@ def test_tensor_frames_are_zero_copy_on_both_sides() -> None:
 
 
 def test_encode_refuses_what_cannot_travel() -> None:
-    ack = KvTransferAck(request_id="r", ok=True)
+    ack = KvTransferAck(transfer_id="r", ok=True)
     with pytest.raises(ProtocolError, match="dtype"):
         encode(ack, torch.zeros(2, dtype=torch.complex64))
     with pytest.raises(ProtocolError, match="torch tensors"):
         encode(ack, b"raw")  # type: ignore[arg-type]
     with pytest.raises(ProtocolError, match="cannot encode"):
-        encode(KvTransferAck(request_id=object(), ok=True))  # type: ignore[arg-type]
+        encode(KvTransferAck(transfer_id=object(), ok=True))  # type: ignore[arg-type]
     with pytest.raises(ProtocolError, match="not a bus message"):
         encode({"t": "submit"})  # type: ignore[arg-type]
     with pytest.raises(ProtocolError, match="exceeds"):
@@ -272,13 +270,13 @@ _BAD_INPUTS: dict[str, tuple[list, str]] = {
         "'logprobs' has the wrong type: expected list | None",
     ),
     "bytes for str": ([envelope("drain", {"instance_id": b"w1"})], "expected str, got bytes"),
-    "frame without metadata": ([envelope("kv_transfer_ack", {"request_id": "r", "ok": True}), b"\x00" * 16], "1 tensor frame(s) but metadata for 0"),
-    "metadata without frame": ([envelope("kv_transfer_ack", {"request_id": "r", "ok": True}, x=_KV_META)], "0 tensor frame(s) but metadata for 1"),
-    "tensor size mismatch": ([envelope("kv_transfer_ack", {"request_id": "r", "ok": True}, x=_KV_META), b"\x00" * 15], "frame has 15 bytes, float32[2, 2] needs 16"),
-    "unknown dtype": ([envelope("kv_transfer_ack", {"request_id": "r", "ok": True}, x=[["float128", [1]]]), b"\x00" * 16], "unknown dtype 'float128'"),
-    "negative dim": ([envelope("kv_transfer_ack", {"request_id": "r", "ok": True}, x=[["uint8", [-1]]]), b""], "invalid shape"),
-    "metadata not a list": ([envelope("kv_transfer_ack", {"request_id": "r", "ok": True}, x={"a": 1}), b""], "tensor metadata must be a list"),
-    "malformed metadata entry": ([envelope("kv_transfer_ack", {"request_id": "r", "ok": True}, x=[["uint8"]]), b""], "must be [dtype, shape]"),
+    "frame without metadata": ([envelope("kv_transfer_ack", {"transfer_id": "r", "ok": True}), b"\x00" * 16], "1 tensor frame(s) but metadata for 0"),
+    "metadata without frame": ([envelope("kv_transfer_ack", {"transfer_id": "r", "ok": True}, x=_KV_META)], "0 tensor frame(s) but metadata for 1"),
+    "tensor size mismatch": ([envelope("kv_transfer_ack", {"transfer_id": "r", "ok": True}, x=_KV_META), b"\x00" * 15], "frame has 15 bytes, float32[2, 2] needs 16"),
+    "unknown dtype": ([envelope("kv_transfer_ack", {"transfer_id": "r", "ok": True}, x=[["float128", [1]]]), b"\x00" * 16], "unknown dtype 'float128'"),
+    "negative dim": ([envelope("kv_transfer_ack", {"transfer_id": "r", "ok": True}, x=[["uint8", [-1]]]), b""], "invalid shape"),
+    "metadata not a list": ([envelope("kv_transfer_ack", {"transfer_id": "r", "ok": True}, x={"a": 1}), b""], "tensor metadata must be a list"),
+    "malformed metadata entry": ([envelope("kv_transfer_ack", {"transfer_id": "r", "ok": True}, x=[["uint8"]]), b""], "must be [dtype, shape]"),
 }
 
 
