@@ -271,7 +271,7 @@ def test_oversize_peer_is_cut_off_and_receiver_serves_the_next(address: str, cap
             await next_sender.send_multipart(encode(KvTransferAck(transfer_id="sum", ok=True), small_frames, small_frames), copy=False)
             await bus.send(next_sender, KvTransferAck(transfer_id="ok", ok=True))
             _, msg, _ = await recv_within(pull)
-            assert msg.request_id == "ok"
+            assert msg.transfer_id == "ok"
 
             # A socket refuses to send what its own limit says is too big.
             limited = bus.make_socket(zmq.PUSH, context=context, max_message_bytes=100)
