@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(TTFT, TPOT, end-to-end, tokens/s over a concurrency sweep)")
     bench_serve.add_arguments(online)
     online.set_defaults(func=bench_serve.run)
+    from common.bench import pd as bench_pd
+
+    pd = bench_sub.add_parser("pd", help="static vs dynamic prefill/decode under a workload that shifts from "
+                                         "prompt-heavy to decode-heavy (SLO attainment, tok/s, flips)")
+    bench_pd.add_arguments(pd)
+    pd.set_defaults(func=bench_pd.run)
 
     keys = sub.add_parser("keys", help="create CurveZMQ keys for tcp deployments")
     keys.add_argument("directory", help="where to write the certificates")

@@ -188,7 +188,7 @@ class Launcher:
     def stop(self) -> None:
         """SIGTERM every child's process group, wait, then SIGKILL what is left."""
         # The gateway first (no new requests), the scheduler last (workers deregister with it).
-        order = sorted(self.children, key=lambda c: {"gateway": 0, "scheduler": 2}.get(c.spec.name, 1))
+        order = sorted(self.children, key=lambda c: {"gateway": 0, "scheduler": 2, "kvstore": 3}.get(c.spec.name, 1))
         running = [c for c in order if c.proc is not None and c.proc.poll() is None]
         for child in running:
             _kill_group(child.proc.pid, signal.SIGTERM)
@@ -234,7 +234,23 @@ def _kill_group(pgid: int, sig: int) -> None:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The launcher's own flags (the engine flags are added by the caller)."""
     g = parser.add_argument_group("serve")
-    g.add_argument("--workers", type=int, default=1, help="number of worker processes (default 1)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="number of mixed workers when no --prefill-workers/--decode-workers are given (default 1)")
+    g.add_argument("--prefill-workers", type=int, default=0, help="workers starting in the prefill role")
+    g.add_argument("--decode-workers", type=int, default=0, help="workers starting in the decode role")
+    g.add_argument("--mixed-workers", type=int, default=None,
+                   help="mixed workers beside the P/D pools (default: --workers without P/D pools, else 0)")
+    g.add_argument("--pd-policy", choices=("static", "dynamic"), default="static",
+                   help="static: roles stay as started; dynamic: the scheduler flips P/D workers to meet the SLOs")
+    g.add_argument("--ttft-slo-ms", type=float, default=2000.0, help="time-to-first-token target for --pd-policy")
+    g.add_argument("--tpot-slo-ms", type=float, default=200.0, help="time-per-output-token target for --pd-policy")
+    g.add_argument("--kvstore-dir", default=None,
+                   help="start the kvstore (DRAM tier + LMDB SSD tier under DIR): workers offload evicted KV "
+                        "pages to it and reload prefix hits from it")
+    g.add_argument("--kvstore-dram", default="1GiB", help="kvstore DRAM tier budget (default 1GiB)")
+    g.add_argument("--kvstore-ssd", default="16GiB", help="kvstore SSD tier budget (default 16GiB)")
+    g.add_argument("--kv-transfer-timeout", type=float, default=None,
+                   help="seconds a prefill worker waits on a decode peer before trying the next one")
     g.add_argument("--host", default="127.0.0.1", help="HTTP host of the gateway (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port of the gateway (default 8000)")
     g.add_argument("--run-dir", default=None, help="directory for the ipc sockets (default: a fresh temporary one)")
@@ -276,16 +292,45 @@ def engine_flags(args: argparse.Namespace, skip: tuple[str, ...] = ("num_threads
     return argv
 
 
+def worker_roles(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(instance id, starting role) of every worker `xllm serve` starts."""
+    prefill, decode = getattr(args, "prefill_workers", 0) or 0, getattr(args, "decode_workers", 0) or 0
+    mixed = getattr(args, "mixed_workers", None)
+    if not prefill and not decode:
+        # The single-box default: mixed workers named as before P/D pools existed.
+        return [(f"worker-{i}", "mixed") for i in range(mixed if mixed is not None else args.workers)]
+    roles = [(f"prefill-{i}", "prefill") for i in range(prefill)]
+    roles += [(f"decode-{i}", "decode") for i in range(decode)]
+    roles += [(f"mixed-{i}", "mixed") for i in range(mixed or 0)]
+    return roles
+
+
 def build_specs(args: argparse.Namespace, run_dir: Path, log_level: str) -> list[ChildSpec]:
     py = sys.executable
     common = ["--run-dir", str(run_dir), "--log-level", log_level]
-    specs = [ChildSpec("scheduler", [py, "-m", "services.scheduler", *common])]
-    threads = worker_threads(args.num_threads, args.workers)
-    for index in range(args.workers):
-        specs.append(ChildSpec(f"worker-{index}", [
-            py, "-m", "services.decode", *common, "--instance-id", f"worker-{index}",
-            "--threads", str(threads), *engine_flags(args),
+    scheduler = [py, "-m", "services.scheduler", *common, "--pd-policy", getattr(args, "pd_policy", "static")]
+    for flag in ("ttft_slo_ms", "tpot_slo_ms"):
+        if getattr(args, flag, None) is not None:
+            scheduler += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    kvstore_dir = getattr(args, "kvstore_dir", None)
+    specs = []
+    if kvstore_dir:
+        scheduler.append("--kvstore")
+        specs.append(ChildSpec("kvstore", [
+            py, "-m", "services.kvstore", *common, "--dir", str(Path(kvstore_dir).absolute()),
+            "--dram-bytes", args.kvstore_dram, "--ssd-bytes", args.kvstore_ssd,
         ]))
+    specs.append(ChildSpec("scheduler", scheduler))
+    roles = worker_roles(args)
+    threads = worker_threads(args.num_threads, len(roles))
+    for instance_id, role in roles:
+        argv = [py, "-m", f"services.{'prefill' if role == 'prefill' else 'decode'}", *common,
+                "--instance-id", instance_id, "--role", role, "--threads", str(threads), *engine_flags(args)]
+        if getattr(args, "kv_transfer_timeout", None):
+            argv += ["--kv-transfer-timeout", str(args.kv_transfer_timeout)]
+        if kvstore_dir:
+            argv.append("--kvstore")
+        specs.append(ChildSpec(instance_id, argv))
     gateway = [py, "-m", "services.gateway", "--host", args.host, "--port", str(args.port), *common]
     if args.model:
         gateway += ["--model", args.model]
@@ -311,8 +356,13 @@ def run_serve(args: argparse.Namespace) -> int:
     """Entry of `xllm serve`."""
     log_level = str(getattr(args, "log_level", "WARNING")).upper()
     logging.getLogger().setLevel(log_level)
-    if args.workers < 1:
-        print("xllm serve: --workers must be >= 1", file=sys.stderr)
+    counts = (args.workers, args.prefill_workers, args.decode_workers, args.mixed_workers or 0)
+    if min(counts) < 0 or args.workers < 1:
+        print("xllm serve: worker counts must be >= 0 (and --workers >= 1)", file=sys.stderr)
+        return 2
+    if bool(args.prefill_workers) != bool(args.decode_workers) and not args.mixed_workers:
+        print("xllm serve: P/D disaggregation needs --prefill-workers and --decode-workers (or --mixed-workers)",
+              file=sys.stderr)
         return 2
     if not 0 < args.port < 65536:
         print("xllm serve: --port must be in 1..65535", file=sys.stderr)
@@ -329,7 +379,9 @@ def run_serve(args: argparse.Namespace) -> int:
                         stop_timeout_s=args.stop_timeout)
     launcher.install_signal_handlers()
     model = args.model or "the default model (SmolLM2-135M-Instruct)"
-    print(f"xllm: serving {model} at {url} with {args.workers} worker(s); run dir {run_dir}", flush=True)
+    roles = ", ".join(f"{sum(r == role for _, r in worker_roles(args))} {role}"
+                      for role in ("prefill", "decode", "mixed") if any(r == role for _, r in worker_roles(args)))
+    print(f"xllm: serving {model} at {url} with workers: {roles}; run dir {run_dir}", flush=True)
     code = launcher.run()
     print("xllm: stopped", flush=True)
     return code

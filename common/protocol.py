@@ -100,6 +100,17 @@ class StatusQuery(Message):
 class StatusReply(Message):
     TAG: ClassVar[str] = "status_reply"
     instances: list[dict]
+    scheduler: dict = dataclasses.field(default_factory=dict)  # policy, flips, pools
+
+
+@register
+@dataclass(kw_only=True, slots=True)
+class FlipRequest(Message):
+    """An operator (or a test) asks the scheduler to flip an instance's role now."""
+
+    TAG: ClassVar[str] = "flip_request"
+    instance_id: str
+    role: str
 
 
 @register
@@ -348,6 +359,16 @@ class KvTransferChunk(Message):
 
 @register
 @dataclass(kw_only=True, slots=True)
+class KvTransferCancel(Message):
+    """P -> D: the transfer will not complete (request aborted, export failed): free the pages."""
+
+    TAG: ClassVar[str] = "kv_transfer_cancel"
+    transfer_id: str
+    reason: str = ""
+
+
+@register
+@dataclass(kw_only=True, slots=True)
 class KvTransferAck(Message):
     TAG: ClassVar[str] = "kv_transfer_ack"
     transfer_id: str
@@ -468,7 +489,9 @@ __all__ = [
     "KvTransferBegin",
     "KvTransferReady",
     "KvTransferChunk",
+    "KvTransferCancel",
     "KvTransferAck",
+    "FlipRequest",
     "KvPut",
     "KvPutAck",
     "KvGet",

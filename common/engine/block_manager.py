@@ -25,10 +25,12 @@ __all__ = ["BlockManager", "NoFreePagesError", "hash_page", "prefix_hashes"]
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[str, list[bytes]], None]
+# (page ids, their hashes) of cached pages about to be handed out again: their KV is still intact.
+ReclaimCallback = Callable[[list[int], list[bytes]], None]
 
 
 class NoFreePagesError(RuntimeError):
-    """Raised by :meth:`BlockManager.fork` when no page is left for the copied last page."""
+    """Raised by :meth:`BlockManager.fork` / :meth:`BlockManager.reserve` when the pool is too full."""
 
 
 def hash_page(parent: bytes | None, tokens: Sequence[int], namespace: str) -> bytes:
@@ -71,6 +73,7 @@ class BlockManager:
         enable_prefix_cache: bool = True,
         *,
         on_event: EventCallback | None = None,
+        on_reclaim: ReclaimCallback | None = None,
     ) -> None:
         if num_pages <= 0 or page_size <= 0:
             raise ValueError(f"num_pages and page_size must be positive, got {num_pages}, {page_size}")
@@ -79,6 +82,9 @@ class BlockManager:
         self.namespace = namespace
         self.enable_prefix_cache = enable_prefix_cache
         self.on_event = on_event
+        # Called before reclaimed cached pages are returned to a caller (so before anything
+        # overwrites them): the last chance to copy their KV somewhere else.
+        self.on_reclaim = on_reclaim
         self._free: deque[int] = deque(range(num_pages))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
         self._refcount = [0] * num_pages
@@ -119,15 +125,22 @@ class BlockManager:
         have = len(seq.pages) if seq is not None else 0
         return max(0, -(-num_tokens // self.page_size) - have)
 
-    def _match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
-        """Cached pages (and their hashes) of the longest cached prefix, leaving >= 1 token."""
+    def _match_prefix(
+        self, token_ids: Sequence[int], leave_one: bool = True
+    ) -> tuple[list[int], list[bytes]]:
+        """Cached pages (and their hashes) of the longest cached prefix.
+
+        With ``leave_one`` at least one token is left out (a sequence must compute >= 1 token
+        to sample); without it every full page may match. Touches neither LRU order nor stats.
+        """
         pages: list[int] = []
         hashes: list[bytes] = []
         if not self.enable_prefix_cache:
             return pages, hashes
         parent = None
         ps = self.page_size
-        for start in range(0, (len(token_ids) - 1) // ps * ps, ps):
+        usable = len(token_ids) - 1 if leave_one else len(token_ids)
+        for start in range(0, usable // ps * ps, ps):
             tokens = tuple(token_ids[start : start + ps])
             h = hash_page(parent, tokens, self.namespace)
             page = self._hash_to_page.get(h)
@@ -141,6 +154,10 @@ class BlockManager:
     def lookup_prefix(self, token_ids: Sequence[int]) -> int:
         """Tokens :meth:`admit` would find cached for this prompt; changes nothing."""
         return len(self._match_prefix(token_ids)[0]) * self.page_size
+
+    def cached_prefix_pages(self, token_ids: Sequence[int]) -> int:
+        """How many leading full pages of ``token_ids`` are registered; changes nothing."""
+        return len(self._match_prefix(token_ids, leave_one=False)[0])
 
     # ---- sequence lifecycle --------------------------------------------------------------
 
@@ -164,11 +181,31 @@ class BlockManager:
         needed = self.pages_needed(seq_id, num_tokens)
         if needed > self.num_free_pages:
             return False
-        evicted: list[bytes] = []
+        evicted: list[tuple[int, bytes]] = []
         for _ in range(needed):
             seq.pages.append(self._allocate_page(evicted))
-        self._emit("evicted", evicted)
+        self._emit_reclaimed(evicted)
         return True
+
+    def reserve(self, seq_id: Hashable, num_tokens: int) -> list[int]:
+        """Start a page table of fresh pages for ``num_tokens`` slots, sharing nothing.
+
+        For KV that arrives from elsewhere (a prefill worker): the caller writes the pages,
+        then :meth:`commit` registers the full ones. Evicts cached pages if it must, never
+        referenced ones; raises :class:`NoFreePagesError` (changing nothing) when they do not fit.
+        """
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} is already admitted")
+        needed = -(-num_tokens // self.page_size)
+        if needed > self.num_free_pages:
+            raise NoFreePagesError(
+                f"{needed} pages needed for {num_tokens} tokens, {self.num_free_pages} available"
+            )
+        evicted: list[tuple[int, bytes]] = []
+        pages = [self._allocate_page(evicted) for _ in range(needed)]
+        self._seqs[seq_id] = _Sequence(pages)
+        self._emit_reclaimed(evicted)
+        return list(pages)
 
     def commit(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
         """Record that the first ``num_computed`` tokens' KV is cached; hash and register full pages."""
@@ -227,9 +264,9 @@ class BlockManager:
         self._seqs[dst_id] = dst
         if not partial:
             return []
-        evicted: list[bytes] = []
+        evicted: list[tuple[int, bytes]] = []
         dst.pages.append(self._allocate_page(evicted))
-        self._emit("evicted", evicted)
+        self._emit_reclaimed(evicted)
         return [(src.pages[full], dst.pages[full])]
 
     def free(self, seq_id: Hashable) -> None:
@@ -245,6 +282,77 @@ class BlockManager:
                     self._evictable[page] = None
                 else:
                     self._free.append(page)
+
+    def insert_cached(
+        self,
+        token_ids: Sequence[int],
+        start_page: int,
+        num_pages: int,
+        write: Callable[[list[int], list[int]], None],
+    ) -> int:
+        """Register full pages ``start_page .. start_page + num_pages - 1`` of ``token_ids`` as
+        evictable cached pages whose KV comes from elsewhere (a lower store tier).
+
+        Pages already cached are skipped. The chain must be unbroken: when fewer than
+        ``start_page`` leading pages are cached nothing is inserted. Takes free or evictable
+        pages only (never the prefix it extends), stopping early when none is left; calls
+        ``write(indices, pages)`` (indices into ``token_ids``' pages) before registering them.
+        Returns how many pages were inserted.
+        """
+        if not self.enable_prefix_cache or start_page < 0 or num_pages <= 0:
+            return 0
+        ps = self.page_size
+        end = min(start_page + num_pages, len(token_ids) // ps)
+        prefix, hashes = self._match_prefix(token_ids, leave_one=False)
+        if start_page > len(prefix):
+            return 0
+        first = len(prefix)
+        # Pin the prefix so allocating the new pages cannot evict the chain they extend.
+        for page in prefix:
+            self._take_reference(page)
+        indices: list[int] = []
+        keys: list[tuple[bytes | None, tuple[int, ...], bytes]] = []
+        parent = hashes[-1] if hashes else None
+        for index in range(first, end):
+            tokens = tuple(token_ids[index * ps : (index + 1) * ps])
+            h = hash_page(parent, tokens, self.namespace)
+            if h in self._hash_to_page:  # a collision with other content: the chain ends here
+                break
+            indices.append(index)
+            keys.append((parent, tokens, h))
+            parent = h
+        indices = indices[: len(self._free) + len(self._evictable)]
+        evicted: list[tuple[int, bytes]] = []
+        pages = [self._allocate_page(evicted) for _ in indices]
+        try:
+            self._emit_reclaimed(evicted)
+            if pages:
+                write(indices, pages)
+        except BaseException:
+            for page in pages:
+                self._refcount[page] = 0
+                self._free.append(page)
+            self._release_pinned(prefix)
+            raise
+        stored: list[bytes] = []
+        for page, (parent, tokens, h) in zip(pages, keys):
+            self._hash_to_page[h] = page
+            self._page_hash[page] = h
+            self._page_key[page] = (parent, tokens)
+            stored.append(h)
+        # Deepest first into the LRU, as free() does, so the chain is evicted from its tail.
+        for page in reversed(pages):
+            self._refcount[page] = 0
+            self._evictable[page] = None
+        self._release_pinned(prefix)
+        self._emit("stored", stored)
+        return len(pages)
+
+    def _release_pinned(self, pages: list[int]) -> None:
+        for page in reversed(pages):
+            self._refcount[page] -= 1
+            if self._refcount[page] == 0:
+                self._evictable[page] = None
 
     def reset_prefix_cache(self) -> None:
         """Forget every registered page; evictable pages become free, referenced ones private."""
@@ -264,7 +372,7 @@ class BlockManager:
             del self._evictable[page]
         self._refcount[page] += 1
 
-    def _allocate_page(self, evicted: list[bytes]) -> int:
+    def _allocate_page(self, evicted: list[tuple[int, bytes]]) -> int:
         if self._free:
             page = self._free.popleft()
         else:
@@ -272,9 +380,18 @@ class BlockManager:
             h = self._page_hash.pop(page)
             del self._hash_to_page[h]
             del self._page_key[page]
-            evicted.append(h)
+            evicted.append((page, h))
         self._refcount[page] = 1
         return page
+
+    def _emit_reclaimed(self, evicted: list[tuple[int, bytes]]) -> None:
+        if not evicted:
+            return
+        pages = [page for page, _ in evicted]
+        hashes = [h for _, h in evicted]
+        if self.on_reclaim is not None:
+            self.on_reclaim(pages, hashes)
+        self._emit("evicted", hashes)
 
     def _emit(self, kind: str, hashes: list[bytes]) -> None:
         if hashes and self.on_event is not None:

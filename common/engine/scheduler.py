@@ -76,6 +76,27 @@ class BatchScheduler:
                 queue.remove(seq)
         self.block_manager.free(seq.seq_id)
 
+    def detach(self, seq: Sequence) -> None:
+        """Take a running sequence out of scheduling, keeping its pages (a held sequence)."""
+        self.running.remove(seq)
+
+    def attach(self, seq: Sequence) -> None:
+        """Put a sequence whose pages are in place (resumed, or KV transferred in) into the
+        running set; it computes its uncomputed tokens from the next step."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def queued_prefill_tokens(self) -> int:
+        """Tokens still to compute before each waiting/running sequence samples its next token,
+        not counting the one token a decode step computes anyway."""
+        total = 0
+        for seq in self.running:
+            total += max(0, seq.num_uncomputed - (1 if seq.num_output_tokens else 0))
+        for queue in self.waiting.values():
+            for seq in queue:
+                total += max(0, seq.num_uncomputed - (1 if seq.num_output_tokens else 0))
+        return total
+
     @property
     def num_waiting(self) -> int:
         return sum(len(q) for q in self.waiting.values())

@@ -38,6 +38,8 @@ class Priority(enum.IntEnum):
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    HELD = "held"  # prefilled, pages kept, waiting to be exported (P/D hand-off) or resumed
+    INCOMING = "incoming"  # pages reserved, its KV is being written from another worker
     FINISHED = "finished"
 
 
@@ -62,6 +64,9 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_token_time: float | None = None
+    # Leave the running set once the first output token is sampled (prefill side of a P/D
+    # hand-off); cleared when that happens so a resumed sequence is not held again.
+    hold_after_prefill: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -1,12 +1,17 @@
 """The worker process: one engine, driven by assignments from the scheduler over the bus.
 
-Sockets: DEALER to the scheduler's backend (Register, Heartbeat, RequestFinished, FlipAck in;
-RegisterAck, Assign, AbortRequest out), SUB on the control PUB (topics: own id and `all`), a
-bound `kv` ROUTER for future KV transfer, and PUSH sockets to the gateways' tokens addresses.
+Sockets: DEALER to the scheduler's backend (Register, Heartbeat, RequestFinished, RequestHandoff,
+FlipAck in; RegisterAck, Assign, AbortRequest out), SUB on the control PUB (topics: own id and
+`all`), a bound `kv` ROUTER where prefill workers hand sequences over (`kv_receiver`), DEALERs to
+decode workers' kv sockets (`kv_sender`), and PUSH sockets to the gateways' tokens addresses.
 
-The engine is not thread-safe and its step is blocking CPU work, so one engine thread runs
-`step()` while the asyncio loop keeps receiving and heartbeating; every other engine call
-(add, abort, stats) happens on the loop thread between steps, never during one.
+Roles are a policy over one engine (DESIGN.md §1): an Assign that names decode candidates is
+prefilled here and its KV handed over; one without is served whole. A role flip changes which
+work the scheduler sends and which KV this worker accepts, never what is already running.
+
+The engine is not thread-safe and its step is blocking CPU work, so every engine call (step,
+add, abort, KV export/import, stats) runs on the one engine thread, one at a time, while the
+asyncio loop keeps receiving and heartbeating.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -35,24 +41,27 @@ from common.protocol import (
     Drain,
     FlipAck,
     Heartbeat,
-    KvTransferAck,
-    KvTransferHeader,
+    KvSnapshotRequest,
+    KvTransferBegin,
     Message,
     Register,
     RegisterAck,
     RequestError,
     RequestFinished,
+    RequestHandoff,
     RoleFlip,
     Shutdown,
 )
 from common.service_config import ServiceAddresses
+from common.worker.kv_receiver import KvReceiver
+from common.worker.kv_sender import DEFAULT_TRANSFER_TIMEOUT_S, HandoffRequest, KvSender
+from common.worker.kv_tiering import KvTiering
 from common.worker.outputs import GatewayPushers, token_delta
+from common.worker.role_state import ROLES, RoleState
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Worker", "ROLES", "DEFAULT_HEARTBEAT_INTERVAL_S"]
-
-ROLES = ("mixed", "prefill", "decode")
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
 
 
@@ -63,6 +72,19 @@ class _Request:
     num_prompt_tokens: int
     finished: set[int] = field(default_factory=set)
     num_output_tokens: int = 0
+    started_at: float = field(default_factory=time.monotonic)  # assigned, or KV landed here
+    first_token_at: float | None = None
+    tokens_here: int = 0  # output tokens this worker computed (not those handed over with the KV)
+    ttft_s: float = -1.0
+    handoff: HandoffRequest | None = None  # prefill here, then hand the KV to a decode worker
+    from_kv: bool = False  # prefilled elsewhere; its KV landed here
+    from_store: dict[str, int] = field(default_factory=dict)  # prompt tokens reloaded from the kvstore, by tier
+
+    def tpot_s(self, now: float) -> float:
+        """Mean time per output token after the first (for a handed-over request: per token
+        decoded here, counted from when its KV landed)."""
+        steps = self.tokens_here - (0 if self.from_kv else 1)
+        return (now - self.first_token_at) / steps if self.first_token_at is not None and steps > 0 else -1.0
 
 
 class Worker:
@@ -77,13 +99,13 @@ class Worker:
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         context: zmq.asyncio.Context | None = None,
         executor: ThreadPoolExecutor | None = None,
+        transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
+        kvstore: Any = None,
     ) -> None:
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.engine = engine
         self.addresses = addresses
         self.instance_id = instance_id
-        self.role = role
+        self.roles = RoleState(role)
         self.kv_addr = kv_addr or addresses.kv_addr(instance_id)
         self.advertise_host = advertise_host
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -106,6 +128,23 @@ class Worker:
         self.backend: zmq.asyncio.Socket | None = None
         self.control: zmq.asyncio.Socket | None = None
         self.kv: zmq.asyncio.Socket | None = None
+        self.sender = KvSender(engine, self._on_engine, instance_id, self._context, transfer_timeout_s)
+        self.receiver = KvReceiver(engine, self._on_engine, self._decode_refusal, self._on_kv_landed,
+                                   transfer_timeout_s)
+        self._handoffs: set[asyncio.Task] = set()
+        self.tiering = KvTiering(engine, self._on_engine, instance_id, self._send_backend, kvstore)
+        # Assigns whose prefix is being reloaded from the kvstore, and which of them were aborted.
+        self._reloading: dict[str, Assign] = {}
+        self._reloaded: dict[str, dict[str, int]] = {}
+        self._aborted_while_reloading: set[str] = set()
+
+    @property
+    def role(self) -> str:
+        return self.roles.role
+
+    async def _on_engine(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(*args)` on the engine thread, after whatever engine work is in progress."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -120,7 +159,7 @@ class Worker:
         bus.connect(self.backend, self.addresses.backend)
         bus.subscribe(self.control, self.instance_id, TOPIC_ALL)
         bus.connect(self.control, self.addresses.control)
-        self._refresh_stats()
+        self._stats = dict(self.engine.load_stats())
         logger.info("worker %s (%s) connected to %s, kv at %s",
                     self.instance_id, self.role, self.addresses.backend, self.kv_addr)
 
@@ -129,6 +168,7 @@ class Worker:
         self._stop = stop
         if self.backend is None:
             self.connect()
+        await self.tiering.start()
         tasks = [
             asyncio.create_task(self._engine_loop(), name="engine"),
             asyncio.create_task(self._backend_loop(), name="backend"),
@@ -143,14 +183,19 @@ class Worker:
 
     async def _leave(self) -> None:
         """Fail what is in flight (the engine goes away with this process) and deregister."""
+        for task in self._handoffs:
+            task.cancel()
+        await self.receiver.close()
+        await self.tiering.close()
         # Wait for a step still running in the engine thread before touching the engine.
-        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
+        await self._on_engine(lambda: None)
         self._executor.shutdown(wait=True)
         for request_id in list(self.requests):
             await self._fail(request_id, 503, f"worker {self.instance_id} is shutting down")
         if self.backend is not None and self.registered:
             await bus.send(self.backend, Deregister(instance_id=self.instance_id))
         self.pushers.close()
+        self.sender.close()
         for sock in (self.backend, self.control, self.kv):
             if sock is not None:
                 # Linger so Deregister / RequestFinished reach the scheduler before exit.
@@ -160,66 +205,84 @@ class Worker:
     # ---- the engine loop ----------------------------------------------------------------
 
     async def _engine_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._apply_pending()
-            self._refresh_stats()
+            await self._refresh_stats()
             if not self.engine.has_unfinished():
                 self._wake.clear()
                 if not self._pending:
-                    self._check_memory_when_idle()
+                    await self._check_memory_when_idle()
                     await self._wake.wait()
                 continue
             try:
-                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                outputs = await self._on_engine(self.engine.step)
             except Exception:
                 # A bug in one step must not take the worker down: fail what the engine held
                 # (its state for those requests is unknown) and keep serving.
                 logger.exception("engine step failed; failing %d request(s)", len(self.requests))
                 for request_id in list(self.requests):
-                    self.engine.abort_request(request_id)
+                    await self._on_engine(self.engine.abort_request, request_id)
                     await self._fail(request_id, 500, "internal error in the engine")
                 continue
             for output in outputs:
                 await self._emit(output)
+            await self.tiering.flush_events()
             # Let receivers run between steps even when every send completed synchronously.
             await asyncio.sleep(0)
 
-    def _check_memory_when_idle(self) -> None:
+    async def _check_memory_when_idle(self) -> None:
         """Audit the page pool once per idle period: every page free XOR referenced, refcounts
         equal to page-table references. Cheap (O(pages)) and off the hot path."""
         steps = self.engine.stats.steps
-        if steps == self._audited_at_step:
+        if steps == self._audited_at_step or self.sender.in_flight or self.receiver.stats()["kv_incoming"]:
             return
         self._audited_at_step = steps
         try:
-            self.engine.check_integrity()
+            await self._on_engine(self.engine.check_integrity)
         except AssertionError as exc:
             logger.error("KV page pool integrity check failed on %s: %s", self.instance_id, exc)
             self.integrity_failures += 1
-        self._refresh_stats()
+        await self._refresh_stats()
 
     async def _apply_pending(self) -> None:
         while self._pending:
             msg = self._pending.popleft()
             if isinstance(msg, Assign):
                 await self._add(msg)
-            elif isinstance(msg, AbortRequest) and msg.request_id in self.requests:
-                self.engine.abort_request(msg.request_id)
-                state = self.requests.pop(msg.request_id)
-                logger.debug("aborted %s", msg.request_id)
-                await self._finished(msg.request_id, state, "abort")
+            elif isinstance(msg, AbortRequest):
+                await self._abort(msg.request_id)
             elif isinstance(msg, FinishChoice) and msg.request_id in self.requests:
                 await self._finish_choice(msg.request_id, msg.index)
+
+    async def _abort(self, request_id: str) -> None:
+        """Stop a request wherever it is here: running, held for a hand-off, or KV arriving."""
+        if await self.receiver.abort(request_id):
+            logger.debug("aborted incoming %s", request_id)
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return
+        await self._on_engine(self.engine.abort_request, request_id)
+        logger.debug("aborted %s", request_id)
+        await self._finished(request_id, state, "abort")
 
     async def _add(self, msg: Assign) -> None:
         if msg.request_id in self.requests:
             await self.pushers.send(msg.tokens_addr, RequestError(
                 request_id=msg.request_id, code=409, message=f"request id {msg.request_id!r} is in use"))
             return
+        handoff = None
         try:
             params = SamplingParams.from_dict(msg.sampling)
-            seqs = self.engine.add_request(msg.request_id, list(msg.prompt_ids), params, priority=msg.priority)
+            # Only single-choice requests are handed over; the scheduler serves n > 1 whole.
+            hold = bool(msg.decode_candidates) and params.n == 1
+            if hold:
+                handoff = HandoffRequest(
+                    request_id=msg.request_id, sampling=msg.sampling, priority=msg.priority,
+                    tokens_addr=msg.tokens_addr, arrival_time=msg.arrival_time,
+                    candidates=[list(c[:2]) for c in msg.decode_candidates if len(c) >= 2],
+                )
+            seqs = await self._on_engine(lambda: self.engine.add_request(
+                msg.request_id, list(msg.prompt_ids), params, priority=msg.priority, hold_after_prefill=hold))
         except (ValueError, TypeError) as exc:
             await self._reject(msg, 400, str(exc))
             return
@@ -227,8 +290,10 @@ class Worker:
             logger.exception("could not add request %s", msg.request_id)
             await self._reject(msg, 500, f"internal error: {type(exc).__name__}")
             return
-        self.requests[msg.request_id] = _Request(msg.tokens_addr, len(seqs), len(msg.prompt_ids))
+        self.requests[msg.request_id] = _Request(msg.tokens_addr, len(seqs), len(msg.prompt_ids), handoff=handoff,
+                                                 from_store=self._reloaded.pop(msg.request_id, {}))
         self.requests_total += 1
+        self.roles.started("prefill")
 
     async def _reject(self, msg: Assign, code: int, message: str) -> None:
         logger.info("rejected %s: %s", msg.request_id, message)
@@ -242,20 +307,79 @@ class Worker:
         state = self.requests.get(output.request_id)
         if state is None:
             return
+        now = time.monotonic()
+        if state.first_token_at is None:
+            state.first_token_at = now
+            state.ttft_s = now - state.started_at
+            self.tiering.count_hit(output.num_cached_tokens, state.from_store)
         state.num_output_tokens += len(output.new_token_ids)
+        state.tokens_here += len(output.new_token_ids)
         await self.pushers.send(state.tokens_addr, token_delta(output))
+        if getattr(output, "held", False) and state.handoff is not None:
+            state.handoff.ttft_s = state.ttft_s
+            task = asyncio.create_task(self._hand_off(output.request_id, state), name=f"handoff {output.request_id}")
+            self._handoffs.add(task)
+            task.add_done_callback(self._handoffs.discard)
+            return
         if output.finish_reason is not None:
             state.finished.add(output.index)
             if len(state.finished) >= state.n:
                 del self.requests[output.request_id]
                 await self._finished(output.request_id, state, output.finish_reason)
 
+    async def _hand_off(self, request_id: str, state: _Request) -> None:
+        """Move a prefilled request to a decode worker; it is resumed here if none takes it."""
+        assert state.handoff is not None
+        taker = await self.sender.hand_off(state.handoff)
+        if taker is not None:
+            # The decode worker owns it now and reports it to the scheduler (RequestHandoff).
+            self.requests.pop(request_id, None)
+        else:
+            state.handoff = None  # decoding here: this worker finishes it like any request
+        self._wake.set()
+
+    async def _reload_then_add(self, msg: Assign) -> None:
+        try:
+            loaded = await self.tiering.reload(list(msg.prompt_ids))
+        except Exception:
+            logger.exception("kvstore reload for %s failed; computing its prefix", msg.request_id)
+            loaded = {}
+        self._reloading.pop(msg.request_id, None)
+        if msg.request_id in self._aborted_while_reloading:
+            self._aborted_while_reloading.discard(msg.request_id)
+            return
+        if loaded:
+            self._reloaded[msg.request_id] = loaded
+        self._pending.append(msg)
+        self._wake.set()
+
+    async def _on_kv_landed(self, begin: KvTransferBegin) -> None:
+        """A sequence's KV arrived and it joined the running batch: this worker owns the request."""
+        self.requests[begin.request_id] = _Request(
+            begin.tokens_addr, 1, len(begin.prompt_ids), num_output_tokens=len(begin.output_ids),
+            first_token_at=time.monotonic(), ttft_s=begin.ttft_s, from_kv=True,
+        )
+        self.requests_total += 1
+        self.roles.started("decode")
+        await self._send_backend(RequestHandoff(
+            request_id=begin.request_id, from_instance=begin.source_instance, to_instance=self.instance_id,
+            ttft_s=begin.ttft_s,
+        ))
+        self._wake.set()
+
+    def _decode_refusal(self) -> str | None:
+        if self.draining:
+            return f"worker {self.instance_id} is draining"
+        if not self.roles.takes_decode_work():
+            return f"worker {self.instance_id} is in the {self.role} role"
+        return None
+
     async def _finish_choice(self, request_id: str, index: int) -> None:
         """Stop one choice the gateway already ended (stop string); its pages are freed now."""
         state = self.requests[request_id]
         if index in state.finished or not 0 <= index < state.n:
             return
-        self.engine.finish_sequence(request_id, index, "stop")
+        await self._on_engine(self.engine.finish_sequence, request_id, index, "stop")
         state.finished.add(index)
         if len(state.finished) >= state.n:
             del self.requests[request_id]
@@ -265,6 +389,7 @@ class Worker:
         await self._send_backend(RequestFinished(
             request_id=request_id, instance_id=self.instance_id, finish_reason=reason,
             num_prompt_tokens=state.num_prompt_tokens, num_output_tokens=state.num_output_tokens,
+            ttft_s=-1.0 if state.from_kv else state.ttft_s, tpot_s=state.tpot_s(time.monotonic()),
         ))
 
     async def _fail(self, request_id: str, code: int, message: str) -> None:
@@ -278,9 +403,9 @@ class Worker:
         if self.backend is not None:
             await bus.send(self.backend, msg)
 
-    def _refresh_stats(self) -> None:
-        """Snapshot the engine's load; only called on the loop thread between steps."""
-        stats = dict(self.engine.load_stats())
+    async def _refresh_stats(self) -> None:
+        """Snapshot the engine's load (on the engine thread: it reads the engine's tables)."""
+        stats = dict(await self._on_engine(self.engine.load_stats))
         stats.update(
             max_num_seqs=int(getattr(getattr(self.engine, "config", None), "max_num_seqs", 0) or 0),
             pid=os.getpid(),
@@ -290,6 +415,10 @@ class Worker:
             dropped_messages=self.pushers.dropped,
             integrity_failures=self.integrity_failures,
             audited_at_step=self._audited_at_step,
+            **self.roles.stats(),
+            **self.sender.stats(),
+            **self.receiver.stats(),
+            **self.tiering.stats(),
         )
         self._stats = stats
 
@@ -298,9 +427,19 @@ class Worker:
     async def _backend_loop(self) -> None:
         while True:
             _, msg, _ = await bus.recv(self.backend)
-            if isinstance(msg, (Assign, AbortRequest, FinishChoice)):
+            if isinstance(msg, Assign) and self.tiering.client is not None:
+                # Reload its prefix from the kvstore first, off the engine loop.
+                self._reloading[msg.request_id] = msg
+                task = asyncio.create_task(self._reload_then_add(msg), name=f"reload {msg.request_id}")
+                self._handoffs.add(task)
+                task.add_done_callback(self._handoffs.discard)
+            elif isinstance(msg, AbortRequest) and msg.request_id in self._reloading:
+                self._aborted_while_reloading.add(msg.request_id)
+            elif isinstance(msg, (Assign, AbortRequest, FinishChoice)):
                 self._pending.append(msg)
                 self._wake.set()
+            elif isinstance(msg, KvSnapshotRequest):
+                await self.tiering.send_snapshot()
             elif isinstance(msg, RegisterAck):
                 if msg.accepted and not self.registered:
                     logger.info("worker %s registered", self.instance_id)
@@ -318,8 +457,10 @@ class Worker:
                 if msg.role not in ROLES:
                     logger.warning("ignored flip to unknown role %r", msg.role)
                     continue
-                # Every role is served by the same mixed engine for now: record and report it.
-                self.role = msg.role
+                old = self.role
+                if self.roles.flip(msg.role, msg.flip_id):
+                    # In-flight work keeps running; only what is admitted next changes.
+                    logger.info("worker %s flipped %s -> %s (flip %d)", self.instance_id, old, self.role, msg.flip_id)
                 await self._send_backend(FlipAck(instance_id=self.instance_id, flip_id=msg.flip_id, role=self.role))
             elif isinstance(msg, Drain) and msg.instance_id == self.instance_id:
                 self.draining = True
@@ -332,13 +473,12 @@ class Worker:
 
     async def _kv_loop(self) -> None:
         while True:
-            identity, msg, _ = await bus.recv(self.kv)
-            if isinstance(msg, KvTransferHeader):
-                await bus.send(self.kv, KvTransferAck(
-                    request_id=msg.request_id, ok=False, reason="KV transfer is not supported by this worker yet",
-                ), identity=identity)
-            else:
-                logger.warning("dropped %s on the kv socket from %r: not a KV message", msg.TAG, identity)
+            identity, msg, tensors = await bus.recv(self.kv)
+            try:
+                await self.receiver.handle(self.kv, identity, msg, tensors)
+            except Exception:
+                # One bad transfer must not stop this worker from taking the next.
+                logger.exception("error handling %s on the kv socket", msg.TAG)
 
     # ---- registration and heartbeats ----------------------------------------------------
 
@@ -364,4 +504,5 @@ class Worker:
             # Until acknowledged, keep registering: the scheduler may start after us or restart.
             msg = self.heartbeat_message() if self.registered else self._register_message()
             await self._send_backend(msg)
+            await self.receiver.expire()
             await asyncio.sleep(self.heartbeat_interval_s)

@@ -136,6 +136,7 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     client = BusClient(settings.frontend_addr, settings.tokens_addr, settings.gateway_id,
                        advertise_host=settings.advertise_host, curve=settings.curve)
     client.on_status = metrics.update_workers
+    client.on_scheduler = metrics.update_scheduler
     return GatewayContext(
         model=model, tokenizer=tokenizer, token_texts=TokenTexts(tokenizer), client=client, metrics=metrics,
         admission=Admission(settings.max_queue), api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,

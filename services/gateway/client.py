@@ -94,6 +94,8 @@ class BusClient:
         self.instances: list[dict[str, Any]] = []
         self.last_status_time = 0.0  # monotonic time of the last StatusReply
         self.on_status: Callable[[list[dict[str, Any]]], None] | None = None
+        self.on_scheduler: Callable[[dict[str, Any]], None] | None = None
+        self.scheduler_info: dict[str, Any] = {}  # PD policy, pools, flips
         self._streams: dict[str, RequestStream] = {}
         self._dealer: zmq.asyncio.Socket | None = None
         self._pull: zmq.asyncio.Socket | None = None
@@ -211,16 +213,19 @@ class BusClient:
     def _on_status(self, msg: StatusReply) -> None:
         was_alive = self.scheduler_alive
         self.instances = [inst for inst in msg.instances if isinstance(inst, dict)]
+        self.scheduler_info = msg.scheduler
         self.last_status_time = time.monotonic()
         if not was_alive:
             logger.info("scheduler reachable: %d instance(s)", len(self.instances))
             # a restarted scheduler has forgotten us: introduce ourselves again
             self._send_soon(GatewayHello(gateway_id=self.gateway_id, tokens_addr=self.tokens_addr))
-        if self.on_status is not None:
-            try:
+        try:
+            if self.on_status is not None:
                 self.on_status(self.instances)
-            except Exception:
-                logger.exception("status callback failed")
+            if self.on_scheduler is not None:
+                self.on_scheduler(self.scheduler_info)
+        except Exception:
+            logger.exception("status callback failed")
 
     async def _status_loop(self) -> None:
         while True:

@@ -48,13 +48,39 @@ class GatewayMetrics:
         self.worker_waiting = Gauge("xllm_worker_requests_waiting", "Sequences waiting on a worker", ["instance"],
                                     registry=registry)
         self.workers_ready = Gauge("xllm_workers", "Workers known to the scheduler", registry=registry)
+        self.worker_queued_prefill = Gauge("xllm_worker_queued_prefill_tokens",
+                                           "Prompt tokens queued for prefill on a worker", ["instance"],
+                                           registry=registry)
+        self.worker_flips = Gauge("xllm_worker_role_flips", "Role flips a worker went through", ["instance"],
+                                  registry=registry)
+        self.worker_flip_latency = Gauge("xllm_worker_flip_latency_seconds",
+                                         "Time from a worker's last role flip to its first work in the new role",
+                                         ["instance"], registry=registry)
+        self.worker_kv_transfers = Gauge("xllm_worker_kv_transfers",
+                                         "KV hand-offs of a worker by outcome (sent_ok, failed, fallback, received)",
+                                         ["instance", "outcome"], registry=registry)
+        self.worker_role = Gauge("xllm_worker_role", "1 for a worker's current role, 0 for the others",
+                                 ["instance", "role"], registry=registry)
+        self.pd_flips = Gauge("xllm_pd_flips", "Role flips the scheduler ordered", registry=registry)
+        self.prefix_hit_tokens = Gauge("xllm_prefix_hit_tokens",
+                                       "Prompt tokens served from cached KV instead of computed, by tier "
+                                       "(hbm: a worker's own pages; dram / ssd: reloaded from the kvstore)",
+                                       ["tier"], registry=registry)
+        self.kvstore_bytes = Gauge("xllm_kvstore_bytes", "Bytes of KV blocks the kvstore holds, by tier", ["tier"],
+                                   registry=registry)
+        self.kvstore_blocks = Gauge("xllm_kvstore_blocks", "KV blocks the kvstore holds, by tier", ["tier"],
+                                    registry=registry)
+        self.kvstore_corrupt = Gauge("xllm_kvstore_corrupt_entries",
+                                     "Stored blocks that failed their checksum (served as misses)", registry=registry)
         self._worker_gauges = (self.worker_kv_usage, self.worker_used_pages, self.worker_prefix_hit,
-                               self.worker_running, self.worker_waiting)
+                               self.worker_running, self.worker_waiting, self.worker_queued_prefill,
+                               self.worker_flips, self.worker_flip_latency)
         self._instances: set[str] = set()
 
     def update_workers(self, instances: list[dict[str, Any]]) -> None:
         """Refresh per-worker gauges from a StatusReply; workers that left lose their series."""
         seen: set[str] = set()
+        hits = {tier: 0.0 for tier in _TIERS}
         for inst in instances:
             instance_id = inst.get("instance_id") or inst.get("id")
             if not isinstance(instance_id, str):
@@ -68,14 +94,43 @@ class GatewayMetrics:
             self.worker_prefix_hit.labels(instance_id).set(_number(inst.get("prefix_hit_rate")))
             self.worker_running.labels(instance_id).set(_number(inst.get("running")))
             self.worker_waiting.labels(instance_id).set(_number(inst.get("waiting")))
+            self.worker_queued_prefill.labels(instance_id).set(_number(inst.get("queued_prefill_tokens")))
+            stats = inst.get("stats") if isinstance(inst.get("stats"), dict) else {}
+            self.worker_flips.labels(instance_id).set(_number(stats.get("flips_total")))
+            latency = _number(stats.get("last_flip_latency_s"), -1.0)
+            if latency >= 0:
+                self.worker_flip_latency.labels(instance_id).set(latency)
+            for outcome, key in _TRANSFER_OUTCOMES.items():
+                self.worker_kv_transfers.labels(instance_id, outcome).set(_number(stats.get(key)))
+            for role in _ROLES:
+                self.worker_role.labels(instance_id, role).set(1.0 if inst.get("role") == role else 0.0)
+            worker_hits = stats.get("prefix_hit_tokens")
+            if isinstance(worker_hits, dict):
+                for tier in _TIERS:
+                    hits[tier] += _number(worker_hits.get(tier))
+        for tier, tokens in hits.items():
+            self.prefix_hit_tokens.labels(tier).set(tokens)
         for gone in self._instances - seen:
             for gauge in self._worker_gauges:
                 try:
                     gauge.remove(gone)
                 except KeyError:
                     pass
+            for outcome in _TRANSFER_OUTCOMES:
+                _remove(self.worker_kv_transfers, gone, outcome)
+            for role in _ROLES:
+                _remove(self.worker_role, gone, role)
         self._instances = seen
         self.workers_ready.set(len(seen))
+
+    def update_scheduler(self, info: dict[str, Any]) -> None:
+        self.pd_flips.set(_number(info.get("flips_total")))
+        store = info.get("kvstore")
+        if isinstance(store, dict) and store:
+            for tier in ("dram", "ssd"):
+                self.kvstore_bytes.labels(tier).set(_number(store.get(f"{tier}_bytes")))
+                self.kvstore_blocks.labels(tier).set(_number(store.get(f"{tier}_blocks")))
+            self.kvstore_corrupt.set(_number(store.get("corrupt_entries")))
 
     def record_request(self, prompt_tokens: int, output_tokens: int, finish_reasons: list[str],
                        arrival: float, first_token: float | None, end: float) -> None:
@@ -93,6 +148,19 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_ROLES = ("prefill", "decode", "mixed")
+_TIERS = ("hbm", "dram", "ssd")
+_TRANSFER_OUTCOMES = {"sent_ok": "kv_transfers_ok", "failed": "kv_transfers_failed",
+                      "fallback": "kv_transfer_fallbacks", "received": "kv_received_ok"}
+
+
+def _remove(gauge: Gauge, *labels: str) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass
 
 
 def _number(value: Any, default: float = 0.0) -> float:

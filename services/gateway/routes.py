@@ -49,6 +49,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "gateway": {"id": client.gateway_id, "in_flight": ctx.admission.in_flight,
                     "max_in_flight": ctx.admission.limit, "model": ctx.model.model_id,
                     "max_model_len": ctx.max_model_len},
+        "scheduler": client.scheduler_info,
         "instances": [{**inst, "ready": instance_ready(inst)} for inst in client.instances],
     })
 

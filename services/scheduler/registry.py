@@ -45,6 +45,16 @@ class Instance:
     inflight: set[str] = field(default_factory=set)
     assigned_total: int = 0
     heartbeats: int = 0
+    # Prompt tokens routed here for prefill since the last heartbeat (not in its report yet).
+    prefill_tokens_since_heartbeat: int = 0
+    # A flip the scheduler ordered and the worker has not acknowledged: heartbeats sent before
+    # the worker saw it still carry the old role and must not undo it.
+    pending_flip: int | None = None
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        reported = self.stats.get("queued_prefill_tokens", 0)
+        return (reported if isinstance(reported, int) else 0) + self.prefill_tokens_since_heartbeat
 
     @property
     def capacity(self) -> int:
@@ -63,10 +73,12 @@ class Instance:
         return {
             "id": self.instance_id,
             "role": self.role,
-            "state": "draining" if draining else "ready",
+            "state": "draining" if draining else ("flipping" if self.pending_flip is not None
+                                                   or self.stats.get("flipping") else "ready"),
             "ready": not draining,  # registered means the engine is loaded
             "waiting": self.waiting,
             "running": self.running,
+            "queued_prefill_tokens": self.queued_prefill_tokens,
             "free_pages": self.free_pages,
             "total_pages": self.total_pages,
             "used_pages": int(self.stats.get("used_pages", self.total_pages - self.free_pages)),
@@ -151,7 +163,9 @@ class Registry:
             return None
         instance.last_heartbeat = self.clock()
         instance.heartbeats += 1
-        instance.role = msg.role
+        if instance.pending_flip is None:
+            instance.role = msg.role
+        instance.prefill_tokens_since_heartbeat = 0
         instance.waiting, instance.running = msg.waiting, msg.running
         instance.free_pages, instance.total_pages = msg.free_pages, msg.total_pages
         instance.prefix_hit_rate = msg.prefix_hit_rate

@@ -1,8 +1,11 @@
 """The scheduler process: frontend/backend/control sockets, request table, liveness, status.
 
-Gateways talk to the frontend ROUTER (Submit, Abort, StatusQuery, GatewayHello); workers to the
-backend ROUTER (Register, Heartbeat, Deregister, RequestFinished, FlipAck); the control PUB
-carries orders to workers. Errors about a request (no worker, worker died) go to the owning
+Gateways talk to the frontend ROUTER (Submit, Abort, StatusQuery, GatewayHello, FlipRequest);
+workers to the backend ROUTER (Register, Heartbeat, Deregister, RequestFinished, RequestHandoff,
+FlipAck); the control PUB carries orders to workers (RoleFlip). A request's entry follows it
+from its prefill worker to the decode worker that took its KV over (RequestHandoff), so aborts
+and failure handling always reach the worker that holds it. The PD policy (`pd_policy`) sees
+every heartbeat and latency report and decides role flips on a timer. Errors about a request (no worker, worker died) go to the owning
 gateway's tokens socket, the same place workers send theirs, so a gateway has one source of
 per-request results.
 """
@@ -10,9 +13,11 @@ per-request results.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
@@ -26,19 +31,25 @@ from common.protocol import (
     Assign,
     Deregister,
     FlipAck,
+    FlipRequest,
     GatewayHello,
+    KvEvent,
     Heartbeat,
     Message,
     Register,
     RegisterAck,
     RequestError,
     RequestFinished,
+    RequestHandoff,
+    RoleFlip,
     StatusQuery,
     StatusReply,
     Submit,
 )
 from common.service_config import ServiceAddresses
 from common.worker.outputs import GatewayPushers
+from services.scheduler.kv_awareness import KvAwareness
+from services.scheduler.pd_policy import PdPolicy, make_policy
 from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S, Instance, RegisterOutcome, Registry
 from services.scheduler.router import Router
 
@@ -46,14 +57,22 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SchedulerServer", "RequestEntry"]
 
+_FLIP_ROLES = ("prefill", "decode", "mixed")
+# An unacknowledged flip order is published again after this long (PUB may drop messages).
+_FLIP_RESEND_S = 2.0
+
+
 @dataclass
 class RequestEntry:
     request_id: str
     gateway_identity: bytes
     gateway_id: str
     tokens_addr: str
-    instance_id: str
+    instance_id: str  # the worker holding the request now
     submitted_at: float
+    prompt_len: int = 0
+    queued_prefill_tokens: int = 0  # on its prefill instance when it was routed (TTFT predictor input)
+    decode_candidates: list[str] = field(default_factory=list)  # until handed over
 
 
 class SchedulerServer:
@@ -63,14 +82,27 @@ class SchedulerServer:
         heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
         reap_interval_s: float = 0.5,
         context: zmq.asyncio.Context | None = None,
+        policy: PdPolicy | None = None,
+        policy_name: str = "static",
+        policy_interval_s: float = 0.5,
+        kv: KvAwareness | None = None,
     ) -> None:
         self.addresses = addresses
         self.registry = Registry(heartbeat_timeout_s)
         self.router = Router()
+        self.policy = policy or make_policy("static", 1.0, 0.1)
+        self.policy_name = policy_name
+        self.policy_interval_s = policy_interval_s
+        self._flip_ids = itertools.count(1)
+        self.flips_total = 0
+        self.flips_by_reason: Counter[str] = Counter()
+        self.recent_flips: deque[dict] = deque(maxlen=32)
+        self._flip_sent_at: dict[str, float] = {}
         self.reap_interval_s = reap_interval_s
         self.requests: dict[str, RequestEntry] = {}
         self.gateways: dict[str, tuple[bytes, str]] = {}  # gateway_id -> (identity, tokens_addr)
         self._context = context or zmq.asyncio.Context.instance()
+        self.kv = kv or KvAwareness(self._context)
         self.pushers = GatewayPushers(self._context)
         self.frontend: zmq.asyncio.Socket | None = None
         self.backend: zmq.asyncio.Socket | None = None
@@ -109,10 +141,14 @@ class SchedulerServer:
             asyncio.create_task(self._receive_loop(self.frontend, self._on_frontend), name="frontend"),
             asyncio.create_task(self._receive_loop(self.backend, self._on_backend), name="backend"),
             asyncio.create_task(self._reap_loop(), name="reaper"),
+            asyncio.create_task(self._policy_loop(), name="pd-policy"),
         ]
+        await self.kv.start()
+        tasks += [asyncio.create_task(coro) for coro in self.kv.tasks()]
         try:
             await run_until_stopped(stop, tasks)
         finally:
+            await self.kv.close()
             self.close()
 
     async def _receive_loop(self, sock: zmq.asyncio.Socket, handler) -> None:
@@ -132,7 +168,65 @@ class SchedulerServer:
                     "instance %s missed heartbeats for %.1f s: removed, failing %d request(s)",
                     instance.instance_id, self.registry.heartbeat_timeout_s, len(instance.inflight),
                 )
+                self.policy.forget(instance.instance_id)
+                self.kv.forget(instance.instance_id)
                 await self._fail_requests_of(instance, "worker died")
+
+    async def _policy_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy_interval_s)
+            try:
+                flips = self.policy.decide()
+            except Exception:
+                logger.exception("PD policy failed to decide; no flip this round")
+                flips = []
+            for flip in flips:
+                await self.flip(flip.instance_id, flip.role, flip.reason)
+            await self._resend_unacked_flips()
+
+    async def flip(self, instance_id: str, role: str, reason: str) -> bool:
+        """Order an instance into `role` on the control socket; False when it cannot be done."""
+        instance = self.registry.get(instance_id)
+        if instance is None or role not in _FLIP_ROLES:
+            logger.warning("cannot flip %s to %r: %s", instance_id, role,
+                           "unknown instance" if instance is None else "unknown role")
+            return False
+        if instance.role == role and instance.pending_flip is None:
+            return False
+        flip_id = next(self._flip_ids)
+        old = instance.role
+        # Route as the new role at once: the worker takes what it is sent whatever its role.
+        instance.role, instance.pending_flip = role, flip_id
+        self._flip_sent_at[instance_id] = time.monotonic()
+        await bus.send(self.control, RoleFlip(instance_id=instance_id, role=role, flip_id=flip_id), topic=instance_id)
+        self.policy.note_flip(instance_id, role)
+        self.flips_total += 1
+        self.flips_by_reason[reason.split(":")[0]] += 1
+        self.recent_flips.append({"flip_id": flip_id, "instance": instance_id, "from": old, "to": role,
+                                  "reason": reason, "at": time.time()})
+        logger.info("flip %d: %s %s -> %s (%s)", flip_id, instance_id, old, role, reason)
+        return True
+
+    async def _resend_unacked_flips(self) -> None:
+        now = time.monotonic()
+        for instance in self.registry.instances():
+            sent = self._flip_sent_at.get(instance.instance_id)
+            if instance.pending_flip is not None and sent is not None and now - sent > _FLIP_RESEND_S:
+                self._flip_sent_at[instance.instance_id] = now
+                await bus.send(self.control, RoleFlip(instance_id=instance.instance_id, role=instance.role,
+                                                      flip_id=instance.pending_flip), topic=instance.instance_id)
+
+    def status_summary(self) -> dict:
+        pools = Counter(instance.role for instance in self.registry.instances())
+        return {
+            "pd_policy": self.policy_name,
+            "pools": dict(pools),
+            "flips_total": self.flips_total,
+            "flips_by_reason": dict(self.flips_by_reason),
+            "recent_flips": list(self.recent_flips)[-8:],
+            "requests": len(self.requests),
+            **self.kv.summary(),
+        }
 
     # ---- frontend: gateways -------------------------------------------------------------
 
@@ -147,7 +241,10 @@ class SchedulerServer:
             if instance is not None:
                 await bus.send(self.backend, msg, identity=instance.identity)
         elif isinstance(msg, StatusQuery):
-            await bus.send(self.frontend, StatusReply(instances=self.registry.describe()), identity=identity)
+            reply = StatusReply(instances=self.registry.describe(), scheduler=self.status_summary())
+            await bus.send(self.frontend, reply, identity=identity)
+        elif isinstance(msg, FlipRequest):
+            await self.flip(msg.instance_id, msg.role, "operator")
         elif isinstance(msg, GatewayHello):
             logger.info("gateway %s connected (tokens at %s)", msg.gateway_id, msg.tokens_addr)
             self.gateways[msg.gateway_id] = (identity, msg.tokens_addr)
@@ -163,19 +260,28 @@ class SchedulerServer:
         if msg.request_id in self.requests:
             await self._send_error(msg.tokens_addr, msg.request_id, 409, f"request id {msg.request_id!r} is in use")
             return
-        instance = self.router.choose(self.registry.instances(), len(msg.prompt_ids))
-        if instance is None:
+        n = msg.sampling.get("n", 1)
+        instances = self.registry.instances()
+        cached = self.kv.cached_tokens(instances, msg.prompt_ids)
+        route = self.router.route(instances, len(msg.prompt_ids), n if isinstance(n, int) else 1, cached)
+        if route is None:
             await self._send_error(msg.tokens_addr, msg.request_id, 503, "no worker available")
             return
+        instance = route.prefill
         assign = Assign(
             request_id=msg.request_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling, priority=msg.priority,
             gateway_id=msg.gateway_id, tokens_addr=msg.tokens_addr, prefill_instance=instance.instance_id,
-            decode_instance=instance.instance_id, arrival_time=msg.arrival_time,
+            decode_instance=route.decode[0].instance_id if route.decode else instance.instance_id,
+            arrival_time=msg.arrival_time,
+            decode_candidates=[[d.instance_id, d.kv_addr] for d in route.decode],
         )
         self.requests[msg.request_id] = RequestEntry(
-            msg.request_id, identity, msg.gateway_id, msg.tokens_addr, instance.instance_id, time.monotonic()
+            msg.request_id, identity, msg.gateway_id, msg.tokens_addr, instance.instance_id, time.monotonic(),
+            prompt_len=len(msg.prompt_ids), queued_prefill_tokens=instance.queued_prefill_tokens,
+            decode_candidates=[d.instance_id for d in route.decode],
         )
         self.registry.assign(instance.instance_id, msg.request_id)
+        instance.prefill_tokens_since_heartbeat += len(msg.prompt_ids)
         logger.debug("request %s -> %s", msg.request_id, instance.instance_id)
         await bus.send(self.backend, assign, identity=instance.identity)
 
@@ -188,16 +294,22 @@ class SchedulerServer:
                 await bus.send(self.backend, AbortRequest(request_id=msg.request_id), identity=instance.identity)
             return
         self.registry.release(entry.instance_id, msg.request_id)
-        instance = self.registry.get(entry.instance_id)
-        if instance is not None:
-            logger.debug("abort %s (%s) -> %s", msg.request_id, msg.reason, instance.instance_id)
-            await bus.send(self.backend, AbortRequest(request_id=msg.request_id), identity=instance.identity)
+        # Mid hand-off the KV may already sit on a decode candidate: tell each of them too (an
+        # unknown id is a no-op for a worker).
+        for instance_id in dict.fromkeys([entry.instance_id, *entry.decode_candidates]):
+            instance = self.registry.get(instance_id)
+            if instance is not None:
+                logger.debug("abort %s (%s) -> %s", msg.request_id, msg.reason, instance_id)
+                await bus.send(self.backend, AbortRequest(request_id=msg.request_id), identity=instance.identity)
 
     # ---- backend: workers ---------------------------------------------------------------
 
     async def _on_backend(self, identity: bytes, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
-            if self.registry.heartbeat(identity, msg) is None:
+            instance = self.registry.heartbeat(identity, msg)
+            if instance is not None:
+                self.policy.observe_heartbeat(instance.instance_id, instance.role, msg.waiting, msg.running, msg.stats)
+            else:
                 # Unknown sender (e.g. this scheduler restarted): ask it to register again.
                 await bus.send(
                     self.backend,
@@ -209,23 +321,61 @@ class SchedulerServer:
             if entry is not None and entry.instance_id == msg.instance_id:
                 del self.requests[msg.request_id]
                 self.registry.release(msg.instance_id, msg.request_id)
+                if msg.ttft_s >= 0:
+                    self.policy.observe_ttft(msg.instance_id, entry.prompt_len, entry.queued_prefill_tokens, msg.ttft_s)
+                if msg.tpot_s >= 0:
+                    self.policy.observe_tpot(msg.instance_id, msg.tpot_s)
+        elif isinstance(msg, RequestHandoff):
+            await self._on_handoff(identity, msg)
+        elif isinstance(msg, KvEvent):
+            instance = self.registry.by_identity(identity)
+            if instance is None or instance.instance_id != msg.source or msg.tier != "hbm":
+                logger.debug("dropped a KV event from %r: not a registered worker's own HBM", identity)
+            elif not self.kv.on_worker_event(msg):
+                await bus.send(self.backend, self.kv.snapshot_request(msg.source), identity=identity)
         elif isinstance(msg, Register):
             await self._on_register(identity, msg)
         elif isinstance(msg, Deregister):
             instance = self.registry.deregister(identity, msg.instance_id)
             if instance is not None:
                 logger.info("instance %s deregistered", msg.instance_id)
+                self.policy.forget(msg.instance_id)
+                self.kv.forget(msg.instance_id)
                 await self._fail_requests_of(instance, "worker left")
         elif isinstance(msg, FlipAck):
+            instance = self.registry.by_identity(identity)
+            if instance is not None and instance.instance_id == msg.instance_id:
+                if instance.pending_flip == msg.flip_id:
+                    instance.pending_flip = None
+                    instance.role = msg.role
             logger.info("instance %s is now %s (flip %d)", msg.instance_id, msg.role, msg.flip_id)
         else:
             logger.warning("dropped %s on the backend socket from %r: not a worker message", msg.TAG, identity)
+
+    async def _on_handoff(self, identity: bytes, msg: RequestHandoff) -> None:
+        """A decode worker took a request's KV: it holds the request from now on."""
+        entry = self.requests.get(msg.request_id)
+        taker = self.registry.by_identity(identity)
+        if taker is None or taker.instance_id != msg.to_instance:
+            return
+        if entry is None or entry.instance_id != msg.from_instance:
+            # Aborted (or failed) while the KV travelled: nobody wants its tokens.
+            logger.info("request %s landed on %s after it ended: aborting it there", msg.request_id, msg.to_instance)
+            await bus.send(self.backend, AbortRequest(request_id=msg.request_id), identity=identity)
+            return
+        self.registry.release(entry.instance_id, msg.request_id)
+        entry.instance_id = msg.to_instance
+        entry.decode_candidates = []
+        self.registry.assign(msg.to_instance, msg.request_id)
+        if msg.ttft_s >= 0:
+            self.policy.observe_ttft(msg.from_instance, entry.prompt_len, entry.queued_prefill_tokens, msg.ttft_s)
 
     async def _on_register(self, identity: bytes, msg: Register) -> None:
         outcome, instance, old = self.registry.register(identity, msg)
         if outcome is RegisterOutcome.REPLACED and old is not None:
             logger.warning("instance %s restarted: failing %d request(s) of its old process",
                            msg.instance_id, len(old.inflight))
+            self.kv.forget(msg.instance_id)
             await self._fail_requests_of(old, "worker restarted")
         if outcome is not RegisterOutcome.REFRESHED:
             logger.info("instance %s registered: role=%s pages=%d model=%s",

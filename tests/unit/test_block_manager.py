@@ -438,11 +438,23 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.bm = BlockManager(num_pages=POOL, page_size=PS, namespace="prop")
+        self.bm = BlockManager(num_pages=POOL, page_size=PS, namespace="prop", on_reclaim=self._reclaimed)
         self.kv: list[list[tuple | None]] = [[None] * PS for _ in range(POOL)]
         self.tokens: dict[int, list[int]] = {}
         self.computed: dict[int, int] = {}
         self.next_id = 0
+
+    def _reclaimed(self, pages: list[int], hashes: list[bytes]) -> None:
+        # Called before a reused cached page is handed out: its KV must still be what its hash names.
+        for page, h in zip(pages, hashes):
+            last = self.kv[page][PS - 1]
+            assert last is not None and prefix_hashes(list(last), PS, "prop")[-1] == h, f"page {page} changed"
+
+    def _write_fresh(self, indices: list[int], pages: list[int], toks: list[int]) -> None:
+        for index, page in zip(indices, pages):
+            assert all(page not in self.bm.page_table(s) for s in self.tokens), f"page {page} is referenced"
+            for slot in range(PS):
+                self.kv[page][slot] = tuple(toks[: index * PS + slot + 1])
 
     def _pick(self, index: int) -> int:
         live = sorted(self.tokens)
@@ -534,6 +546,43 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.free(sid)
         self.computed[sid] = self.bm.admit(sid, self.tokens[sid])
         self._assert_kv(sid, self.computed[sid])
+
+    @rule(prompt=PROMPTS, start=st.integers(0, 3), count=st.integers(1, 4))
+    def insert_cached(self, prompt, start, count):
+        """Pages of ``prompt`` reloaded from a lower store tier."""
+        have = self.bm.cached_prefix_pages(prompt)
+        full = len(prompt) // PS
+        # The prefix being extended is pinned while the new pages are taken, so it is not room.
+        prefix = self.bm._match_prefix(prompt, leave_one=False)[0]
+        available = self.bm.num_free_pages - sum(1 for p in prefix if self.bm._refcount[p] == 0)
+        inserted = self.bm.insert_cached(
+            prompt, start, count, lambda idx, pages: self._write_fresh(idx, pages, prompt)
+        )
+        if start > have:
+            assert inserted == 0
+            return
+        want = max(0, min(start + count, full) - have)
+        assert inserted == min(want, available)
+        assert self.bm.cached_prefix_pages(prompt) == have + inserted
+
+    @rule(prompt=PROMPTS, sampled=ALPHABET)
+    def reserve_and_commit(self, prompt, sampled):
+        """A sequence whose KV arrives from another worker (P/D hand-off)."""
+        sid = self.next_id
+        needed = -(-len(prompt) // PS)
+        available = self.bm.num_free_pages
+        if needed > available:
+            with pytest.raises(NoFreePagesError):
+                self.bm.reserve(sid, len(prompt))
+            assert sid not in self.bm and self.bm.num_free_pages == available
+            return
+        self.next_id += 1
+        pages = self.bm.reserve(sid, len(prompt))
+        assert len(pages) == needed and self.bm.num_free_pages == available - needed
+        self._write_fresh(list(range(needed)), pages, prompt)
+        self.tokens[sid] = list(prompt) + [sampled]
+        self.bm.commit(sid, self.tokens[sid], len(prompt))
+        self.computed[sid] = len(prompt)
 
     @rule()
     def free_unknown(self):

@@ -71,3 +71,52 @@ def test_prompt_longer_than_a_context_prefers_one_that_fits() -> None:
     assert Router().choose([small, large], prompt_len=1000) is large
     # Nobody fits: still routed, the worker answers with a clear 400.
     assert Router().choose([small], prompt_len=1000) is small
+
+
+# ---------------------------------------------------------------- P/D routing (Router.route)
+
+
+def pd(instance_id: str, role: str, *, queued: int = 0, **kwargs) -> Instance:
+    inst = make(instance_id, **kwargs)
+    inst.role = role
+    inst.stats["queued_prefill_tokens"] = queued
+    return inst
+
+
+def test_route_pairs_the_least_queued_prefill_with_ranked_decode_candidates() -> None:
+    p1, p2 = pd("p1", "prefill", queued=500), pd("p2", "prefill", queued=20)
+    d1 = pd("d1", "decode", running=6)
+    d2 = pd("d2", "decode", running=1)
+    d3 = pd("d3", "decode", running=1, free=1)  # one free page cannot hold a 100-token prompt
+    route = Router().route([p1, p2, d1, d2, d3], prompt_len=100)
+    assert route.prefill is p2
+    assert [d.instance_id for d in route.decode] == ["d2", "d1", "d3"]
+
+
+def test_route_counts_prompts_sent_since_the_last_heartbeat() -> None:
+    p1, p2 = pd("p1", "prefill", queued=100), pd("p2", "prefill", queued=50)
+    p2.prefill_tokens_since_heartbeat = 400  # a burst went to p2 since its last report
+    assert Router().route([p1, p2, pd("d", "decode")], prompt_len=10).prefill is p1
+
+
+def test_route_serves_whole_when_a_pool_is_empty_or_n_is_above_one() -> None:
+    p, d = pd("p", "prefill"), pd("d", "decode", running=3)
+    assert Router().route([p], prompt_len=10).decode == []
+    assert Router().route([d], prompt_len=10).prefill is d
+    route = Router().route([p, d], prompt_len=10, n=2)
+    assert route.decode == [] and route.prefill is p  # least loaded serves it whole
+
+
+def test_route_prefers_an_idler_mixed_worker() -> None:
+    p, d, m = pd("p", "prefill", running=4), pd("d", "decode"), pd("m", "mixed")
+    route = Router().route([p, d, m], prompt_len=10)
+    assert route.prefill is m and route.decode == []
+    m.running = 8
+    assert Router().route([p, d, m], prompt_len=10).prefill is p
+
+
+def test_route_skips_draining_instances() -> None:
+    p, d = pd("p", "prefill"), pd("d", "decode", draining=True)
+    route = Router().route([p, d], prompt_len=10)
+    assert route.prefill is p and route.decode == []
+    assert Router().route([pd("x", "decode", draining=True)]) is None

@@ -1,0 +1,198 @@
+"""The decode side of P/D disaggregation: take a sequence's KV in on the worker's `kv` ROUTER.
+
+    Begin  -> reserve pages for the whole sequence (or refuse: wrong model/layout, no pages,
+              not taking decode work) -> Ready
+    Chunk  -> keep the layer frames (zero-copy views of the received messages)
+    last   -> one engine-thread call writes every layer into the reserved pages and commits the
+              sequence to the running batch -> Ack(ok); the worker then owns the request
+    Cancel -> free the reservation
+
+Writing all layers in one engine call at the end, rather than one call per chunk, keeps a
+transfer from waiting behind one decode step per layer. A transfer that stalls (the prefill
+worker died) is cancelled after the timeout, so reserved pages never leak.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq.asyncio
+
+from common import bus
+from common.engine.block_manager import NoFreePagesError
+from common.engine.sampling_params import SamplingParams
+from common.protocol import (
+    KvTransferAck,
+    KvTransferBegin,
+    KvTransferCancel,
+    KvTransferChunk,
+    KvTransferReady,
+    Message,
+)
+
+__all__ = ["KvReceiver"]
+
+logger = logging.getLogger(__name__)
+
+RunOnEngine = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class _Incoming:
+    identity: bytes
+    begin: KvTransferBegin
+    deadline: float
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class KvReceiver:
+    def __init__(
+        self,
+        engine: Any,
+        run_on_engine: RunOnEngine,
+        refusal: Callable[[], str | None],
+        on_committed: Callable[[KvTransferBegin], Awaitable[None]],
+        timeout_s: float,
+    ) -> None:
+        self.engine = engine
+        self.run_on_engine = run_on_engine
+        self.refusal = refusal  # why this worker takes no decode work now, or None
+        self.on_committed = on_committed
+        self.timeout_s = timeout_s
+        self._incoming: dict[str, _Incoming] = {}
+        self.received_ok = 0
+        self.refused = 0
+        self.cancelled = 0
+        self.bytes_received = 0
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "kv_incoming": len(self._incoming),
+            "kv_received_ok": self.received_ok,
+            "kv_refused": self.refused,
+            "kv_cancelled": self.cancelled,
+            "kv_bytes_received": self.bytes_received,
+        }
+
+    def has_request(self, request_id: str) -> bool:
+        return any(inc.begin.request_id == request_id for inc in self._incoming.values())
+
+    async def handle(self, sock: zmq.asyncio.Socket, identity: bytes, msg: Message, tensors: list) -> None:
+        if isinstance(msg, KvTransferBegin):
+            reason = await self._begin(identity, msg)
+            if reason is not None:
+                self.refused += 1
+                logger.info("refused KV of %s from %s: %s", msg.request_id, msg.source_instance, reason)
+            await bus.send(sock, KvTransferReady(transfer_id=msg.transfer_id, ok=reason is None, reason=reason or ""),
+                           identity=identity)
+        elif isinstance(msg, KvTransferChunk):
+            reason = await self._chunk(identity, msg, tensors)
+            if reason is not None or msg.last:
+                await bus.send(sock, KvTransferAck(transfer_id=msg.transfer_id, ok=reason is None, reason=reason or ""),
+                               identity=identity)
+        elif isinstance(msg, KvTransferCancel):
+            incoming = self._incoming.get(msg.transfer_id)
+            if incoming is not None and incoming.identity == identity:
+                await self._cancel(msg.transfer_id, f"cancelled by the sender: {msg.reason}")
+        else:
+            logger.warning("dropped %s on the kv socket from %r: not a KV message", msg.TAG, identity)
+
+    async def _begin(self, identity: bytes, msg: KvTransferBegin) -> str | None:
+        refusal = self.refusal()
+        if refusal is not None:
+            return refusal
+        engine = self.engine
+        if msg.namespace != engine.kv_namespace:
+            return f"KV layout {msg.namespace!r} differs from this worker's {engine.kv_namespace!r}"
+        if msg.num_layers != engine.num_layers or msg.page_size != engine.page_size:
+            return "layer count or page size differs from this worker's"
+        if msg.transfer_id in self._incoming:
+            return f"transfer id {msg.transfer_id!r} is in use"
+        try:
+            params = SamplingParams.from_dict(msg.sampling)
+            await self.run_on_engine(
+                lambda: engine.reserve_transfer(
+                    msg.request_id, list(msg.prompt_ids), list(msg.output_ids), params, priority=msg.priority,
+                    num_tokens=msg.num_tokens, logprobs=msg.logprobs, num_cached_tokens=msg.num_cached_tokens,
+                )
+            )
+        except NoFreePagesError:
+            return "no free KV pages"
+        except (ValueError, TypeError, KeyError) as exc:
+            return str(exc)
+        self._incoming[msg.transfer_id] = _Incoming(identity, msg, time.monotonic() + self.timeout_s)
+        return None
+
+    async def _chunk(self, identity: bytes, msg: KvTransferChunk, tensors: list) -> str | None:
+        incoming = self._incoming.get(msg.transfer_id)
+        if incoming is None or incoming.identity != identity:
+            return f"unknown transfer {msg.transfer_id!r}"
+        num_layers = incoming.begin.num_layers
+        if (len(tensors) != msg.num_layers or msg.num_layers < 1 or msg.layer_start < 0
+                or msg.layer_start + msg.num_layers > num_layers):
+            await self._cancel(msg.transfer_id, "malformed chunk")
+            return f"chunk of layers [{msg.layer_start}, +{msg.num_layers}) with {len(tensors)} frame(s) is malformed"
+        for offset, tensor in enumerate(tensors):
+            incoming.layers[msg.layer_start + offset] = tensor
+            self.bytes_received += tensor.numel() * tensor.element_size()
+        incoming.deadline = time.monotonic() + self.timeout_s
+        if not msg.last:
+            return None
+        if len(incoming.layers) != num_layers:
+            await self._cancel(msg.transfer_id, "layers missing")
+            return f"last chunk arrived with {len(incoming.layers)} of {num_layers} layers"
+        del self._incoming[msg.transfer_id]
+        request_id = incoming.begin.request_id
+        layers = [incoming.layers[i] for i in range(num_layers)]
+
+        def land() -> None:
+            self.engine.write_kv_layers(request_id, 0, layers)
+            self.engine.commit_transfer(request_id)
+
+        try:
+            await self.run_on_engine(land)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            await self._release(request_id)
+            self.cancelled += 1
+            return f"could not take the KV in: {exc}"
+        self.received_ok += 1
+        await self.on_committed(incoming.begin)
+        return None
+
+    async def _cancel(self, transfer_id: str, reason: str) -> None:
+        incoming = self._incoming.pop(transfer_id, None)
+        if incoming is None:
+            return
+        self.cancelled += 1
+        logger.info("dropped incoming KV of %s: %s", incoming.begin.request_id, reason)
+        await self._release(incoming.begin.request_id)
+
+    async def _release(self, request_id: str) -> None:
+        try:
+            await self.run_on_engine(self.engine.cancel_transfer, request_id)
+        except KeyError:
+            pass  # aborted meanwhile: the pages are back already
+
+    async def abort(self, request_id: str) -> bool:
+        """Drop an incoming transfer of an aborted request; True if there was one."""
+        for transfer_id, incoming in list(self._incoming.items()):
+            if incoming.begin.request_id == request_id:
+                await self._cancel(transfer_id, "request aborted")
+                return True
+        return False
+
+    async def expire(self) -> None:
+        """Cancel transfers whose sender went silent (called periodically by the worker)."""
+        now = time.monotonic()
+        for transfer_id, incoming in list(self._incoming.items()):
+            if now > incoming.deadline:
+                await self._cancel(transfer_id, f"no data for {self.timeout_s:.1f} s")
+
+    async def close(self) -> None:
+        for transfer_id in list(self._incoming):
+            await self._cancel(transfer_id, "worker stopping")

@@ -1,0 +1,164 @@
+"""A worker's side of KV-centric storage: HBM (its page pool) <-> the kvstore (DRAM, SSD).
+
+- Offload: when the prefix cache evicts full pages to reuse them, the engine hands us copies of
+  their KV (on the engine thread); they go to the kvstore's put queue without waiting.
+- Reload: before a request is admitted, the pages after the local prefix hit are asked from the
+  kvstore (bounded by a short timeout) and the hits are written into free pages as cached
+  prefix pages, so the engine's normal prefix match picks them up instead of recomputing.
+- Events: pages entering / leaving the HBM prefix cache become `KvEvent`s (tier "hbm", one
+  sequence number per event) for the scheduler's global prefix index; a snapshot of every
+  cached hash answers the index's resync request.
+
+With no kvstore configured only the events run. A kvstore that is down or slow costs one short
+timeout per admission at worst (the client marks it down and stops asking until a probe
+succeeds); serving never waits on it beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from common.kvstore_client import KvStoreClient
+from common.protocol import KvEvent, Message
+
+__all__ = ["KvTiering", "DEFAULT_FETCH_TIMEOUT_S"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FETCH_TIMEOUT_S = 0.25
+
+RunOnEngine = Callable[..., Awaitable[Any]]
+SendBackend = Callable[[Message], Awaitable[None]]
+
+
+class KvTiering:
+    def __init__(
+        self,
+        engine: Any,
+        run_on_engine: RunOnEngine,
+        instance_id: str,
+        send_backend: SendBackend,
+        client: KvStoreClient | None = None,
+        fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
+    ) -> None:
+        self.engine = engine
+        self.run_on_engine = run_on_engine
+        self.instance_id = instance_id
+        self.send_backend = send_backend
+        self.client = client
+        self.fetch_timeout_s = fetch_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: list[tuple[str, list[bytes]]] = []
+        self._seq = 0
+        self.hit_tokens: Counter[str] = Counter()  # prefix-hit tokens by tier: hbm, dram, ssd
+        self.offloaded_blocks = 0
+        self.reloaded_blocks = 0
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.client is not None:
+            await self.client.start()
+        # Hooks fire on the engine thread; they only hand data over to the loop.
+        self.engine.set_kv_event_hook(self._on_event)
+        if self.client is not None:
+            self.engine.set_offload_hook(self._on_offload)
+
+    async def close(self) -> None:
+        self.engine.set_kv_event_hook(None)
+        self.engine.set_offload_hook(None)
+        if self.client is not None:
+            await self.client.close()
+
+    # ---- engine-thread hooks -------------------------------------------------------------
+
+    def _on_event(self, kind: str, hashes: list[bytes]) -> None:
+        if self._loop is not None and hashes:
+            self._loop.call_soon_threadsafe(self._events.append, (kind, list(hashes)))
+
+    def _on_offload(self, hashes: list[bytes], payloads: list[Any]) -> None:
+        if self._loop is not None and self.client is not None and hashes:
+            self._loop.call_soon_threadsafe(self._offload, list(hashes), list(payloads))
+
+    def _offload(self, hashes: list[bytes], payloads: list[Any]) -> None:
+        if self.client is not None and self.client.put(self.engine.kv_namespace, hashes, payloads):
+            self.offloaded_blocks += len(hashes)
+
+    # ---- admission ------------------------------------------------------------------------
+
+    async def reload(self, prompt_ids: list[int]) -> dict[str, int]:
+        """Load the kvstore's pages that follow the local prefix hit into the page pool;
+        returns the tokens loaded per tier ({} when nothing was)."""
+        if self.client is None:
+            return {}
+        engine = self.engine
+        hashes = engine.prefix_hashes(prompt_ids)
+        # The engine recomputes at least the last prompt token, so a page ending exactly at the
+        # prompt's end would never be used.
+        usable = min(len(hashes), (len(prompt_ids) - 1) // engine.page_size)
+        local = await self.run_on_engine(engine.cached_prefix_pages, prompt_ids)
+        if local >= usable:
+            return {}
+        found = await self.client.get(engine.kv_namespace, hashes[local:usable], timeout_s=self.fetch_timeout_s)
+        if not found:
+            return {}
+        payloads = [payload for _, _, payload in found]
+        try:
+            inserted = await self.run_on_engine(engine.insert_cached_pages, prompt_ids, local, payloads)
+        except ValueError as exc:
+            logger.warning("kvstore blocks for a prompt were unusable: %s", exc)
+            return {}
+        self.reloaded_blocks += inserted
+        loaded: Counter[str] = Counter()
+        for _, tier, _ in found[:inserted]:
+            loaded[tier] += engine.page_size
+        return dict(loaded)
+
+    def count_hit(self, cached_tokens: int, from_store: dict[str, int]) -> None:
+        """Account one request's prefix hit: what the store loaded, the rest came from HBM."""
+        store_tokens = 0
+        for tier, tokens in from_store.items():
+            used = min(tokens, max(0, cached_tokens - store_tokens))
+            self.hit_tokens[tier] += used
+            store_tokens += used
+        self.hit_tokens["hbm"] += max(0, cached_tokens - store_tokens)
+
+    # ---- events ---------------------------------------------------------------------------
+
+    async def flush_events(self) -> None:
+        """Send the HBM events gathered since the last flush (merged per kind, in order)."""
+        if not self._events:
+            return
+        events, self._events = self._events, []
+        merged: list[tuple[str, list[bytes]]] = []
+        for kind, hashes in events:
+            if merged and merged[-1][0] == kind:
+                merged[-1][1].extend(hashes)
+            else:
+                merged.append((kind, list(hashes)))
+        for kind, hashes in merged:
+            await self._send_event(kind, hashes)
+
+    async def send_snapshot(self) -> None:
+        """Every hash in the HBM prefix cache, for an index that lost track of this worker."""
+        self._events.clear()  # the snapshot supersedes them
+        hashes = await self.run_on_engine(self.engine.cached_hashes)
+        await self._send_event("snapshot", list(hashes))
+
+    async def _send_event(self, kind: str, hashes: list[bytes]) -> None:
+        await self.send_backend(KvEvent(source=self.instance_id, seq=self._seq, kind=kind, tier="hbm", hashes=hashes))
+        self._seq += 1
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "prefix_hit_tokens": {tier: self.hit_tokens.get(tier, 0) for tier in ("hbm", "dram", "ssd")},
+            "kv_namespace": self.engine.kv_namespace,
+            "kv_offloaded_blocks": self.offloaded_blocks,
+            "kv_reloaded_blocks": self.reloaded_blocks,
+        }
+        if self.client is not None:
+            out.update(self.client.metrics())
+        return out
