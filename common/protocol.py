@@ -336,6 +336,8 @@ class KvTransferBegin(Message):
     namespace: str  # model | kv dtype | page size: both ends must agree
     num_cached_tokens: int = 0
     ttft_s: float = -1.0
+    # The per-request sampler RNG state (seeded requests), so decode continues the same stream.
+    generator_state: bytes | None = None
 
 
 @register

@@ -113,6 +113,10 @@ class BlockManager:
         """Pages registered in the prefix cache, referenced or evictable."""
         return len(self._page_hash)
 
+    def cached_hashes(self) -> list[bytes]:
+        """Every hash registered in the prefix cache (for a prefix index's resync)."""
+        return list(self._hash_to_page)
+
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self._seqs
 

@@ -447,6 +447,9 @@ class LLMEngine:
     def prefix_hashes(self, token_ids: list[int]) -> list[bytes]:
         return self._store.prefix_hashes(token_ids)
 
+    def cached_hashes(self) -> list[bytes]:
+        return self.block_manager.cached_hashes()
+
     def cached_prefix_pages(self, token_ids: list[int]) -> int:
         return self._store.cached_prefix_pages(token_ids)
 

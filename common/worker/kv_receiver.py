@@ -119,6 +119,7 @@ class KvReceiver:
                 lambda: engine.reserve_transfer(
                     msg.request_id, list(msg.prompt_ids), list(msg.output_ids), params, priority=msg.priority,
                     num_tokens=msg.num_tokens, logprobs=msg.logprobs, num_cached_tokens=msg.num_cached_tokens,
+                    generator_state=msg.generator_state,
                 )
             )
         except NoFreePagesError:

@@ -184,7 +184,7 @@ class KvSender:
             arrival_time=request.arrival_time, num_tokens=int(export.num_tokens), num_layers=int(export.num_layers),
             page_size=int(self.engine.page_size), dtype=_DTYPE_NAMES.get(self.engine.kv_dtype, str(self.engine.kv_dtype)),
             namespace=self.engine.kv_namespace, num_cached_tokens=int(export.num_cached_tokens),
-            ttft_s=request.ttft_s,
+            ttft_s=request.ttft_s, generator_state=export.generator_state,
         )
         ready = await self._ask(peer, begin, KvTransferReady.TAG, transfer_id, address)
         if ready is None:

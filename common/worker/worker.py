@@ -129,8 +129,10 @@ class Worker:
         self.control: zmq.asyncio.Socket | None = None
         self.kv: zmq.asyncio.Socket | None = None
         self.sender = KvSender(engine, self._on_engine, instance_id, self._context, transfer_timeout_s)
+        # A reservation outlives the sender's own timeouts many times over: under load the sender
+        # may wait behind long steps to gather the layers, and expiring early fails the transfer.
         self.receiver = KvReceiver(engine, self._on_engine, self._decode_refusal, self._on_kv_landed,
-                                   transfer_timeout_s)
+                                   max(30.0, 6 * transfer_timeout_s))
         self._handoffs: set[asyncio.Task] = set()
         self.tiering = KvTiering(engine, self._on_engine, instance_id, self._send_backend, kvstore)
         # Assigns whose prefix is being reloaded from the kvstore, and which of them were aborted.

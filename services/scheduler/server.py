@@ -225,6 +225,7 @@ class SchedulerServer:
             "flips_by_reason": dict(self.flips_by_reason),
             "recent_flips": list(self.recent_flips)[-8:],
             "requests": len(self.requests),
+            "policy": self.policy.snapshot() if hasattr(self.policy, "snapshot") else {},
             **self.kv.summary(),
         }
 
@@ -308,7 +309,8 @@ class SchedulerServer:
         if isinstance(msg, Heartbeat):
             instance = self.registry.heartbeat(identity, msg)
             if instance is not None:
-                self.policy.observe_heartbeat(instance.instance_id, instance.role, msg.waiting, msg.running, msg.stats)
+                self.policy.observe_heartbeat(instance.instance_id, instance.role, msg.waiting, msg.running, msg.stats,
+                                              free_pages=msg.free_pages, total_pages=msg.total_pages)
             else:
                 # Unknown sender (e.g. this scheduler restarted): ask it to register again.
                 await bus.send(
