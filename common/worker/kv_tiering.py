@@ -55,6 +55,10 @@ class KvTiering:
         self._events: list[tuple[str, list[bytes]]] = []
         self._seq = 0
         self.hit_tokens: Counter[str] = Counter()  # prefix-hit tokens by tier: hbm, dram, ssd
+        # Assigns whose prefix is being reloaded, those aborted meanwhile, and what was loaded.
+        self._reloading: dict[str, asyncio.Task] = {}
+        self._aborted: set[str] = set()
+        self._loaded: dict[str, dict[str, int]] = {}
         self.offloaded_blocks = 0
         self.reloaded_blocks = 0
 
@@ -68,6 +72,8 @@ class KvTiering:
             self.engine.set_offload_hook(self._on_offload)
 
     async def close(self) -> None:
+        for task in self._reloading.values():
+            task.cancel()
         self.engine.set_kv_event_hook(None)
         self.engine.set_offload_hook(None)
         if self.client is not None:
@@ -88,6 +94,38 @@ class KvTiering:
             self.offloaded_blocks += len(hashes)
 
     # ---- admission ------------------------------------------------------------------------
+
+    def reload_then(self, msg: Any, admit: Callable[[Any], None]) -> None:
+        """Reload `msg`'s (an Assign) prefix from the kvstore in the background, then `admit(msg)`
+        unless it was aborted meanwhile. Admission order across requests may change; a request's
+        own later messages (abort) are handled by `abort_reload`."""
+        async def run() -> None:
+            try:
+                loaded = await self.reload(list(msg.prompt_ids))
+            except Exception:
+                logger.exception("kvstore reload for %s failed; computing its prefix", msg.request_id)
+                loaded = {}
+            finally:
+                self._reloading.pop(msg.request_id, None)
+            if msg.request_id in self._aborted:
+                self._aborted.discard(msg.request_id)
+                return
+            if loaded:
+                self._loaded[msg.request_id] = loaded
+            admit(msg)
+
+        self._reloading[msg.request_id] = asyncio.create_task(run(), name=f"reload {msg.request_id}")
+
+    def abort_reload(self, request_id: str) -> bool:
+        """An abort for a request still reloading: it will not be admitted. True if it was."""
+        if request_id not in self._reloading:
+            return False
+        self._aborted.add(request_id)
+        return True
+
+    def take_loaded(self, request_id: str) -> dict[str, int]:
+        """Tokens reloaded from the kvstore for this request, by tier (once)."""
+        return self._loaded.pop(request_id, {})
 
     async def reload(self, prompt_ids: list[int]) -> dict[str, int]:
         """Load the kvstore's pages that follow the local prefix hit into the page pool;

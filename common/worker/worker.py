@@ -23,7 +23,6 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -57,34 +56,13 @@ from common.worker.kv_receiver import KvReceiver
 from common.worker.kv_sender import DEFAULT_TRANSFER_TIMEOUT_S, HandoffRequest, KvSender
 from common.worker.kv_tiering import KvTiering
 from common.worker.outputs import GatewayPushers, token_delta
+from common.worker.request_state import RequestState
 from common.worker.role_state import ROLES, RoleState
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Worker", "ROLES", "DEFAULT_HEARTBEAT_INTERVAL_S"]
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
-
-
-@dataclass
-class _Request:
-    tokens_addr: str
-    n: int
-    num_prompt_tokens: int
-    finished: set[int] = field(default_factory=set)
-    num_output_tokens: int = 0
-    started_at: float = field(default_factory=time.monotonic)  # assigned, or KV landed here
-    first_token_at: float | None = None
-    tokens_here: int = 0  # output tokens this worker computed (not those handed over with the KV)
-    ttft_s: float = -1.0
-    handoff: HandoffRequest | None = None  # prefill here, then hand the KV to a decode worker
-    from_kv: bool = False  # prefilled elsewhere; its KV landed here
-    from_store: dict[str, int] = field(default_factory=dict)  # prompt tokens reloaded from the kvstore, by tier
-
-    def tpot_s(self, now: float) -> float:
-        """Mean time per output token after the first (for a handed-over request: per token
-        decoded here, counted from when its KV landed)."""
-        steps = self.tokens_here - (0 if self.from_kv else 1)
-        return (now - self.first_token_at) / steps if self.first_token_at is not None and steps > 0 else -1.0
 
 
 class Worker:
@@ -111,7 +89,7 @@ class Worker:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.registered = False
         self.draining = False
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, RequestState] = {}
         self.requests_total = 0
         self.integrity_failures = 0
         self._audited_at_step = 0
@@ -135,10 +113,6 @@ class Worker:
                                    max(30.0, 6 * transfer_timeout_s))
         self._handoffs: set[asyncio.Task] = set()
         self.tiering = KvTiering(engine, self._on_engine, instance_id, self._send_backend, kvstore)
-        # Assigns whose prefix is being reloaded from the kvstore, and which of them were aborted.
-        self._reloading: dict[str, Assign] = {}
-        self._reloaded: dict[str, dict[str, int]] = {}
-        self._aborted_while_reloading: set[str] = set()
 
     @property
     def role(self) -> str:
@@ -292,8 +266,8 @@ class Worker:
             logger.exception("could not add request %s", msg.request_id)
             await self._reject(msg, 500, f"internal error: {type(exc).__name__}")
             return
-        self.requests[msg.request_id] = _Request(msg.tokens_addr, len(seqs), len(msg.prompt_ids), handoff=handoff,
-                                                 from_store=self._reloaded.pop(msg.request_id, {}))
+        self.requests[msg.request_id] = RequestState(msg.tokens_addr, len(seqs), len(msg.prompt_ids), handoff=handoff,
+                                                 from_store=self.tiering.take_loaded(msg.request_id))
         self.requests_total += 1
         self.roles.started("prefill")
 
@@ -329,7 +303,7 @@ class Worker:
                 del self.requests[output.request_id]
                 await self._finished(output.request_id, state, output.finish_reason)
 
-    async def _hand_off(self, request_id: str, state: _Request) -> None:
+    async def _hand_off(self, request_id: str, state: RequestState) -> None:
         """Move a prefilled request to a decode worker; it is resumed here if none takes it."""
         assert state.handoff is not None
         taker = await self.sender.hand_off(state.handoff)
@@ -340,24 +314,14 @@ class Worker:
             state.handoff = None  # decoding here: this worker finishes it like any request
         self._wake.set()
 
-    async def _reload_then_add(self, msg: Assign) -> None:
-        try:
-            loaded = await self.tiering.reload(list(msg.prompt_ids))
-        except Exception:
-            logger.exception("kvstore reload for %s failed; computing its prefix", msg.request_id)
-            loaded = {}
-        self._reloading.pop(msg.request_id, None)
-        if msg.request_id in self._aborted_while_reloading:
-            self._aborted_while_reloading.discard(msg.request_id)
-            return
-        if loaded:
-            self._reloaded[msg.request_id] = loaded
+    def _queue(self, msg: Message) -> None:
+        """Hand a message to the engine loop (applied between steps, in arrival order)."""
         self._pending.append(msg)
         self._wake.set()
 
     async def _on_kv_landed(self, begin: KvTransferBegin) -> None:
         """A sequence's KV arrived and it joined the running batch: this worker owns the request."""
-        self.requests[begin.request_id] = _Request(
+        self.requests[begin.request_id] = RequestState(
             begin.tokens_addr, 1, len(begin.prompt_ids), num_output_tokens=len(begin.output_ids),
             first_token_at=time.monotonic(), ttft_s=begin.ttft_s, from_kv=True,
         )
@@ -387,7 +351,7 @@ class Worker:
             del self.requests[request_id]
             await self._finished(request_id, state, "stop")
 
-    async def _finished(self, request_id: str, state: _Request, reason: str) -> None:
+    async def _finished(self, request_id: str, state: RequestState, reason: str) -> None:
         await self._send_backend(RequestFinished(
             request_id=request_id, instance_id=self.instance_id, finish_reason=reason,
             num_prompt_tokens=state.num_prompt_tokens, num_output_tokens=state.num_output_tokens,
@@ -431,15 +395,11 @@ class Worker:
             _, msg, _ = await bus.recv(self.backend)
             if isinstance(msg, Assign) and self.tiering.client is not None:
                 # Reload its prefix from the kvstore first, off the engine loop.
-                self._reloading[msg.request_id] = msg
-                task = asyncio.create_task(self._reload_then_add(msg), name=f"reload {msg.request_id}")
-                self._handoffs.add(task)
-                task.add_done_callback(self._handoffs.discard)
-            elif isinstance(msg, AbortRequest) and msg.request_id in self._reloading:
-                self._aborted_while_reloading.add(msg.request_id)
+                self.tiering.reload_then(msg, self._queue)
+            elif isinstance(msg, AbortRequest) and self.tiering.abort_reload(msg.request_id):
+                pass
             elif isinstance(msg, (Assign, AbortRequest, FinishChoice)):
-                self._pending.append(msg)
-                self._wake.set()
+                self._queue(msg)
             elif isinstance(msg, KvSnapshotRequest):
                 await self.tiering.send_snapshot()
             elif isinstance(msg, RegisterAck):

@@ -310,7 +310,8 @@ def test_kv_aware_routing_follows_the_prefix_then_spreads(routing_server) -> Non
     for _ in range(3):  # one at a time: the holder is idle, its cached prefix wins
         complete(server, long_prompt, max_tokens=2)
         n += 1
-    stats = settled(server, n)
+        # A heartbeat after the finish (see test_back_to_back_repeats_stay_on_the_holder).
+        stats = settled(server, n)
     placed = {iid: stats[iid]["requests_total"] - before[iid]["requests_total"] for iid in stats}
     assert placed == {holder: 4, other: 0}, (placed, server.status()["scheduler"]["prefix_index"])
     assert stats[holder]["prefix_hit_tokens"]["hbm"] - before[holder]["prefix_hit_tokens"]["hbm"] >= 3 * 20 * PAGE
@@ -326,3 +327,23 @@ def test_kv_aware_routing_follows_the_prefix_then_spreads(routing_server) -> Non
         got = {iid: stats[iid]["requests_total"] - start[iid]["requests_total"] for iid in stats}
         assert all(v > 0 for v in got.values()), got
     assert stats[other]["prefix_hit_tokens"]["hbm"] > 0
+
+
+@pytest.mark.xfail(strict=False, reason="services/scheduler/server.py charges a routed request's whole prompt to "
+                   "prefill_tokens_since_heartbeat (cached prefix included) and keeps it until the next heartbeat, "
+                   "so a repeat sent right after the previous one finished looks cheaper on the other worker")
+def test_back_to_back_repeats_stay_on_the_holder(routing_server) -> None:
+    server = routing_server
+    prompt = tokens(8, 20 * PAGE + 3)
+    n = sum(s.get("requests_total", 0) for s in settled(server, 0).values())
+    before = settled(server, n)
+    complete(server, prompt, max_tokens=2)
+    n += 1
+    after = settled(server, n)
+    holder = next(iid for iid in after if after[iid]["requests_total"] > before[iid]["requests_total"])
+    for _ in range(4):  # no pause: the scheduler has not had a heartbeat since the last one finished
+        complete(server, prompt, max_tokens=2)
+    n += 4
+    stats = settled(server, n)
+    placed = {iid: stats[iid]["requests_total"] - after[iid]["requests_total"] for iid in stats}
+    assert placed[holder] == 4, placed
