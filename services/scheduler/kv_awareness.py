@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 
 import zmq
 import zmq.asyncio
@@ -126,5 +126,3 @@ class KvAwareness:
             out["kvstore"] = self.kvstore_stats
         return out
 
-
-CachedTokens = Callable[[Iterable[Instance], list[int]], dict[str, int]]

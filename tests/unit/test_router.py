@@ -120,3 +120,37 @@ def test_route_skips_draining_instances() -> None:
     route = Router().route([p, d], prompt_len=10)
     assert route.prefill is p and route.decode == []
     assert Router().route([pd("x", "decode", draining=True)]) is None
+
+
+# ------------------------------------------------------------- KV-aware routing (cached tokens)
+
+
+def test_a_repeated_long_prefix_goes_to_the_worker_that_holds_it() -> None:
+    a, b = pd("a", "mixed", running=1), pd("b", "mixed")
+    # `a` is a little busier but holds 900 of the prompt's 1000 tokens.
+    route = Router().route([a, b], prompt_len=1000, cached={"a": 900, "b": 0})
+    assert route.prefill is a
+    # Without the index, load alone decides.
+    assert Router().route([a, b], prompt_len=1000).prefill is b
+
+
+def test_load_still_spreads_when_every_worker_holds_the_prefix() -> None:
+    a, b = pd("a", "mixed"), pd("b", "mixed")
+    cached = {"a": 900, "b": 900}
+    picks = []
+    for _ in range(6):
+        chosen = Router().route([a, b], prompt_len=1000, cached=cached).prefill
+        chosen.inflight.add(f"r{len(picks)}")  # what the scheduler does on assign
+        picks.append(chosen.instance_id)
+    assert picks.count("a") == 3 and picks.count("b") == 3
+
+
+def test_a_busy_holder_loses_to_an_idle_worker_once_its_queue_outweighs_the_saving() -> None:
+    holder, idle = pd("holder", "mixed", queued=2000), pd("idle", "mixed")
+    assert Router().route([holder, idle], prompt_len=1000, cached={"holder": 900}).prefill is idle
+
+
+def test_kv_aware_prefill_choice_in_pd_mode() -> None:
+    p1, p2, d = pd("p1", "prefill"), pd("p2", "prefill", queued=100), pd("d", "decode")
+    route = Router().route([p1, p2, d], prompt_len=1000, cached={"p2": 960})
+    assert route.prefill is p2 and route.decode == [d]
