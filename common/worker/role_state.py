@@ -14,6 +14,9 @@ from collections.abc import Callable
 __all__ = ["ROLES", "RoleState"]
 
 ROLES = ("mixed", "prefill", "decode")
+# A flip with no work of the new role for this long is settled anyway: it must not keep the
+# PD policy (which waits for settling flips) frozen on an idle system.
+SETTLE_LIMIT_S = 30.0
 
 
 class RoleState:
@@ -29,8 +32,8 @@ class RoleState:
 
     @property
     def settling(self) -> bool:
-        """A flip happened and no work of the new role arrived yet."""
-        return self._flipped_at is not None
+        """A flip happened and no work of the new role arrived yet (for at most SETTLE_LIMIT_S)."""
+        return self._flipped_at is not None and self.clock() - self._flipped_at < SETTLE_LIMIT_S
 
     def flip(self, role: str, flip_id: int) -> bool:
         """Apply a flip order; False when it is a repeat of one already applied (same id)."""

@@ -46,3 +46,13 @@ def test_roles_take_decode_work_only_in_decode_or_mixed() -> None:
         RoleState("encoder")
     with pytest.raises(ValueError):
         RoleState("mixed").flip("bogus", 1)
+
+
+def test_a_flip_with_no_new_work_stops_settling_after_a_limit() -> None:
+    clock = Clock()
+    roles = RoleState("decode", clock)
+    roles.flip("prefill", 1)
+    clock.now += 29.0
+    assert roles.settling
+    clock.now += 2.0
+    assert not roles.settling and roles.last_flip_latency_s < 0
