@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                                          "prompt-heavy to decode-heavy (SLO attainment, tok/s, flips)")
     bench_pd.add_arguments(pd)
     pd.set_defaults(func=bench_pd.run)
+    from common.bench import kv as bench_kv
+
+    kv = bench_sub.add_parser("kv", help="tiered KV storage on vs off under multi-turn chats and shared system "
+                                         "prompts (TTFT, prefix hit rate per tier, throughput)")
+    bench_kv.add_arguments(kv)
+    kv.set_defaults(func=bench_kv.run)
 
     keys = sub.add_parser("keys", help="create CurveZMQ keys for tcp deployments")
     keys.add_argument("directory", help="where to write the certificates")

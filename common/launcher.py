@@ -249,6 +249,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "pages to it and reload prefix hits from it")
     g.add_argument("--kvstore-dram", default="1GiB", help="kvstore DRAM tier budget (default 1GiB)")
     g.add_argument("--kvstore-ssd", default="16GiB", help="kvstore SSD tier budget (default 16GiB)")
+    g.add_argument("--kvstore-timeout", type=float, default=None,
+                   help="seconds an admission waits for the kvstore before computing the prefix itself (0.25)")
     g.add_argument("--kv-transfer-timeout", type=float, default=None,
                    help="seconds a prefill worker waits on a decode peer before trying the next one")
     g.add_argument("--host", default="127.0.0.1", help="HTTP host of the gateway (default 127.0.0.1)")
@@ -330,6 +332,8 @@ def build_specs(args: argparse.Namespace, run_dir: Path, log_level: str) -> list
             argv += ["--kv-transfer-timeout", str(args.kv_transfer_timeout)]
         if kvstore_dir:
             argv.append("--kvstore")
+            if getattr(args, "kvstore_timeout", None):
+                argv += ["--kvstore-timeout", str(args.kvstore_timeout)]
         specs.append(ChildSpec(instance_id, argv))
     gateway = [py, "-m", "services.gateway", "--host", args.host, "--port", str(args.port), *common]
     if args.model:

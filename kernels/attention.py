@@ -204,7 +204,7 @@ def _group_attention(
         # Reads the pages in place: no gathered copy of every context, every layer.
         out = ext.paged_decode_attention(qg.view(B, H, D), k_pages, v_pages, group.pages, group.k_len, scale,
                                          sliding_window or -1, soft_cap or 0.0)
-        return out.to(q.dtype).view(B, 1, H, D)
+        return out.view(B, 1, H, D)
     KVH = k_pages.shape[0]
     L = group.pages.shape[1] * group.page_size
     # Gather whole pages (contiguous runs of page_size * D per head), not single slots.
@@ -247,6 +247,13 @@ def paged_attention(
     """
     T, H, D = q.shape
     q = q.to(kv_cache.dtype)
+    if (meta.prefill is None and meta.decode is not None and kv_cache.device.type == "cpu"
+            and (ext := paged_decode_module()) is not None):
+        # All decodes: token i is sequence i's query, so the kernel's output is already in
+        # token order (no gather of q, no scatter of the result).
+        group = meta.decode
+        return ext.paged_decode_attention(q, kv_cache[0], kv_cache[1], group.pages, group.k_len, scale,
+                                          sliding_window or -1, soft_cap or 0.0)
     out = q.new_empty((T, H, D))
     for group in (meta.decode, meta.prefill):
         if group is None:

@@ -285,6 +285,10 @@ class LLMEngine:
 
     # ---- P/D hand-off: prefill side -----------------------------------------------------
 
+    def is_held(self, request_id: str) -> bool:
+        """Whether the request is parked for a hand-off (a dict lookup: safe from another thread)."""
+        return request_id in self._held
+
     def held_requests(self) -> list[str]:
         return list(self._held)
 

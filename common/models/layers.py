@@ -20,6 +20,7 @@ from common.models.config import ModelConfig
 from common.models.rope import RotaryEmbedding
 from kernels.activation import act_and_mul
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
+from kernels.cpu_ext import cpu_ops_module
 from kernels.linear import pack_linears, packed_linear_supported
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary
@@ -47,6 +48,24 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, self.unit_offset)
+
+    def add_forward(self, residual: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual + x`` (or ``residual`` when x is None) and its norm, as ``(sum, normed)``.
+
+        On CPU one C++ call does both, updating ``residual`` in place: between the layers of a
+        decode step the residual stream has no other reader.
+        """
+        ext = _cpu_ext(residual)
+        if ext is not None and residual.is_contiguous() and self.weight.dtype == residual.dtype:
+            return residual, ext.add_rms_norm_(residual, x, self.weight, self.eps, self.unit_offset)
+        if x is not None:
+            residual = residual + x
+        return residual, self.forward(residual)
+
+
+def _cpu_ext(x: torch.Tensor):
+    """The C++ kernel module for tensors on the CPU (None elsewhere or when it is not built)."""
+    return cpu_ops_module() if x.device.type == "cpu" else None
 
 
 class Attention(nn.Module):
@@ -90,7 +109,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         T = x.shape[0]
         H, KVH = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(T, H + 2 * KVH, self.head_dim)
+        qkv = self.qkv_proj(x)
+        ext = _cpu_ext(qkv)
+        if (ext is not None and self.q_norm is None and qkv.is_contiguous() and kv_cache.dtype == qkv.dtype
+                and cos.dtype == qkv.dtype):
+            # One C++ call rotates q/k in place and stores k/v in their pages (no temporaries).
+            ext.rotary_write_kv_(qkv, cos, sin, kv_cache, meta.slot_mapping, H, KVH)
+            q = qkv.view(T, H + 2 * KVH, self.head_dim)[:, :H]
+            out = paged_attention(q, kv_cache, meta, self.scale, self.sliding_window, self.soft_cap)
+            return self.o_proj(out.reshape(T, H * self.head_dim))
+        qkv = qkv.view(T, H + 2 * KVH, self.head_dim)
         v = qkv[:, H + KVH :]
         if self.q_norm is None:
             # q and k are adjacent heads: one rotary call covers both
@@ -112,9 +140,14 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act_and_mul = act_and_mul(hidden_act)
+        self._silu = hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        ext = _cpu_ext(gate_up)
+        if self._silu and ext is not None:
+            return self.down_proj(ext.silu_and_mul(gate_up))
+        return self.down_proj(self.act_and_mul(gate_up))
 
 
 @dataclass(frozen=True)
@@ -161,18 +194,25 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,
+        x: torch.Tensor | None,
+        residual: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        x = self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One block on the residual stream, vLLM style: the hidden state is ``residual + x``
+        (``x`` None: just ``residual``), and the block returns its own ``(x, residual)`` pair so
+        each residual add fuses with the norm that follows it."""
         if self.sandwich_norms:
-            h = h + self.post_attention_layernorm(x)
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        h = h + x
-        return h + self.mlp(self.post_attention_layernorm(h))
+            h = residual if x is None else residual + x
+            a = self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
+            h = h + self.post_attention_layernorm(a)
+            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))), h
+        residual, normed = self.input_layernorm.add_forward(residual, x)
+        a = self.self_attn(normed, cos, sin, meta, kv_cache)
+        residual, normed = self.post_attention_layernorm.add_forward(residual, a)
+        return self.mlp(normed), residual
 
 
 class DecoderModel(nn.Module):
@@ -244,15 +284,17 @@ class DecoderForCausalLM(nn.Module):
         local_cos = local_sin = None
         if self.local_rotary is not None:
             local_cos, local_sin = self.local_rotary.lookup(positions, h.dtype)
+        x = None
         for i, layer in enumerate(self.model.layers):
             if self._layer_uses_local[i]:
-                h = layer(h, local_cos, local_sin, meta, kv_caches[i])
+                x, h = layer(x, h, local_cos, local_sin, meta, kv_caches[i])
             else:
-                h = layer(h, cos, sin, meta, kv_caches[i])
-        return self.model.norm(h)
+                x, h = layer(x, h, cos, sin, meta, kv_caches[i])
+        return self.model.norm.add_forward(h, x)[1]
 
-    def pack_linears(self) -> int:
-        """Prepack every linear (and the tied lm head) for oneDNN where it helps (CPU, bf16)."""
+    def pack_linears(self, int8_max_rows: int = 0) -> int:
+        """Prepack every linear (and the tied lm head) for oneDNN where it helps (CPU, bf16);
+        ``int8_max_rows > 0`` adds int8 weight copies for batches up to that many rows."""
         weight = self.model.embed_tokens.weight
         if not packed_linear_supported(weight.dtype) or weight.device.type != "cpu":
             return 0
@@ -261,7 +303,7 @@ class DecoderForCausalLM(nn.Module):
             head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
             head.weight = self.model.embed_tokens.weight
             self.lm_head = head
-        return pack_linears(self)
+        return pack_linears(self, int8_max_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden] -> [N, vocab]`` float32 logits (final soft-cap applied)."""

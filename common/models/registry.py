@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from common.models.layers import DecoderForCausalLM
 from common.models.llama import LlamaForCausalLM, MistralForCausalLM
 from common.models.qwen2 import Qwen2ForCausalLM
 from common.models.qwen3 import Qwen3ForCausalLM
+from kernels.linear import DEFAULT_INT8_MAX_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,30 @@ def _read_checkpoint(path: Path, dtype: torch.dtype, device: torch.device | str)
     raise FileNotFoundError(f"{path} is neither a .gguf file nor a model directory")
 
 
+def _is_quantized_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF whose weight matrices are stored quantized (Q8_0, Q4_1, K-quants...)."""
+    if not (path.is_file() and path.suffix == ".gguf"):
+        return False
+    import gguf
+
+    plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    return any(t.tensor_type not in plain for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def int8_decode_rows(path: Path, dtype: torch.dtype) -> int:
+    """How many rows a linear runs on int8 weights (0 = never).
+
+    Only in bf16, and by default only for checkpoints that were quantized already (int8 rows
+    add far less error than the source's own 4-8 bit blocks); ``XLLM_INT8_DECODE=0``/``1``
+    forces it off/on for bf16.
+    """
+    if dtype != torch.bfloat16:
+        return 0
+    forced = os.environ.get("XLLM_INT8_DECODE")
+    enabled = forced != "0" if forced is not None else _is_quantized_gguf(path)
+    return DEFAULT_INT8_MAX_ROWS if enabled else 0
+
+
 def load_model(
     path: str,
     dtype: torch.dtype = torch.float32,
@@ -102,6 +128,8 @@ def load_model(
     """Build the model for ``path`` (a ``.gguf`` file or an HF dir) with its weights loaded.
 
     The module is in eval mode with gradients off; weights are in ``dtype`` on ``device``.
+    Prepacked bf16 linears of a quantized GGUF also keep int8 weights for small decode
+    batches (see :func:`int8_decode_rows`).
     """
     start = time.perf_counter()
     config_dict, state = _read_checkpoint(Path(path), dtype, device)
@@ -116,7 +144,7 @@ def load_model(
         raise ValueError(f"checkpoint does not match {cls.__name__}: missing={missing} unexpected={unexpected}")
     model.eval()
     model.requires_grad_(False)
-    packed = model.pack_linears()
+    packed = model.pack_linears(int8_decode_rows(Path(path), dtype))
     logger.info("loaded %s (%s, %d prepacked linears) from %s in %.1fs", cls.__name__, dtype, packed, path,
                 time.perf_counter() - start)
     return model, config

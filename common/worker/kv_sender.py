@@ -29,7 +29,7 @@ import zmq
 import zmq.asyncio
 
 from common import bus
-from common.codec import DTYPES
+from common.codec import DTYPES, encode
 from common.protocol import (
     KvTransferAck,
     KvTransferBegin,
@@ -141,7 +141,7 @@ class KvSender:
         if peer is not None:
             if peer.reader is not None:
                 peer.reader.cancel()
-            bus.close(peer.sock, linger_ms=0)
+            bus.close(peer.sock, linger_ms=200)  # a queued cancel may still reach a slow peer
 
     async def hand_off(self, request: HandoffRequest) -> str | None:
         """Move the held sequence to the first candidate that takes it; its id, or None when the
@@ -149,7 +149,7 @@ class KvSender:
         self.in_flight += 1
         try:
             for instance_id, address in request.candidates:
-                if request.request_id not in self.engine.held_requests():
+                if not self.engine.is_held(request.request_id):
                     return None  # aborted while we were trying
                 started = time.perf_counter()
                 try:
@@ -159,16 +159,22 @@ class KvSender:
                 if ok:
                     self.transfers_ok += 1
                     self.seconds_total += time.perf_counter() - started
-                    await self.run_on_engine(self.engine.release_held, request.request_id)
+                    try:
+                        await self.run_on_engine(self.engine.release_held, request.request_id)
+                    except KeyError:
+                        pass  # aborted here meanwhile: the pages went back with the abort
                     logger.debug("handed %s to %s in %.1f ms", request.request_id, instance_id,
                                  (time.perf_counter() - started) * 1e3)
                     return instance_id
                 self.transfers_failed += 1
                 logger.warning("KV hand-off of %s to %s failed: %s", request.request_id, instance_id, reason)
-            if request.request_id in self.engine.held_requests():
+            if self.engine.is_held(request.request_id):
                 self.fallbacks += 1
                 logger.warning("no decode worker took %s: decoding it here", request.request_id)
-                await self.run_on_engine(self.engine.resume_held, request.request_id)
+                try:
+                    await self.run_on_engine(self.engine.resume_held, request.request_id)
+                except KeyError:
+                    pass  # aborted meanwhile
             return None
         finally:
             self.in_flight -= 1
@@ -196,7 +202,7 @@ class KvSender:
         acked = peer.expect(KvTransferAck.TAG, transfer_id)
         try:
             for layer, tensor in enumerate(layers):
-                if request.request_id not in self.engine.held_requests():
+                if not self.engine.is_held(request.request_id):
                     await self._send(peer, KvTransferCancel(transfer_id=transfer_id, reason="request aborted"))
                     return False, "request aborted during the transfer"
                 self.bytes_sent += tensor.numel() * tensor.element_size()
@@ -205,6 +211,13 @@ class KvSender:
                 await self._send(peer, chunk, tensor)
             ack = await asyncio.wait_for(acked, self.timeout_s)
         except asyncio.TimeoutError:
+            # Best effort: if the peer is merely slow, have it drop the pages rather than
+            # decode a sequence that is about to go elsewhere.
+            try:
+                peer.sock.send_multipart(encode(KvTransferCancel(transfer_id=transfer_id, reason="ack timeout")),
+                                         flags=zmq.NOBLOCK)
+            except (zmq.ZMQError, ValueError):
+                pass
             self._drop_peer(address)
             return False, f"no acknowledgement within {self.timeout_s:.1f} s"
         finally:

@@ -3,8 +3,9 @@
 - Offload: when the prefix cache evicts full pages to reuse them, the engine hands us copies of
   their KV (on the engine thread); they go to the kvstore's put queue without waiting.
 - Reload: before a request is admitted, the pages after the local prefix hit are asked from the
-  kvstore (bounded by a short timeout) and the hits are written into free pages as cached
-  prefix pages, so the engine's normal prefix match picks them up instead of recomputing.
+  kvstore (on the event loop, bounded by a short timeout); at admission, in the same engine
+  call that adds the request, the hits are written into free pages as cached prefix pages, so
+  the engine's normal prefix match picks them up instead of recomputing them.
 - Events: pages entering / leaving the HBM prefix cache become `KvEvent`s (tier "hbm", one
   sequence number per event) for the scheduler's global prefix index; a snapshot of every
   cached hash answers the index's resync request.
@@ -20,6 +21,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from common.kvstore_client import KvStoreClient
@@ -33,6 +35,12 @@ DEFAULT_FETCH_TIMEOUT_S = 0.25
 
 RunOnEngine = Callable[..., Awaitable[Any]]
 SendBackend = Callable[[Message], Awaitable[None]]
+
+
+@dataclass
+class _Fetched:
+    start_page: int  # index of the first fetched page in the prompt's pages
+    found: list[tuple[bytes, str, Any]]  # (hash, tier, payload), a leading run
 
 
 class KvTiering:
@@ -58,7 +66,7 @@ class KvTiering:
         # Assigns whose prefix is being reloaded, those aborted meanwhile, and what was loaded.
         self._reloading: dict[str, asyncio.Task] = {}
         self._aborted: set[str] = set()
-        self._loaded: dict[str, dict[str, int]] = {}
+        self._fetched: dict[str, _Fetched] = {}
         self.offloaded_blocks = 0
         self.reloaded_blocks = 0
 
@@ -96,63 +104,70 @@ class KvTiering:
     # ---- admission ------------------------------------------------------------------------
 
     def reload_then(self, msg: Any, admit: Callable[[Any], None]) -> None:
-        """Reload `msg`'s (an Assign) prefix from the kvstore in the background, then `admit(msg)`
-        unless it was aborted meanwhile. Admission order across requests may change; a request's
-        own later messages (abort) are handled by `abort_reload`."""
+        """Fetch `msg`'s (an Assign) prefix pages from the kvstore in the background, then
+        `admit(msg)` unless it was aborted meanwhile; `load` writes them in at admission.
+        Admission order across requests may change; a request's own abort is `abort_reload`."""
         async def run() -> None:
+            fetched = None
             try:
-                loaded = await self.reload(list(msg.prompt_ids))
+                fetched = await self.fetch(list(msg.prompt_ids))
             except Exception:
-                logger.exception("kvstore reload for %s failed; computing its prefix", msg.request_id)
-                loaded = {}
+                logger.exception("kvstore fetch for %s failed; computing its prefix", msg.request_id)
             finally:
                 self._reloading.pop(msg.request_id, None)
             if msg.request_id in self._aborted:
                 self._aborted.discard(msg.request_id)
                 return
-            if loaded:
-                self._loaded[msg.request_id] = loaded
+            if fetched is not None:
+                self._fetched[msg.request_id] = fetched
             admit(msg)
 
         self._reloading[msg.request_id] = asyncio.create_task(run(), name=f"reload {msg.request_id}")
 
     def abort_reload(self, request_id: str) -> bool:
-        """An abort for a request still reloading: it will not be admitted. True if it was."""
+        """An abort for a request still fetching: it will not be admitted. True if it was."""
         if request_id not in self._reloading:
             return False
         self._aborted.add(request_id)
         return True
 
-    def take_loaded(self, request_id: str) -> dict[str, int]:
-        """Tokens reloaded from the kvstore for this request, by tier (once)."""
-        return self._loaded.pop(request_id, {})
-
-    async def reload(self, prompt_ids: list[int]) -> dict[str, int]:
-        """Load the kvstore's pages that follow the local prefix hit into the page pool;
-        returns the tokens loaded per tier ({} when nothing was)."""
+    async def fetch(self, prompt_ids: list[int]) -> _Fetched | None:
+        """Ask the kvstore for the full pages after the local prefix hit (on the event loop, so
+        it never waits behind an engine step)."""
         if self.client is None:
-            return {}
+            return None
         engine = self.engine
-        hashes = engine.prefix_hashes(prompt_ids)
+        hashes = engine.prefix_hashes(prompt_ids)  # pure: no engine state
         # The engine recomputes at least the last prompt token, so a page ending exactly at the
         # prompt's end would never be used.
         usable = min(len(hashes), (len(prompt_ids) - 1) // engine.page_size)
-        local = await self.run_on_engine(engine.cached_prefix_pages, prompt_ids)
-        if local >= usable:
-            return {}
-        found = await self.client.get(engine.kv_namespace, hashes[local:usable], timeout_s=self.fetch_timeout_s)
-        if not found:
-            return {}
-        payloads = [payload for _, _, payload in found]
         try:
-            inserted = await self.run_on_engine(engine.insert_cached_pages, prompt_ids, local, payloads)
+            # Read off the engine thread: a stale answer only asks the store for a page we have
+            # (skipped at insert) or for fewer than we could; both are harmless.
+            local = engine.cached_prefix_pages(prompt_ids)
+        except (KeyError, RuntimeError):
+            local = 0
+        if local >= usable:
+            return None
+        found = await self.client.get(engine.kv_namespace, hashes[local:usable], timeout_s=self.fetch_timeout_s)
+        return _Fetched(local, found) if found else None
+
+    def load(self, request_id: str, prompt_ids: list[int]) -> dict[str, int]:
+        """On the engine thread, right before the request is added: write its fetched pages into
+        the page pool as cached prefix pages. Returns the prompt tokens loaded, by tier."""
+        fetched = self._fetched.pop(request_id, None)
+        if fetched is None:
+            return {}
+        payloads = [payload for _, _, payload in fetched.found]
+        try:
+            inserted = self.engine.insert_cached_pages(prompt_ids, fetched.start_page, payloads)
         except ValueError as exc:
-            logger.warning("kvstore blocks for a prompt were unusable: %s", exc)
+            logger.warning("kvstore blocks for %s were unusable: %s", request_id, exc)
             return {}
         self.reloaded_blocks += inserted
         loaded: Counter[str] = Counter()
-        for _, tier, _ in found[:inserted]:
-            loaded[tier] += engine.page_size
+        for _, tier, _ in fetched.found[:inserted]:
+            loaded[tier] += self.engine.page_size
         return dict(loaded)
 
     def count_hit(self, cached_tokens: int, from_store: dict[str, int]) -> None:

@@ -257,8 +257,14 @@ class Worker:
                     tokens_addr=msg.tokens_addr, arrival_time=msg.arrival_time,
                     candidates=[list(c[:2]) for c in msg.decode_candidates if len(c) >= 2],
                 )
-            seqs = await self._on_engine(lambda: self.engine.add_request(
-                msg.request_id, list(msg.prompt_ids), params, priority=msg.priority, hold_after_prefill=hold))
+
+            def add() -> tuple[list, dict[str, int]]:
+                # One engine call: pages fetched from the kvstore land right before admission.
+                loaded = self.tiering.load(msg.request_id, list(msg.prompt_ids))
+                return self.engine.add_request(msg.request_id, list(msg.prompt_ids), params, priority=msg.priority,
+                                               hold_after_prefill=hold), loaded
+
+            seqs, loaded = await self._on_engine(add)
         except (ValueError, TypeError) as exc:
             await self._reject(msg, 400, str(exc))
             return
@@ -267,7 +273,7 @@ class Worker:
             await self._reject(msg, 500, f"internal error: {type(exc).__name__}")
             return
         self.requests[msg.request_id] = RequestState(msg.tokens_addr, len(seqs), len(msg.prompt_ids), handoff=handoff,
-                                                 from_store=self.tiering.take_loaded(msg.request_id))
+                                                 from_store=loaded)
         self.requests_total += 1
         self.roles.started("prefill")
 

@@ -15,6 +15,9 @@
 namespace {
 
 constexpr int kRows = 4;  // output rows per block: each activation load feeds 4 weight rows
+// Rows are short (K bytes), too short for the hardware prefetcher to ramp up on each; a software
+// prefetch this far ahead in the (contiguous) weight stream was worth ~25% at decode sizes.
+constexpr int64_t kPrefetchBytes = 4096;
 
 // Dot products of MB activation rows with R weight rows into out[m * kRows + r]; the last
 // K % 16 columns go through a masked load.
@@ -26,6 +29,7 @@ inline void block_dot(const float* x, int64_t K, const int8_t* w, int64_t ldw, f
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     for (int r = 0; r < R; ++r) {
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kPrefetchBytes, _MM_HINT_T0);
       const __m128i wi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ldw + k));
       const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(wi));
       for (int m = 0; m < MB; ++m) acc[m][r] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + m * K + k), acc[m][r]);

@@ -145,6 +145,17 @@ class Generation:
             logger.warning("delta for unknown choice %s/%s dropped", delta.request_id, delta.index)
             return
         choice = self.choices[position]
+        token_ids, delta_logprobs = delta.token_ids, delta.logprobs
+        # Deltas carry the choice's cumulative output count: positions this gateway already has
+        # (two workers briefly decoding one request after a KV hand-off raced a timeout) are
+        # dropped, so the client never sees a token twice.
+        start = delta.num_output_tokens - len(token_ids)
+        if delta.num_output_tokens > 0 and start < choice.num_tokens:
+            skip = choice.num_tokens - start
+            token_ids = token_ids[skip:]
+            delta_logprobs = delta_logprobs[skip:] if delta_logprobs else delta_logprobs
+            if not token_ids and delta.finish_reason is None:
+                return
         if delta.finish_reason is not None:
             choice.worker_done = True
         if choice.finish_reason is not None:
@@ -153,8 +164,8 @@ class Generation:
             self.first_token_time = time.time()
             self.ctx.metrics.ttft.observe(self.first_token_time - self.arrival)
             self._set_state("running")
-        choice.num_tokens += len(delta.token_ids)
-        text = choice.detok.push(delta.token_ids)
+        choice.num_tokens += len(token_ids)
+        text = choice.detok.push(token_ids)
         matcher = choice.matcher
         finish = delta.finish_reason
         if matcher is not None:
@@ -168,7 +179,7 @@ class Generation:
                     finish = "stop"
         elif finish is not None:
             text += choice.detok.flush()
-        logprobs = delta.logprobs if self.want_logprobs else None
+        logprobs = delta_logprobs if self.want_logprobs else None
         if finish is not None:
             choice.finish_reason = finish
             self._unfinished -= 1

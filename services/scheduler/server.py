@@ -73,6 +73,10 @@ class RequestEntry:
     prompt_len: int = 0
     queued_prefill_tokens: int = 0  # on its prefill instance when it was routed (TTFT predictor input)
     decode_candidates: list[str] = field(default_factory=list)  # until handed over
+    # Prompt tokens charged to the prefill instance's queue estimate until its next heartbeat.
+    charge: int = 0
+    charged_at_heartbeat: int = 0
+    prefill_instance: str = ""
 
 
 class SchedulerServer:
@@ -280,9 +284,12 @@ class SchedulerServer:
             msg.request_id, identity, msg.gateway_id, msg.tokens_addr, instance.instance_id, time.monotonic(),
             prompt_len=len(msg.prompt_ids), queued_prefill_tokens=instance.queued_prefill_tokens,
             decode_candidates=[d.instance_id for d in route.decode],
+            # Only what it must compute: a cached prefix costs the instance nothing.
+            charge=len(msg.prompt_ids) - cached.get(instance.instance_id, 0),
+            charged_at_heartbeat=instance.heartbeats, prefill_instance=instance.instance_id,
         )
         self.registry.assign(instance.instance_id, msg.request_id)
-        instance.prefill_tokens_since_heartbeat += len(msg.prompt_ids)
+        instance.prefill_tokens_since_heartbeat += self.requests[msg.request_id].charge
         logger.debug("request %s -> %s", msg.request_id, instance.instance_id)
         await bus.send(self.backend, assign, identity=instance.identity)
 
@@ -323,6 +330,7 @@ class SchedulerServer:
             if entry is not None and entry.instance_id == msg.instance_id:
                 del self.requests[msg.request_id]
                 self.registry.release(msg.instance_id, msg.request_id)
+                self._uncharge(entry)
                 if msg.ttft_s >= 0:
                     self.policy.observe_ttft(msg.instance_id, entry.prompt_len, entry.queued_prefill_tokens, msg.ttft_s)
                 if msg.tpot_s >= 0:
@@ -354,6 +362,14 @@ class SchedulerServer:
         else:
             logger.warning("dropped %s on the backend socket from %r: not a worker message", msg.TAG, identity)
 
+    def _uncharge(self, entry: RequestEntry) -> None:
+        """Its prefill is done: take its tokens off the queue estimate, unless a heartbeat since
+        the assignment already replaced the estimate with the instance's own count."""
+        instance = self.registry.get(entry.prefill_instance)
+        if instance is not None and instance.heartbeats == entry.charged_at_heartbeat and entry.charge:
+            instance.prefill_tokens_since_heartbeat = max(0, instance.prefill_tokens_since_heartbeat - entry.charge)
+            entry.charge = 0
+
     async def _on_handoff(self, identity: bytes, msg: RequestHandoff) -> None:
         """A decode worker took a request's KV: it holds the request from now on."""
         entry = self.requests.get(msg.request_id)
@@ -366,6 +382,7 @@ class SchedulerServer:
             await bus.send(self.backend, AbortRequest(request_id=msg.request_id), identity=identity)
             return
         self.registry.release(entry.instance_id, msg.request_id)
+        self._uncharge(entry)
         entry.instance_id = msg.to_instance
         entry.decode_candidates = []
         self.registry.assign(msg.to_instance, msg.request_id)

@@ -329,9 +329,6 @@ def test_kv_aware_routing_follows_the_prefix_then_spreads(routing_server) -> Non
     assert stats[other]["prefix_hit_tokens"]["hbm"] > 0
 
 
-@pytest.mark.xfail(strict=False, reason="services/scheduler/server.py charges a routed request's whole prompt to "
-                   "prefill_tokens_since_heartbeat (cached prefix included) and keeps it until the next heartbeat, "
-                   "so a repeat sent right after the previous one finished looks cheaper on the other worker")
 def test_back_to_back_repeats_stay_on_the_holder(routing_server) -> None:
     server = routing_server
     prompt = tokens(8, 20 * PAGE + 3)
