@@ -52,7 +52,7 @@ def test_requests_spread_across_both_workers(server) -> None:
     server.wait_until(lambda: all(i["inflight"] == 0 for i in server.instances().values()), 5,
                       "an empty request table")
     for inst in server.instances().values():
-        assert inst["role"] == "decode" and inst["total_pages"] > 0 and inst["last_heartbeat_age"] < 3.0
+        assert inst["role"] == "mixed" and inst["total_pages"] > 0 and inst["last_heartbeat_age"] < 3.0
 
 
 def test_malformed_bus_messages_are_dropped(server) -> None:
