@@ -97,6 +97,15 @@ inline __m512 widen_bf16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// Horizontal sums of four vectors: {sum(a), sum(b), sum(c), sum(d)}.
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a,b,a,b per 128-bit lane
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  // a,b,c,d per lane
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
 // bf16 cache, bf16 q/out, head_dim = 32 * DC (DC <= 4 chunks, i.e. head_dim <= 128).
 template <int DC>
 void decode_bf16(const c10::BFloat16* qp, const c10::BFloat16* kp, const c10::BFloat16* vp, const int64_t* pg,
@@ -105,7 +114,6 @@ void decode_bf16(const c10::BFloat16* qp, const c10::BFloat16* kp, const c10::BF
   constexpr int64_t D = 32 * DC;
   at::parallel_for(0, L.B * L.KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<__m512> acc(L.G * 2 * DC);
     for (int64_t work = begin; work < end; ++work) {
       const int64_t b = work / L.KVH, h = work % L.KVH;
       const int64_t len = ln[b];
@@ -121,29 +129,38 @@ void decode_bf16(const c10::BFloat16* qp, const c10::BFloat16* kp, const c10::BF
         __m512bh qv[DC];
         for (int c = 0; c < DC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qb + g * D + 32 * c);
         float* sg = scores.data() + g * n;
-        for (int64_t t = start; t < len; ++t) {
+        auto dot = [&](int64_t t) {
           const c10::BFloat16* krow = kbase + pages[t / L.PS] * L.page_stride + (t % L.PS) * D;
           __m512 a = _mm512_setzero_ps();
           for (int c = 0; c < DC; ++c) a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(krow + 32 * c));
-          sg[t - start] = cap_score(_mm512_reduce_add_ps(a) * fscale, soft_cap);
+          return a;
+        };
+        int64_t t = start;
+        // Four positions at a time share one horizontal reduction (a third of the shuffles).
+        for (; t + 4 <= len; t += 4) {
+          __m128 s4 = hsum4(dot(t), dot(t + 1), dot(t + 2), dot(t + 3));
+          s4 = _mm_mul_ps(s4, _mm_set1_ps(fscale));
+          _mm_storeu_ps(sg + (t - start), s4);
         }
+        for (; t < len; ++t) sg[t - start] = _mm512_reduce_add_ps(dot(t)) * fscale;
+        if (soft_cap > 0)
+          for (int64_t i = 0; i < n; ++i) sg[i] = cap_score(sg[i], soft_cap);
       }
       softmax_rows(scores.data(), L.G, n);
-      for (auto& v : acc) v = _mm512_setzero_ps();
-      for (int64_t t = start; t < len; ++t) {
-        const c10::BFloat16* vrow = vbase + pages[t / L.PS] * L.page_stride + (t % L.PS) * D;
-        __m512 vv[2 * DC];
-        for (int c = 0; c < 2 * DC; ++c) vv[c] = widen_bf16(vrow + 16 * c);
-        for (int64_t g = 0; g < L.G; ++g) {
-          const __m512 p = _mm512_set1_ps(scores[g * n + (t - start)]);
-          __m512* ag = acc.data() + g * 2 * DC;
-          for (int c = 0; c < 2 * DC; ++c) ag[c] = _mm512_fmadd_ps(p, vv[c], ag[c]);
-        }
-      }
       c10::BFloat16* ob = op + (b * L.H + h * L.G) * D;
+      // One query head at a time keeps its accumulator in registers; the V rows of this
+      // (sequence, kv head) stay in L1/L2 between the G passes.
       for (int64_t g = 0; g < L.G; ++g) {
+        __m512 acc[2 * DC];
+        for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_setzero_ps();
+        const float* sg = scores.data() + g * n;
+        for (int64_t t = start; t < len; ++t) {
+          const c10::BFloat16* vrow = vbase + pages[t / L.PS] * L.page_stride + (t % L.PS) * D;
+          const __m512 p = _mm512_set1_ps(sg[t - start]);
+          for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_fmadd_ps(p, widen_bf16(vrow + 16 * c), acc[c]);
+        }
         alignas(64) float tmp[D];
-        for (int c = 0; c < 2 * DC; ++c) _mm512_store_ps(tmp + 16 * c, acc[g * 2 * DC + c]);
+        for (int c = 0; c < 2 * DC; ++c) _mm512_store_ps(tmp + 16 * c, acc[c]);
         for (int64_t d = 0; d < D; ++d) ob[g * D + d] = from_f32<c10::BFloat16>(tmp[d]);
       }
     }
