@@ -112,6 +112,7 @@ class Worker:
         self.receiver = KvReceiver(engine, self._on_engine, self._decode_refusal, self._on_kv_landed,
                                    max(30.0, 6 * transfer_timeout_s))
         self._handoffs: set[asyncio.Task] = set()
+        self._load_dropped = False  # a request ended since the last heartbeat
         self.tiering = KvTiering(engine, self._on_engine, instance_id, self._send_backend, kvstore)
 
     @property
@@ -184,6 +185,11 @@ class Worker:
         while True:
             await self._apply_pending()
             await self._refresh_stats()
+            if self._load_dropped and self.registered:
+                # A request ended: report the lighter load now, not up to a heartbeat later, so
+                # the next request is not routed on a stale queue (KV-aware routing counts it).
+                self._load_dropped = False
+                await self._send_backend(self.heartbeat_message())
             if not self.engine.has_unfinished():
                 self._wake.clear()
                 if not self._pending:
@@ -200,9 +206,11 @@ class Worker:
                     await self._on_engine(self.engine.abort_request, request_id)
                     await self._fail(request_id, 500, "internal error in the engine")
                 continue
+            # Pages this step cached reach the scheduler's prefix index before the tokens reach
+            # the client, so a follow-up request is routed knowing where its prefix is.
+            await self.tiering.flush_events()
             for output in outputs:
                 await self._emit(output)
-            await self.tiering.flush_events()
             # Let receivers run between steps even when every send completed synchronously.
             await asyncio.sleep(0)
 
@@ -316,6 +324,7 @@ class Worker:
         if taker is not None:
             # The decode worker owns it now and reports it to the scheduler (RequestHandoff).
             self.requests.pop(request_id, None)
+            self._load_dropped = True
         else:
             state.handoff = None  # decoding here: this worker finishes it like any request
         self._wake.set()
@@ -358,6 +367,7 @@ class Worker:
             await self._finished(request_id, state, "stop")
 
     async def _finished(self, request_id: str, state: RequestState, reason: str) -> None:
+        self._load_dropped = True
         await self._send_backend(RequestFinished(
             request_id=request_id, instance_id=self.instance_id, finish_reason=reason,
             num_prompt_tokens=state.num_prompt_tokens, num_output_tokens=state.num_output_tokens,

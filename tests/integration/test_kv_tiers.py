@@ -334,10 +334,14 @@ def test_back_to_back_repeats_stay_on_the_holder(routing_server) -> None:
     prompt = tokens(8, 20 * PAGE + 3)
     n = sum(s.get("requests_total", 0) for s in settled(server, 0).values())
     before = settled(server, n)
+    blocks = server.status()["scheduler"]["prefix_index"]["prefix_index_hbm_blocks"]
     complete(server, prompt, max_tokens=2)
     n += 1
     after = settled(server, n)
     holder = next(iid for iid in after if after[iid]["requests_total"] > before[iid]["requests_total"])
+    # Workers publish a step's cached pages before its tokens; the gateway's /status lags.
+    server.wait_until(lambda: server.status()["scheduler"]["prefix_index"]["prefix_index_hbm_blocks"] >= blocks + 20,
+                      10, "the prefix index to learn the holder's pages")
     for _ in range(4):  # no pause: the scheduler has not had a heartbeat since the last one finished
         complete(server, prompt, max_tokens=2)
     n += 4
