@@ -35,7 +35,6 @@ import logging
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from common.bench.serve import RequestResult, _percentile
+from common.bench.server_proc import fmt, stop_server, wait_ready
 
 logger = logging.getLogger(__name__)
 
@@ -272,37 +272,6 @@ def serve_argv(args: argparse.Namespace, mode: str, port: int, kvstore_dir: str 
     return argv
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"xllm serve exited with status {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"xllm serve not ready at {url} after {timeout_s:g} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the launcher (it stops its children), SIGKILL its process group if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-            return
-        except subprocess.TimeoutExpired:
-            logger.warning("xllm serve (pid %d) did not stop: killing its process group", proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait(timeout=10)
-
-
 def run_mode(args: argparse.Namespace, mode: str, workload: Workload) -> dict:
     url = f"http://127.0.0.1:{args.port}"
     tmp = tempfile.mkdtemp(prefix="xllm-bench-kv-") if mode == "tiers-on" else None
@@ -312,7 +281,7 @@ def run_mode(args: argparse.Namespace, mode: str, workload: Workload) -> dict:
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if args.server_log else None,
                             start_new_session=True)
     try:
-        _wait_ready(proc, url, args.startup_timeout)
+        wait_ready(proc, url, args.startup_timeout)
         deadline = time.monotonic() + 60
         while len(worker_stats(url)) < args.workers:  # every worker registered
             if time.monotonic() > deadline:
@@ -338,15 +307,11 @@ def run_mode(args: argparse.Namespace, mode: str, workload: Workload) -> dict:
                                                           "corrupt_entries", "writebehind_dropped") if k in store}
         return summarize_mode(results, hit_deltas(before, after), wall, extra)
     finally:
-        _stop(proc)
+        stop_server(proc)
         if log is not subprocess.DEVNULL:
             log.close()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fmt(v: float | None, spec: str = ".0f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def print_table(runs: dict[str, dict]) -> None:
@@ -357,7 +322,7 @@ def print_table(runs: dict[str, dict]) -> None:
         hits = (f"{100 * h['hbm']:.1f}/{100 * h['dram']:.1f}/{100 * h['ssd']:.1f} "
                 f"({100 * h['total']:.1f})")
         print(f"{mode:<10}{s['requests']:>5}{s['completed']:>5}"
-              f"{_fmt(t['p50']) + '/' + _fmt(t['p90']) + '/' + _fmt(t['mean']):>23}{hits:>30}"
+              f"{fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['mean']):>23}{hits:>30}"
               f"{s['requests_per_s']:>7.2f}{s['prompt_tok_per_s']:>14.1f}{s['output_tok_per_s']:>11.1f}")
         for err in s["errors"]:
             print(f"    error: {err}", file=sys.stderr)

@@ -25,17 +25,15 @@ import json
 import logging
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from common.bench.serve import RequestResult, _base_url, _discover_model, _one, _percentile
+from common.bench.server_proc import fmt, stop_server, wait_ready
 
 logger = logging.getLogger(__name__)
 
@@ -234,37 +232,6 @@ def _serve_argv(args: argparse.Namespace, policy: str, port: int) -> list[str]:
     return argv
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"xllm serve exited with status {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"xllm serve not ready at {url} after {timeout_s:g} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the launcher (it stops its children), SIGKILL its group if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-            return
-        except subprocess.TimeoutExpired:
-            logger.warning("xllm serve (pid %d) did not stop: killing its process group", proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait(timeout=10)
-
-
 def _run_one_policy(args: argparse.Namespace, policy: str, workload: list[Arrival], phases: list[Phase]) -> dict:
     port = args.port
     url = f"http://127.0.0.1:{port}"
@@ -274,22 +241,18 @@ def _run_one_policy(args: argparse.Namespace, policy: str, workload: list[Arriva
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if args.server_log else None,
                             start_new_session=True)
     try:
-        _wait_ready(proc, url, args.startup_timeout)
+        wait_ready(proc, url, args.startup_timeout)
         print(f"[{policy}] ready; sending {len(workload)} requests over "
               f"{sum(p.duration_s for p in phases):g} s", flush=True)
         outcomes, flips, wall = asyncio.run(run_workload(url, workload, timeout=args.timeout, drain_s=args.drain_s))
     finally:
-        _stop(proc)
+        stop_server(proc)
         if log is not subprocess.DEVNULL:
             log.close()
     return summarize_run(outcomes, phases, flips, wall, args.ttft_slo_ms / 1000, args.tpot_slo_ms / 1000)
 
 
 # ------------------------------------------------------------------------------ the command
-
-
-def _fmt(v: float | None, spec: str = ".0f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def print_table(runs: dict[str, dict]) -> None:
@@ -299,10 +262,10 @@ def print_table(runs: dict[str, dict]) -> None:
         for i, s in enumerate([*run_["phases"], run_["overall"]]):
             flips = str(run_["flips"]) if i == len(run_["phases"]) else ""
             print(f"{policy:<9}{s['phase']:<14}{s['requests']:>5}{s['completed']:>5}"
-                  f"{_fmt(s['slo_attainment_pct'], '.1f'):>7}"
-                  f"{_fmt(s['ttft_ms']['p50']) + '/' + _fmt(s['ttft_ms']['p90']):>18}"
-                  f"{_fmt(s['tpot_ms']['p50']) + '/' + _fmt(s['tpot_ms']['p90']):>17}"
-                  f"{_fmt(s['output_tok_per_s'], '.1f'):>11}{flips:>7}")
+                  f"{fmt(s['slo_attainment_pct'], '.1f'):>7}"
+                  f"{fmt(s['ttft_ms']['p50']) + '/' + fmt(s['ttft_ms']['p90']):>18}"
+                  f"{fmt(s['tpot_ms']['p50']) + '/' + fmt(s['tpot_ms']['p90']):>17}"
+                  f"{fmt(s['output_tok_per_s'], '.1f'):>11}{flips:>7}")
             for err in s["errors"] if i == len(run_["phases"]) else []:
                 print(f"    error: {err}", file=sys.stderr)
 
