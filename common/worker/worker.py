@@ -421,6 +421,9 @@ class Worker:
             elif isinstance(msg, RegisterAck):
                 if msg.accepted and not self.registered:
                     logger.info("worker %s registered", self.instance_id)
+                    # Report the load at once: the registry has no stats for us until then.
+                    self.registered = True
+                    await self._send_backend(self.heartbeat_message())
                 elif not msg.accepted:
                     logger.info("scheduler did not accept %s (%s): registering again", self.instance_id, msg.reason)
                     await self._send_backend(self._register_message())
