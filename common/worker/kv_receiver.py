@@ -79,9 +79,6 @@ class KvReceiver:
             "kv_bytes_received": self.bytes_received,
         }
 
-    def has_request(self, request_id: str) -> bool:
-        return any(inc.begin.request_id == request_id for inc in self._incoming.values())
-
     async def handle(self, sock: zmq.asyncio.Socket, identity: bytes, msg: Message, tensors: list) -> None:
         if isinstance(msg, KvTransferBegin):
             reason = await self._begin(identity, msg)

@@ -198,7 +198,7 @@ class KvSender:
         if not ready.ok:
             return False, f"refused: {ready.reason}"
         # One engine-thread hop for every layer: a hop per layer would wait behind a step each.
-        layers = await self.run_on_engine(lambda: [export.layer(i) for i in range(export.num_layers)])
+        layers = await self.run_on_engine(export.layers, 0, export.num_layers)
         acked = peer.expect(KvTransferAck.TAG, transfer_id)
         try:
             for layer, tensor in enumerate(layers):

@@ -100,6 +100,7 @@ class Worker:
         # Every engine call that runs torch work happens on this one thread (see worker.main).
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._stats: dict = {}
+        self._stats_at = 0.0  # monotonic time of the last refresh
         self.pushers = GatewayPushers(self._context)
         # Unique per process: tells the scheduler a restarted worker from a repeated Register.
         self._identity = f"{instance_id}#{uuid.uuid4().hex[:8]}".encode()
@@ -184,7 +185,11 @@ class Worker:
     async def _engine_loop(self) -> None:
         while True:
             await self._apply_pending()
-            await self._refresh_stats()
+            # Stats cost an engine-thread hop: refresh them when they are about to be read (a
+            # heartbeat is due, the load just dropped, or the engine goes idle), not every step.
+            stale = time.monotonic() - self._stats_at >= self.heartbeat_interval_s / 2
+            if stale or self._load_dropped or not self.engine.has_unfinished():
+                await self._refresh_stats()
             if self._load_dropped and self.registered:
                 # A request ended: report the lighter load now, not up to a heartbeat later, so
                 # the next request is not routed on a stale queue (KV-aware routing counts it).
@@ -403,6 +408,7 @@ class Worker:
             **self.tiering.stats(),
         )
         self._stats = stats
+        self._stats_at = time.monotonic()
 
     # ---- receivers ----------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import zmq.asyncio
 from common import bus
 from common.engine.block_manager import prefix_hashes
 from common.kvstore_client import KvStoreClient
-from common.protocol import KvEvent, KvSnapshotRequest
+from common.protocol import KvEvent
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Instance
 
@@ -116,9 +116,6 @@ class KvAwareness:
             # The engine always computes the last prompt token itself.
             out[instance.instance_id] = min(max(own, store) * instance.page_size, len(prompt_ids) - 1)
         return out
-
-    def snapshot_request(self, instance_id: str) -> KvSnapshotRequest:
-        return KvSnapshotRequest(source=instance_id)
 
     def summary(self) -> dict:
         out: dict = {"prefix_index": self.index.sizes()}

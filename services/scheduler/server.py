@@ -13,10 +13,9 @@ per-request results.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 
 import zmq
@@ -34,6 +33,7 @@ from common.protocol import (
     FlipRequest,
     GatewayHello,
     KvEvent,
+    KvSnapshotRequest,
     Heartbeat,
     Message,
     Register,
@@ -51,16 +51,12 @@ from common.worker.outputs import GatewayPushers
 from services.scheduler.kv_awareness import KvAwareness
 from services.scheduler.pd_policy import PdPolicy, make_policy
 from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S, Instance, RegisterOutcome, Registry
+from services.scheduler.role_flips import RoleFlips
 from services.scheduler.router import Router
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SchedulerServer", "RequestEntry"]
-
-_FLIP_ROLES = ("prefill", "decode", "mixed")
-# An unacknowledged flip order is published again after this long (PUB may drop messages).
-_FLIP_RESEND_S = 2.0
-
 
 @dataclass
 class RequestEntry:
@@ -97,11 +93,7 @@ class SchedulerServer:
         self.policy = policy or make_policy("static", 1.0, 0.1)
         self.policy_name = policy_name
         self.policy_interval_s = policy_interval_s
-        self._flip_ids = itertools.count(1)
-        self.flips_total = 0
-        self.flips_by_reason: Counter[str] = Counter()
-        self.recent_flips: deque[dict] = deque(maxlen=32)
-        self._flip_sent_at: dict[str, float] = {}
+        self.flips = RoleFlips(self.registry, self._publish, self.policy.note_flip)
         self.reap_interval_s = reap_interval_s
         self.requests: dict[str, RequestEntry] = {}
         self.gateways: dict[str, tuple[bytes, str]] = {}  # gateway_id -> (identity, tokens_addr)
@@ -185,49 +177,22 @@ class SchedulerServer:
                 logger.exception("PD policy failed to decide; no flip this round")
                 flips = []
             for flip in flips:
-                await self.flip(flip.instance_id, flip.role, flip.reason)
-            await self._resend_unacked_flips()
+                await self.flips.order(flip.instance_id, flip.role, flip.reason)
+            await self.flips.resend_unacknowledged()
+
+    async def _publish(self, msg: RoleFlip) -> None:
+        await bus.send(self.control, msg, topic=msg.instance_id)
 
     async def flip(self, instance_id: str, role: str, reason: str) -> bool:
         """Order an instance into `role` on the control socket; False when it cannot be done."""
-        instance = self.registry.get(instance_id)
-        if instance is None or role not in _FLIP_ROLES:
-            logger.warning("cannot flip %s to %r: %s", instance_id, role,
-                           "unknown instance" if instance is None else "unknown role")
-            return False
-        if instance.role == role and instance.pending_flip is None:
-            return False
-        flip_id = next(self._flip_ids)
-        old = instance.role
-        # Route as the new role at once: the worker takes what it is sent whatever its role.
-        instance.role, instance.pending_flip = role, flip_id
-        self._flip_sent_at[instance_id] = time.monotonic()
-        await bus.send(self.control, RoleFlip(instance_id=instance_id, role=role, flip_id=flip_id), topic=instance_id)
-        self.policy.note_flip(instance_id, role)
-        self.flips_total += 1
-        self.flips_by_reason[reason.split(":")[0]] += 1
-        self.recent_flips.append({"flip_id": flip_id, "instance": instance_id, "from": old, "to": role,
-                                  "reason": reason, "at": time.time()})
-        logger.info("flip %d: %s %s -> %s (%s)", flip_id, instance_id, old, role, reason)
-        return True
-
-    async def _resend_unacked_flips(self) -> None:
-        now = time.monotonic()
-        for instance in self.registry.instances():
-            sent = self._flip_sent_at.get(instance.instance_id)
-            if instance.pending_flip is not None and sent is not None and now - sent > _FLIP_RESEND_S:
-                self._flip_sent_at[instance.instance_id] = now
-                await bus.send(self.control, RoleFlip(instance_id=instance.instance_id, role=instance.role,
-                                                      flip_id=instance.pending_flip), topic=instance.instance_id)
+        return await self.flips.order(instance_id, role, reason)
 
     def status_summary(self) -> dict:
         pools = Counter(instance.role for instance in self.registry.instances())
         return {
             "pd_policy": self.policy_name,
             "pools": dict(pools),
-            "flips_total": self.flips_total,
-            "flips_by_reason": dict(self.flips_by_reason),
-            "recent_flips": list(self.recent_flips)[-8:],
+            **self.flips.summary(),
             "requests": len(self.requests),
             "policy": self.policy.snapshot() if hasattr(self.policy, "snapshot") else {},
             **self.kv.summary(),
@@ -342,7 +307,7 @@ class SchedulerServer:
             if instance is None or instance.instance_id != msg.source or msg.tier != "hbm":
                 logger.debug("dropped a KV event from %r: not a registered worker's own HBM", identity)
             elif not self.kv.on_worker_event(msg):
-                await bus.send(self.backend, self.kv.snapshot_request(msg.source), identity=identity)
+                await bus.send(self.backend, KvSnapshotRequest(source=msg.source), identity=identity)
         elif isinstance(msg, Register):
             await self._on_register(identity, msg)
         elif isinstance(msg, Deregister):
@@ -355,9 +320,7 @@ class SchedulerServer:
         elif isinstance(msg, FlipAck):
             instance = self.registry.by_identity(identity)
             if instance is not None and instance.instance_id == msg.instance_id:
-                if instance.pending_flip == msg.flip_id:
-                    instance.pending_flip = None
-                    instance.role = msg.role
+                self.flips.acknowledged(instance, msg)
             logger.info("instance %s is now %s (flip %d)", msg.instance_id, msg.role, msg.flip_id)
         else:
             logger.warning("dropped %s on the backend socket from %r: not a worker message", msg.TAG, identity)

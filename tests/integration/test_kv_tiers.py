@@ -261,7 +261,7 @@ def _corrupt_values(data_file: Path) -> int:
 def test_corrupted_ssd_value_is_a_miss_and_counted(tier_server, xllm_server_factory, kvstore_dir) -> None:
     for name in ("A", "X"):
         if name not in REFERENCE:
-            pytest.skip("needs the references of the tests above")
+            pytest.skip("run alone: the tier tests above in this module record the reference outputs it compares with")
     tier_server.stop()  # the store drains its write-behind queue and closes LMDB
     assert _corrupt_values(kvstore_dir / "data.mdb") >= 6
 
@@ -289,7 +289,7 @@ def routing_server(xllm_server_factory):
 
 def test_no_kvstore_same_output(routing_server) -> None:
     if "A" not in REFERENCE:
-        pytest.skip("needs the reference of the tier test")
+        pytest.skip("run alone: the tier test in this module records the reference output it compares with")
     assert complete(routing_server, PROMPT_A) == REFERENCE["A"]
 
 
