@@ -19,14 +19,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["paged_decode_module", "cpu_ops_module"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("paged_decode.cpp", "int8_linear.cpp", "fused_ops.cpp", "module.cpp")
+_SOURCES = ("paged_decode.cpp", "int8_linear.cpp", "w8a8.cpp", "fused_ops.cpp", "module.cpp")
 
 
 @functools.cache
 def cpu_ops_module():
     """The compiled CPU kernel module, or None when it cannot be built here.
 
-    Exposes ``paged_decode_attention``, ``int8_linear``, ``quantize_int8_rows`` and the fused
+    Exposes ``paged_decode_attention``, ``int8_linear``, ``quantize_rows_s8``, ``dequant_rows`` and the fused
     elementwise ops of ``fused_ops.cpp``.
     """
     if os.environ.get("XLLM_NO_CPU_EXT"):

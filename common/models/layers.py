@@ -292,9 +292,10 @@ class DecoderForCausalLM(nn.Module):
                 x, h = layer(x, h, cos, sin, meta, kv_caches[i])
         return self.model.norm.add_forward(h, x)[1]
 
-    def pack_linears(self, int8_max_rows: int = 0) -> int:
+    def pack_linears(self, int8_max_rows: int = 0, w8a8: bool = False) -> int:
         """Prepack every linear (and the tied lm head) for oneDNN where it helps (CPU, bf16);
-        ``int8_max_rows > 0`` adds int8 weight copies for batches up to that many rows."""
+        ``int8_max_rows > 0`` adds int8 weight copies for batches up to that many rows, ``w8a8``
+        int8 GEMMs for larger batches (see :class:`kernels.linear.PackedLinear`)."""
         weight = self.model.embed_tokens.weight
         if not packed_linear_supported(weight.dtype) or weight.device.type != "cpu":
             return 0
@@ -303,7 +304,7 @@ class DecoderForCausalLM(nn.Module):
             head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
             head.weight = self.model.embed_tokens.weight
             self.lm_head = head
-        return pack_linears(self, int8_max_rows)
+        return pack_linears(self, int8_max_rows, w8a8)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden] -> [N, vocab]`` float32 logits (final soft-cap applied)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ import torch.nn as nn
 from common.default_model import default_model_path
 from common.models.config import ModelConfig
 from common.models.gemma3 import Gemma3ForCausalLM
+from common.models.int8_calibration import calibrate_int8_gemms, calibration_token_ids
 from common.models.layers import DecoderForCausalLM
 from common.models.llama import LlamaForCausalLM, MistralForCausalLM
 from common.models.qwen2 import Qwen2ForCausalLM
@@ -96,6 +98,7 @@ def _read_checkpoint(path: Path, dtype: torch.dtype, device: torch.device | str)
     raise FileNotFoundError(f"{path} is neither a .gguf file nor a model directory")
 
 
+@functools.lru_cache(maxsize=8)
 def _is_quantized_gguf(path: Path) -> bool:
     """Whether ``path`` is a GGUF whose weight matrices are stored quantized (Q8_0, Q4_1, K-quants...)."""
     if not (path.is_file() and path.suffix == ".gguf"):
@@ -106,18 +109,23 @@ def _is_quantized_gguf(path: Path) -> bool:
     return any(t.tensor_type not in plain for t in gguf.GGUFReader(str(path)).tensors)
 
 
-def int8_decode_rows(path: Path, dtype: torch.dtype) -> int:
-    """How many rows a linear runs on int8 weights (0 = never).
-
-    Only in bf16, and by default only for checkpoints that were quantized already (int8 rows
-    add far less error than the source's own 4-8 bit blocks); ``XLLM_INT8_DECODE=0``/``1``
-    forces it off/on for bf16.
-    """
+def _int8_enabled(path: Path, dtype: torch.dtype, env: str) -> bool:
+    """bf16 only; by default for checkpoints that were quantized already (int8 rows add far
+    less error than the source's own 4-8 bit blocks); ``env=0``/``1`` forces it off/on."""
     if dtype != torch.bfloat16:
-        return 0
-    forced = os.environ.get("XLLM_INT8_DECODE")
-    enabled = forced != "0" if forced is not None else _is_quantized_gguf(path)
-    return DEFAULT_INT8_MAX_ROWS if enabled else 0
+        return False
+    forced = os.environ.get(env)
+    return forced != "0" if forced is not None else _is_quantized_gguf(path)
+
+
+def int8_decode_rows(path: Path, dtype: torch.dtype) -> int:
+    """How many rows a linear runs on weight-only int8 (0 = never); ``XLLM_INT8_DECODE``."""
+    return DEFAULT_INT8_MAX_ROWS if _int8_enabled(path, dtype, "XLLM_INT8_DECODE") else 0
+
+
+def int8_gemm_enabled(path: Path, dtype: torch.dtype) -> bool:
+    """Whether larger batches run W8A8 int8 GEMMs (per-row activation scales); ``XLLM_INT8_GEMM``."""
+    return _int8_enabled(path, dtype, "XLLM_INT8_GEMM")
 
 
 def load_model(
@@ -128,8 +136,8 @@ def load_model(
     """Build the model for ``path`` (a ``.gguf`` file or an HF dir) with its weights loaded.
 
     The module is in eval mode with gradients off; weights are in ``dtype`` on ``device``.
-    Prepacked bf16 linears of a quantized GGUF also keep int8 weights for small decode
-    batches (see :func:`int8_decode_rows`).
+    Prepacked bf16 linears of a quantized GGUF also keep int8 weights, for small decode
+    batches and for int8 GEMMs on larger ones (see :func:`int8_decode_rows`, :func:`int8_gemm_enabled`).
     """
     start = time.perf_counter()
     config_dict, state = _read_checkpoint(Path(path), dtype, device)
@@ -144,7 +152,10 @@ def load_model(
         raise ValueError(f"checkpoint does not match {cls.__name__}: missing={missing} unexpected={unexpected}")
     model.eval()
     model.requires_grad_(False)
-    packed = model.pack_linears(int8_decode_rows(Path(path), dtype))
+    w8a8 = int8_gemm_enabled(Path(path), dtype)
+    packed = model.pack_linears(int8_decode_rows(Path(path), dtype), w8a8)
+    if w8a8:
+        calibrate_int8_gemms(model, config, calibration_token_ids(path))
     logger.info("loaded %s (%s, %d prepacked linears) from %s in %.1fs", cls.__name__, dtype, packed, path,
                 time.perf_counter() - start)
     return model, config

@@ -4,6 +4,9 @@
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor pages,
                                   at::Tensor lens, double scale, int64_t window, double soft_cap);
 at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> bias);
+std::vector<at::Tensor> quantize_rows_s8(at::Tensor x, c10::optional<at::Tensor> channel_scale);
+at::Tensor dequant_rows(at::Tensor acc, at::Tensor x_scale, at::Tensor w_scale, c10::optional<at::Tensor> bias,
+                        at::ScalarType out_dtype);
 at::Tensor add_rms_norm_(at::Tensor residual, c10::optional<at::Tensor> x, at::Tensor weight, double eps,
                          bool unit_offset);
 at::Tensor silu_and_mul(at::Tensor x);
@@ -13,6 +16,9 @@ void rotary_write_kv_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV");
   m.def("int8_linear", &int8_linear, "weight-only int8 linear for small batches");
+  m.def("quantize_rows_s8", &quantize_rows_s8, "per-row symmetric int8 quantization of activations",
+        pybind11::arg("x"), pybind11::arg("channel_scale") = pybind11::none());
+  m.def("dequant_rows", &dequant_rows, "int32 GEMM result times row and column scales (+ bias)");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x (optional), then RMSNorm of the residual");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [.., 2I] projection");
   m.def("rotary_write_kv_", &rotary_write_kv_, "rotary on q/k in place, then k/v into the paged cache");

@@ -110,3 +110,46 @@ def test_bf16_decode_attention_matches_fp32(head_dim, window, cap):
             scores[..., : max(0, n - window)] = float("-inf")
         ref = torch.einsum("kgn,knd->kgd", scores.softmax(-1), v).reshape(H, head_dim)
         assert (out[b].float() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [16, 40, 576])
+@pytest.mark.parametrize("channel_scaled", [False, True])
+def test_quantize_rows_s8_matches_reference(dtype, k, channel_scaled):
+    torch.manual_seed(0)
+    x = (torch.randn(9, k) * torch.rand(9, 1) * 10).to(dtype)
+    x[3] = 0  # an all-zero row gets scale 1 and zeros
+    c = torch.rand(k) + 0.5 if channel_scaled else None
+    q, s = ext.quantize_rows_s8(x, c)
+    xf = x.float() * (c if c is not None else 1.0)
+    ref_s = xf.abs().amax(dim=1) / 127
+    ref_s[3] = 1.0
+    assert q.dtype == torch.int8 and q.shape == x.shape and s.shape == (9,)
+    assert torch.allclose(s, ref_s, rtol=1e-6)
+    # round(x / s): off by one only where x / s sits on a rounding boundary (1/s vs division).
+    assert (q.float() - torch.round(xf / ref_s[:, None])).abs().max() <= 1
+    assert q.abs().max() <= 127 and (q[3] == 0).all()
+    assert (q.float() * s[:, None] - xf).abs().max() <= s.max() * 0.51 + 1e-6
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dequant_rows_matches_reference(out_dtype, with_bias):
+    torch.manual_seed(0)
+    acc = torch.randint(-50000, 50000, (5, 37), dtype=torch.int32)
+    xs, ws = torch.rand(5), torch.rand(37) / 100
+    bias = torch.randn(37) if with_bias else None
+    out = ext.dequant_rows(acc, xs, ws, bias, out_dtype)
+    expected = acc.float() * xs[:, None] * ws[None, :] + (bias if bias is not None else 0.0)
+    assert out.dtype == out_dtype and out.shape == (5, 37)
+    # bf16: exactly torch's round-to-nearest-even cast of the fp32 result.
+    assert torch.equal(out, expected.to(out_dtype)) or torch.allclose(out.float(), expected, rtol=1e-6)
+
+
+def test_w8a8_ops_reject_bad_inputs():
+    with pytest.raises(RuntimeError, match="must be"):
+        ext.quantize_rows_s8(torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match="channel_scale"):
+        ext.quantize_rows_s8(torch.randn(2, 8), torch.ones(4))
+    with pytest.raises(RuntimeError, match="x_scale"):
+        ext.dequant_rows(torch.zeros(2, 3, dtype=torch.int32), torch.ones(3), torch.ones(3), None, torch.float32)

@@ -1,0 +1,139 @@
+// The two elementwise halves of a W8A8 linear around torch._int_mm (oneDNN's VNNI int8 GEMM):
+//
+//   quantize_rows_s8: x[M,K] (bf16/fp32) -> q int8 [M,K], s fp32 [M], x * c ~= q * s[:, None]
+//                     where c[K] is an optional per-channel factor (SmoothQuant's 1/smoothing)
+//   dequant_rows:     acc int32 [M,N] -> y[M,N] = acc * xs[m] * ws[n] (+ bias[n]), in x's dtype
+//
+// Per-row (per-token) activation scales keep one outlier token from crushing the resolution
+// of every other row in the batch, which a per-tensor scale would. Both passes are one sweep
+// over memory, split over rows across the intra-op threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+
+#include "common.h"
+
+namespace {
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+// Round-to-nearest-even, as torch's fp32 -> bf16 cast (values here are finite).
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(p), m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+}
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+template <typename T>
+void quantize_impl(const at::Tensor& x, const float* c, at::Tensor& q, at::Tensor& s) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const T* row = xp + m * K;
+      auto load = [&](int64_t k, __mmask16 mk) {
+        const __m512 v = load16(row + k, mk);
+        return c == nullptr ? v : _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, c + k));
+      };
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load(k, tail_mask(K - k))));
+      const float a = _mm512_reduce_max_ps(amax);
+      const float scale = a > 0.f ? a / 127.f : 1.f;
+      sp[m] = scale;
+      const __m512 inv = _mm512_set1_ps(1.f / scale);
+      int8_t* out = qp + m * K;
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mk = tail_mask(K - k);
+        // cvtps rounds to nearest-even; |x * inv| <= 127 so the saturating narrow never clips.
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load(k, mk), inv));
+        _mm_mask_storeu_epi8(out + k, mk, _mm512_cvtsepi32_epi8(v));
+      }
+    }
+  });
+}
+
+template <typename T>
+void dequant_impl(const at::Tensor& acc, const at::Tensor& xs, const at::Tensor& ws, const float* bias,
+                  at::Tensor& y) {
+  const int64_t M = acc.size(0), N = acc.size(1);
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* xsp = xs.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  T* yp = y.data_ptr<T>();
+  const int64_t lda = acc.stride(0);
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const __m512 rs = _mm512_set1_ps(xsp[m]);
+      const int32_t* arow = ap + m * lda;
+      T* yrow = yp + m * N;
+      for (int64_t n = 0; n < N; n += 16) {
+        const __mmask16 mk = tail_mask(N - n);
+        const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, arow + n));
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(a, rs), _mm512_maskz_loadu_ps(mk, wsp + n));
+        if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + n));
+        store16(yrow + n, v, mk);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> quantize_rows_s8(at::Tensor x, c10::optional<at::Tensor> channel_scale) {
+  TORCH_CHECK(x.dim() == 2, "quantize_rows_s8: x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "quantize_rows_s8: x must be bf16 or fp32");
+  const float* c = nullptr;
+  if (channel_scale.has_value()) {
+    TORCH_CHECK(channel_scale->scalar_type() == at::kFloat && channel_scale->is_contiguous() &&
+                    channel_scale->numel() == x.size(1),
+                "quantize_rows_s8: channel_scale must be fp32 [K]");
+    c = channel_scale->data_ptr<float>();
+  }
+  x = x.contiguous();
+  auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  auto s = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kBFloat16) {
+    quantize_impl<c10::BFloat16>(x, c, q, s);
+  } else {
+    quantize_impl<float>(x, c, q, s);
+  }
+  return {q, s};
+}
+
+at::Tensor dequant_rows(at::Tensor acc, at::Tensor x_scale, at::Tensor w_scale, c10::optional<at::Tensor> bias,
+                        at::ScalarType out_dtype) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt && acc.stride(1) == 1,
+              "dequant_rows: acc must be int32 [M, N] with unit column stride");
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == acc.size(0),
+              "dequant_rows: x_scale must be fp32 [M]");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == acc.size(1),
+              "dequant_rows: w_scale must be fp32 [N]");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == acc.size(1),
+                "dequant_rows: bias must be fp32 [N]");
+    bp = bias->data_ptr<float>();
+  }
+  auto y = at::empty(acc.sizes(), acc.options().dtype(out_dtype));
+  if (out_dtype == at::kBFloat16) {
+    dequant_impl<c10::BFloat16>(acc, x_scale, w_scale, bp, y);
+  } else {
+    TORCH_CHECK(out_dtype == at::kFloat, "dequant_rows: out_dtype must be bf16 or fp32");
+    dequant_impl<float>(acc, x_scale, w_scale, bp, y);
+  }
+  return y;
+}

@@ -1,0 +1,101 @@
+"""Prepacked linears: the bf16 oneDNN path, weight-only int8 for small batches, W8A8 GEMMs
+for larger ones, and SmoothQuant calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.models.config import ModelConfig
+from common.models.int8_calibration import calibrate_int8_gemms
+from common.models.llama import LlamaForCausalLM
+from common.models.registry import int8_decode_rows, int8_gemm_enabled
+from kernels.cpu_ext import cpu_ops_module
+from kernels.linear import PackedLinear, packed_linear_supported
+from _model_helpers import TINY, PagedDriver
+
+pytestmark = pytest.mark.skipif(
+    cpu_ops_module() is None or not packed_linear_supported(torch.bfloat16),
+    reason="needs the C++ CPU kernels and oneDNN bf16 GEMMs (AVX512-BF16 or AMX)",
+)
+
+
+def _linear(n: int = 96, k: int = 128, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    return lin.to(torch.bfloat16)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def test_bf16_path_is_bit_identical_to_f_linear():
+    lin = _linear()
+    packed = PackedLinear(lin, int8_max_rows=0, w8a8=False)
+    x = torch.randn(16, 128, dtype=torch.bfloat16)
+    assert torch.equal(packed(x), F.linear(x, lin.weight, lin.bias))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 64])
+def test_int8_paths_by_batch_size_stay_close_to_float(rows):
+    lin = _linear()
+    packed = PackedLinear(lin, int8_max_rows=4, w8a8=True)
+    x = torch.randn(rows, 128, dtype=torch.bfloat16)
+    ref = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+    out = packed(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 96)
+    assert _rel_err(out, ref) < 0.02
+    # 3-D inputs keep their leading shape
+    assert packed(x.view(1, rows, 128)).shape == (1, rows, 96)
+
+
+def test_smoothing_tames_an_outlier_channel():
+    lin = _linear(bias=False)
+    x = torch.randn(64, 128)
+    x[:, 7] *= 80.0  # one channel far larger than the rest, as in real LLM activations
+    x = x.to(torch.bfloat16)
+    ref = F.linear(x.float(), lin.weight.float())
+    plain = PackedLinear(lin, w8a8=True)
+    smoothed = PackedLinear(lin, w8a8=True)
+    smoothed.smooth(x.float().abs().amax(dim=0))
+    err_plain, err_smooth = _rel_err(plain(x), ref), _rel_err(smoothed(x), ref)
+    assert err_smooth < 0.5 * err_plain
+    assert err_smooth < 0.02
+
+
+def test_calibration_smooths_every_int8_gemm_of_a_model():
+    config = ModelConfig.from_hf_dict({**TINY, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                       "rms_norm_eps": 1e-5, "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ref_driver = PagedDriver(model, dtype=torch.bfloat16)
+    tokens = list(range(3, 40))
+    ref = ref_driver.step([(0, tokens)])[0]
+    assert model.pack_linears(int8_max_rows=4, w8a8=True) == 3 * 4 + 1  # 4 per layer + the tied head
+    count = calibrate_int8_gemms(model, config, tokens)
+    assert count == 13
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert all(m._inv_smooth is not None and m._inv_smooth.shape == (m.in_features,) for m in linears)
+    out = PagedDriver(model, dtype=torch.bfloat16).step([(0, tokens)])[0]
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    assert _rel_err(out, ref.float()) < 0.05
+
+
+def test_int8_switches_follow_dtype_source_and_environment(tmp_path, monkeypatch, smollm_path):
+    gguf = Path(smollm_path)  # Q4_1/Q8_0: quantized already
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    monkeypatch.delenv("XLLM_INT8_GEMM", raising=False)
+    monkeypatch.delenv("XLLM_INT8_DECODE", raising=False)
+    assert int8_gemm_enabled(gguf, torch.bfloat16) and int8_decode_rows(gguf, torch.bfloat16) == 4
+    assert not int8_gemm_enabled(gguf, torch.float32) and int8_decode_rows(gguf, torch.float32) == 0
+    assert not int8_gemm_enabled(hf_dir, torch.bfloat16)
+    monkeypatch.setenv("XLLM_INT8_GEMM", "0")
+    assert not int8_gemm_enabled(gguf, torch.bfloat16) and int8_decode_rows(gguf, torch.bfloat16) == 4
+    monkeypatch.setenv("XLLM_INT8_GEMM", "1")
+    assert int8_gemm_enabled(hf_dir, torch.bfloat16)
