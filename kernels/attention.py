@@ -10,6 +10,12 @@ pages. Sequences are split into two groups so neither pays for the other's shape
   flash kernel is slower than that for one-token queries on CPU);
 * prefill group (query_len > 1): queries are padded to the longest chunk and masked causally.
 
+With the C++ kernels on CPU the whole batch instead runs as one call of the paged decode
+kernel, every token a query of its own over its sequence's pages up to its position: K/V rows
+are read in place and shared in cache by a chunk's neighbouring tokens, no padding, masks or
+gathers. For 3 x ~170-token prefill chunks that is 1.5 ms per layer against 3.8 ms for the
+padded, masked flash SDPA (which does not skip masked blocks at these sizes).
+
 Everything that depends only on the batch layout (gather indices, masks) is built once per
 step in :func:`build_attention_metadata` and shared by every layer.
 
@@ -96,6 +102,8 @@ class AttentionMetadata:
     num_tokens: int
     decode: AttentionGroup | None
     prefill: AttentionGroup | None
+    token_pages: torch.Tensor | None = None  # [T, P] the page table of each token's sequence
+    token_k_len: torch.Tensor | None = None  # [T] keys each token attends to (its position + 1)
 
 
 def _build_group(
@@ -176,7 +184,8 @@ def build_attention_metadata(
         else None
     )
     return AttentionMetadata(
-        slot_mapping=slot_mapping.to(device), num_tokens=start, decode=decode, prefill=prefill
+        slot_mapping=slot_mapping.to(device), num_tokens=start, decode=decode, prefill=prefill,
+        token_pages=bt.index_select(0, seq_of_token).to(device), token_k_len=(positions + 1).to(device),
     )
 
 
@@ -257,12 +266,14 @@ def paged_attention(
     """
     T, H, D = q.shape
     q = q.to(kv_cache.dtype)
-    if (meta.prefill is None and meta.decode is not None and kv_cache.device.type == "cpu"
-            and (ext := paged_decode_module()) is not None):
-        # All decodes: token i is sequence i's query, so the kernel's output is already in
-        # token order (no gather of q, no scatter of the result).
-        group = meta.decode
-        return ext.paged_decode_attention(q, kv_cache[0], kv_cache[1], group.pages, group.k_len, scale,
+    if kv_cache.device.type == "cpu" and (ext := paged_decode_module()) is not None:
+        # Every token a query of its own (see the module docstring): the output is already in
+        # token order, no gather of q, no scatter of the result.
+        if meta.prefill is None and meta.decode is not None:
+            pages, k_len = meta.decode.pages, meta.decode.k_len  # all decodes: token i is sequence i
+        else:
+            pages, k_len = meta.token_pages, meta.token_k_len
+        return ext.paged_decode_attention(q, kv_cache[0], kv_cache[1], pages, k_len, scale,
                                           sliding_window or -1, soft_cap or 0.0)
     out = q.new_empty((T, H, D))
     for group in (meta.decode, meta.prefill):

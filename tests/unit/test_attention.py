@@ -23,7 +23,7 @@ def naive(q_tok, keys, values, pos, scale, window, cap):
 
 @pytest.fixture(params=["cpp", "torch"])
 def decode_path(request, monkeypatch):
-    """Run each case through the C++ decode kernel and through the PyTorch fallback."""
+    """Run each case through the C++ kernel (every token a query) and through the PyTorch fallback."""
     if request.param == "cpp":
         # The C++ kernel is the default CPU decode path: it must build wherever the tests run.
         assert paged_decode_module() is not None
