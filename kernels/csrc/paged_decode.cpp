@@ -45,6 +45,19 @@ inline float cap_score(float s, double soft_cap) {
   return soft_cap > 0 ? static_cast<float>(std::tanh(s / soft_cap) * soft_cap) : s;
 }
 
+// Walks positions [start, len) one page run at a time: f(first position, page id, offset in the
+// page, run length). Position -> (page, offset) costs an integer division, which per row and per
+// head was the kernel's single largest cost; per run it is noise.
+template <typename F>
+inline void for_each_run(int64_t start, int64_t len, int64_t page_size, const int64_t* pages, F&& f) {
+  for (int64_t t = start; t < len;) {
+    const int64_t page = t / page_size, off = t - page * page_size;
+    const int64_t run = std::min(page_size - off, len - t);
+    f(t, pages[page], off, run);
+    t += run;
+  }
+}
+
 // Portable path: any dtype, any head_dim.
 template <typename TQ, typename TC>
 void decode_generic(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pg, const int64_t* ln, TQ* op,
@@ -58,33 +71,37 @@ void decode_generic(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pg,
       const int64_t n = len - start;
       scores.assign(L.G * n, 0.f);
       for (int64_t i = 0; i < L.G * L.D; ++i) qf[i] = to_f32(qp[(b * L.H + h * L.G) * L.D + i]);
-      for (int64_t t = start; t < len; ++t) {
-        const TC* krow = kp + h * L.head_stride + pg[b * L.P + t / L.PS] * L.page_stride + (t % L.PS) * L.D;
-        float* __restrict r = row.data();
+      for_each_run(start, len, L.PS, pg + b * L.P, [&](int64_t t0, int64_t page, int64_t off, int64_t run) {
+        for (int64_t t = t0; t < t0 + run; ++t) {
+          const TC* krow = kp + h * L.head_stride + page * L.page_stride + (off + t - t0) * L.D;
+          float* __restrict r = row.data();
 #pragma omp simd
-        for (int64_t d = 0; d < L.D; ++d) r[d] = to_f32(krow[d]);
-        for (int64_t g = 0; g < L.G; ++g) {
-          const float* __restrict qg = qf.data() + g * L.D;
-          float s = 0.f;
+          for (int64_t d = 0; d < L.D; ++d) r[d] = to_f32(krow[d]);
+          for (int64_t g = 0; g < L.G; ++g) {
+            const float* __restrict qg = qf.data() + g * L.D;
+            float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < L.D; ++d) s += qg[d] * r[d];
-          scores[g * n + (t - start)] = cap_score(s * static_cast<float>(scale), soft_cap);
+            for (int64_t d = 0; d < L.D; ++d) s += qg[d] * r[d];
+            scores[g * n + (t - start)] = cap_score(s * static_cast<float>(scale), soft_cap);
+          }
         }
-      }
+      });
       softmax_rows(scores.data(), L.G, n);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = start; t < len; ++t) {
-        const TC* vrow = vp + h * L.head_stride + pg[b * L.P + t / L.PS] * L.page_stride + (t % L.PS) * L.D;
-        float* __restrict r = row.data();
+      for_each_run(start, len, L.PS, pg + b * L.P, [&](int64_t t0, int64_t page, int64_t off, int64_t run) {
+        for (int64_t t = t0; t < t0 + run; ++t) {
+          const TC* vrow = vp + h * L.head_stride + page * L.page_stride + (off + t - t0) * L.D;
+          float* __restrict r = row.data();
 #pragma omp simd
-        for (int64_t d = 0; d < L.D; ++d) r[d] = to_f32(vrow[d]);
-        for (int64_t g = 0; g < L.G; ++g) {
-          const float p = scores[g * n + (t - start)];
-          float* __restrict og = acc.data() + g * L.D;
+          for (int64_t d = 0; d < L.D; ++d) r[d] = to_f32(vrow[d]);
+          for (int64_t g = 0; g < L.G; ++g) {
+            const float p = scores[g * n + (t - start)];
+            float* __restrict og = acc.data() + g * L.D;
 #pragma omp simd
-          for (int64_t d = 0; d < L.D; ++d) og[d] += p * r[d];
+            for (int64_t d = 0; d < L.D; ++d) og[d] += p * r[d];
+          }
         }
-      }
+      });
       TQ* ob = op + (b * L.H + h * L.G) * L.D;
       for (int64_t i = 0; i < L.G * L.D; ++i) ob[i] = from_f32<TQ>(acc[i]);
     }
@@ -129,20 +146,23 @@ void decode_bf16(const c10::BFloat16* qp, const c10::BFloat16* kp, const c10::BF
         __m512bh qv[DC];
         for (int c = 0; c < DC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qb + g * D + 32 * c);
         float* sg = scores.data() + g * n;
-        auto dot = [&](int64_t t) {
-          const c10::BFloat16* krow = kbase + pages[t / L.PS] * L.page_stride + (t % L.PS) * D;
+        auto dot = [&](const c10::BFloat16* krow) {
           __m512 a = _mm512_setzero_ps();
           for (int c = 0; c < DC; ++c) a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(krow + 32 * c));
           return a;
         };
-        int64_t t = start;
-        // Four positions at a time share one horizontal reduction (a third of the shuffles).
-        for (; t + 4 <= len; t += 4) {
-          __m128 s4 = hsum4(dot(t), dot(t + 1), dot(t + 2), dot(t + 3));
-          s4 = _mm_mul_ps(s4, _mm_set1_ps(fscale));
-          _mm_storeu_ps(sg + (t - start), s4);
-        }
-        for (; t < len; ++t) sg[t - start] = _mm512_reduce_add_ps(dot(t)) * fscale;
+        for_each_run(start, len, L.PS, pages, [&](int64_t t0, int64_t page, int64_t off, int64_t run) {
+          const c10::BFloat16* k0 = kbase + page * L.page_stride + off * D;
+          float* out = sg + (t0 - start);
+          int64_t i = 0;
+          // Four positions at a time share one horizontal reduction (a third of the shuffles).
+          for (; i + 4 <= run; i += 4) {
+            const c10::BFloat16* k = k0 + i * D;
+            const __m128 s4 = hsum4(dot(k), dot(k + D), dot(k + 2 * D), dot(k + 3 * D));
+            _mm_storeu_ps(out + i, _mm_mul_ps(s4, _mm_set1_ps(fscale)));
+          }
+          for (; i < run; ++i) out[i] = _mm512_reduce_add_ps(dot(k0 + i * D)) * fscale;
+        });
         if (soft_cap > 0)
           for (int64_t i = 0; i < n; ++i) sg[i] = cap_score(sg[i], soft_cap);
       }
@@ -154,11 +174,14 @@ void decode_bf16(const c10::BFloat16* qp, const c10::BFloat16* kp, const c10::BF
         __m512 acc[2 * DC];
         for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_setzero_ps();
         const float* sg = scores.data() + g * n;
-        for (int64_t t = start; t < len; ++t) {
-          const c10::BFloat16* vrow = vbase + pages[t / L.PS] * L.page_stride + (t % L.PS) * D;
-          const __m512 p = _mm512_set1_ps(sg[t - start]);
-          for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_fmadd_ps(p, widen_bf16(vrow + 16 * c), acc[c]);
-        }
+        for_each_run(start, len, L.PS, pages, [&](int64_t t0, int64_t page, int64_t off, int64_t run) {
+          const c10::BFloat16* v0 = vbase + page * L.page_stride + off * D;
+          const float* p0 = sg + (t0 - start);
+          for (int64_t i = 0; i < run; ++i) {
+            const __m512 p = _mm512_set1_ps(p0[i]);
+            for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_fmadd_ps(p, widen_bf16(v0 + i * D + 16 * c), acc[c]);
+          }
+        });
         alignas(64) float tmp[D];
         for (int c = 0; c < 2 * DC; ++c) _mm512_store_ps(tmp + 16 * c, acc[c]);
         for (int64_t d = 0; d < D; ++d) ob[g * D + d] = from_f32<c10::BFloat16>(tmp[d]);
