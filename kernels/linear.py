@@ -36,7 +36,7 @@ from kernels.cpu_ext import cpu_ops_module
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PackedLinear", "packed_linear_supported", "pack_linears", "quantize_int8_rows"]
+__all__ = ["PackedLinear", "packed_linear_supported", "pack_linears", "quantize_int8_rows", "w8a8_silu_mlp"]
 
 # Up to this many rows the int8 weight pass beats the bf16 GEMM on AVX-512 CPUs (measured:
 # 1-4 rows int8 is ~1.5-2x faster; from ~8 rows oneDNN's bf16 dot-product GEMM wins).
@@ -95,11 +95,19 @@ class PackedLinear(nn.Module):
             out = self._ext.int8_linear(x2, self._q, self._scale, self._bias_f32)
         elif self.w8a8:
             xq, x_scale = self._ext.quantize_rows_s8(x2, self._inv_smooth)
-            out = self._ext.dequant_rows(torch._int_mm(xq, self._gemm_q), x_scale, self._gemm_scale,
-                                         self._bias_f32, x2.dtype)
+            out = self._ext.dequant_rows(self.int8_accumulate(xq), x_scale, self._gemm_scale, self._bias_f32,
+                                         x2.dtype)
         else:
             out = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self.bias, "none", [], "")
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def runs_w8a8(self, rows: int) -> bool:
+        """Whether an input of ``rows`` rows takes the W8A8 GEMM."""
+        return self.w8a8 and rows > self.int8_max_rows
+
+    def int8_accumulate(self, xq: torch.Tensor) -> torch.Tensor:
+        """The raw int32 GEMM of already quantized (and smoothed) int8 activations ``[M, K]``."""
+        return torch._int_mm(xq, self._gemm_q)
 
     def smooth(self, act_absmax: torch.Tensor, alpha: float = 0.5) -> None:
         """SmoothQuant the int8 GEMM from per-input-channel activation maxima ``[K]``.
@@ -137,3 +145,20 @@ def pack_linears(module: nn.Module, int8_max_rows: int = 0, w8a8: bool = False) 
         else:
             count += pack_linears(child, int8_max_rows, w8a8)
     return count
+
+
+def w8a8_silu_mlp(gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``down(silu(gate) * up)`` with both GEMMs in int8 and the middle in one C++ pass
+    (dequantize, activation, smoothing, quantize: no bf16 tensor in between); None when the
+    two layers do not both run W8A8 at this batch size."""
+    rows = x.numel() // x.shape[-1]
+    if not (isinstance(gate_up, PackedLinear) and isinstance(down, PackedLinear)
+            and gate_up.runs_w8a8(rows) and down.runs_w8a8(rows)):
+        return None
+    ext = gate_up._ext
+    x2 = x.reshape(rows, x.shape[-1])
+    xq, x_scale = ext.quantize_rows_s8(x2, gate_up._inv_smooth)
+    hq, h_scale = ext.silu_mul_quantize_rows(gate_up.int8_accumulate(xq), x_scale, gate_up._gemm_scale,
+                                             gate_up._bias_f32, down._inv_smooth)
+    out = ext.dequant_rows(down.int8_accumulate(hq), h_scale, down._gemm_scale, down._bias_f32, x.dtype)
+    return out.reshape(*x.shape[:-1], down.out_features)

@@ -21,7 +21,7 @@ from common.models.rope import RotaryEmbedding
 from kernels.activation import act_and_mul
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
 from kernels.cpu_ext import cpu_ops_module
-from kernels.linear import pack_linears, packed_linear_supported
+from kernels.linear import pack_linears, packed_linear_supported, w8a8_silu_mlp
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary
 
@@ -143,6 +143,8 @@ class GatedMLP(nn.Module):
         self._silu = hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._silu and (out := w8a8_silu_mlp(self.gate_up_proj, self.down_proj, x)) is not None:
+            return out
         gate_up = self.gate_up_proj(x)
         ext = _cpu_ext(gate_up)
         if self._silu and ext is not None:

@@ -7,6 +7,8 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::option
 std::vector<at::Tensor> quantize_rows_s8(at::Tensor x, c10::optional<at::Tensor> channel_scale);
 at::Tensor dequant_rows(at::Tensor acc, at::Tensor x_scale, at::Tensor w_scale, c10::optional<at::Tensor> bias,
                         at::ScalarType out_dtype);
+std::vector<at::Tensor> silu_mul_quantize_rows(at::Tensor acc, at::Tensor x_scale, at::Tensor w_scale,
+                                               c10::optional<at::Tensor> bias, c10::optional<at::Tensor> channel_scale);
 at::Tensor add_rms_norm_(at::Tensor residual, c10::optional<at::Tensor> x, at::Tensor weight, double eps,
                          bool unit_offset);
 at::Tensor silu_and_mul(at::Tensor x);
@@ -19,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows_s8", &quantize_rows_s8, "per-row symmetric int8 quantization of activations",
         pybind11::arg("x"), pybind11::arg("channel_scale") = pybind11::none());
   m.def("dequant_rows", &dequant_rows, "int32 GEMM result times row and column scales (+ bias)");
+  m.def("silu_mul_quantize_rows", &silu_mul_quantize_rows,
+        "gate/up int32 GEMM result -> silu(gate) * up -> per-row int8 input of the down projection");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x (optional), then RMSNorm of the residual");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [.., 2I] projection");
   m.def("rotary_write_kv_", &rotary_write_kv_, "rotary on q/k in place, then k/v into the paged cache");

@@ -153,3 +153,21 @@ def test_w8a8_ops_reject_bad_inputs():
         ext.quantize_rows_s8(torch.randn(2, 8), torch.ones(4))
     with pytest.raises(RuntimeError, match="x_scale"):
         ext.dequant_rows(torch.zeros(2, 3, dtype=torch.int32), torch.ones(3), torch.ones(3), None, torch.float32)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("channel_scaled", [False, True])
+def test_silu_mul_quantize_rows_matches_reference(with_bias, channel_scaled):
+    torch.manual_seed(0)
+    m, i = 6, 40  # I not a multiple of 16: masked tails
+    acc = torch.randint(-30000, 30000, (m, 2 * i), dtype=torch.int32)
+    xs, ws = torch.rand(m) / 100, torch.rand(2 * i) / 100
+    bias = torch.randn(2 * i) if with_bias else None
+    c = torch.rand(i) + 0.5 if channel_scaled else None
+    q, s = ext.silu_mul_quantize_rows(acc, xs, ws, bias, c)
+    y = acc.float() * xs[:, None] * ws[None, :] + (bias if bias is not None else 0.0)
+    h = torch.nn.functional.silu(y[:, :i]) * y[:, i:] * (c if c is not None else 1.0)
+    ref_s = h.abs().amax(dim=1) / 127
+    assert q.dtype == torch.int8 and q.shape == (m, i)
+    assert torch.allclose(s, ref_s, rtol=1e-4)
+    assert (q.float() - torch.round(h / ref_s[:, None])).abs().max() <= 1

@@ -15,7 +15,7 @@ from common.models.int8_calibration import calibrate_int8_gemms
 from common.models.llama import LlamaForCausalLM
 from common.models.registry import int8_decode_rows, int8_gemm_enabled
 from kernels.cpu_ext import cpu_ops_module
-from kernels.linear import PackedLinear, packed_linear_supported
+from kernels.linear import PackedLinear, packed_linear_supported, w8a8_silu_mlp
 from _model_helpers import TINY, PagedDriver
 
 pytestmark = pytest.mark.skipif(
@@ -99,3 +99,23 @@ def test_int8_switches_follow_dtype_source_and_environment(tmp_path, monkeypatch
     assert not int8_gemm_enabled(gguf, torch.bfloat16) and int8_decode_rows(gguf, torch.bfloat16) == 4
     monkeypatch.setenv("XLLM_INT8_GEMM", "1")
     assert int8_gemm_enabled(hf_dir, torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows", [3, 64])
+def test_fused_w8a8_mlp_matches_the_unfused_layers(rows):
+    torch.manual_seed(0)
+    gate_up, down = PackedLinear(_linear(256, 128), int8_max_rows=4, w8a8=True), \
+        PackedLinear(_linear(128, 128), int8_max_rows=4, w8a8=True)
+    x = torch.randn(rows, 128, dtype=torch.bfloat16)
+    fused = w8a8_silu_mlp(gate_up, down, x)
+    if rows <= 4:  # small batches stay on the weight-only path
+        assert fused is None
+        return
+    g, u = gate_up(x).float().chunk(2, dim=-1)
+    unfused = down((F.silu(g) * u).to(torch.bfloat16))
+    ref = F.linear(F.silu(F.linear(x.float(), gate_up.weight.float()[:128], gate_up.bias.float()[:128]))
+                   * F.linear(x.float(), gate_up.weight.float()[128:], gate_up.bias.float()[128:]),
+                   down.weight.float(), down.bias.float())
+    assert fused.shape == (rows, 128) and fused.dtype == torch.bfloat16
+    assert _rel_err(fused, ref) < 0.03
+    assert _rel_err(fused, unfused.float()) < 0.03
