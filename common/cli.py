@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_kv.add_arguments(kv)
     kv.set_defaults(func=bench_kv.run)
 
+    from common.bench import quality as bench_quality
+
+    quality = bench_sub.add_parser("quality", help="accuracy of the bf16 / int8 / W8A8 paths against fp32 "
+                                                   "(perplexity, top-1 agreement, KL) on a text file")
+    bench_quality.add_arguments(quality)
+    quality.set_defaults(func=bench_quality.run)
+
     keys = sub.add_parser("keys", help="create CurveZMQ keys for tcp deployments")
     keys.add_argument("directory", help="where to write the certificates")
     keys.add_argument("peers", nargs="*", default=["worker", "gateway"], help="peer names (default: worker gateway)")
