@@ -7,10 +7,13 @@ The HF fast tokenizer does the encoding and decoding; chat templates are rendere
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from functools import lru_cache
 from typing import Any
 
@@ -169,13 +172,45 @@ def _load_cached(path: str, mtime: float) -> Tokenizer:
     return _load_hf_dir(path)
 
 
-def _load_gguf(path: str) -> Tokenizer:
+def _tokenizer_cache_dir(path: str) -> str:
+    """Where the converted tokenizer of GGUF ``path`` is kept (one entry per file version)."""
+    root = os.environ.get("XLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "xllm")
+    st = os.stat(path)
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return os.path.join(root, "tokenizers", key)
+
+
+def _load_gguf_hf_tokenizer(path: str):
+    """The HF fast tokenizer of a GGUF file.
+
+    transformers converts it from the GGUF vocab and merges, which takes ~7 s for a 49k vocab;
+    the result is saved once under the cache directory (``XLLM_CACHE_DIR``, default
+    ``~/.cache/xllm``) and later loads read it back in a fraction of a second. A cache that
+    cannot be read or written only costs the conversion.
+    """
     from transformers import AutoTokenizer
 
+    cache = _tokenizer_cache_dir(path)
+    if os.path.isfile(os.path.join(cache, "tokenizer.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cache, local_files_only=True)
+        except Exception as exc:  # a damaged entry: convert again and replace it
+            logger.warning("ignoring the cached tokenizer %s (%s)", cache, exc)
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True)
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(cache))
+        hf.save_pretrained(tmp)
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)  # atomic: a concurrent loader sees all of it or none
+    except OSError as exc:
+        logger.info("not caching the converted tokenizer (%s)", exc)
+    return hf
+
+
+def _load_gguf(path: str) -> Tokenizer:
     metadata = _read_gguf_metadata(path)
-    hf = AutoTokenizer.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
-    )
+    hf = _load_gguf_hf_tokenizer(path)
     extra_eos = {
         int(metadata[key])
         for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")

@@ -257,3 +257,23 @@ def test_template_cannot_escape_the_sandbox(tmp_path: Path, gguf_tokenizer: Toke
     tokenizer = load_tokenizer(str(_write_dir(tmp_path, gguf_tokenizer, {"chat_template": template})))
     with pytest.raises(ValueError, match="unsafe"):
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_gguf_conversion_is_cached_on_disk_and_a_damaged_entry_is_rebuilt(tmp_path, monkeypatch) -> None:
+    from common import tokenizer as tokenizer_module
+
+    monkeypatch.setenv("XLLM_CACHE_DIR", str(tmp_path))
+    path = os.path.realpath(str(default_model_path()))
+    text = "Héllo wörld! 你好 <|im_end|> 123"
+    first = tokenizer_module._load_gguf(path)  # converts and fills the cache
+    entry = Path(tokenizer_module._tokenizer_cache_dir(path))
+    assert (entry / "tokenizer.json").is_file()
+    assert not [p for p in entry.parent.iterdir() if p.name.startswith(".tmp-")]  # no leftovers
+    cached = tokenizer_module._load_gguf(path)
+    for tok in (first, cached):
+        assert tok.encode(text) == first.encode(text)
+        assert tok.eos_token_ids == first.eos_token_ids and tok.chat_template == first.chat_template
+    (entry / "tokenizer.json").write_text("{not json")
+    rebuilt = tokenizer_module._load_gguf(path)  # the damaged entry is ignored and replaced
+    assert rebuilt.encode(text) == first.encode(text)
+    assert json.loads((entry / "tokenizer.json").read_text())
