@@ -49,11 +49,18 @@ PROMPT_A = tokens(1, PROMPT_LEN)
 PROMPT_X = tokens(2, PROMPT_LEN)
 
 
+# Completions each server has answered in this module: the number its workers' heartbeats must
+# reach before a before/after comparison. (Summing the stats themselves can read a heartbeat
+# sent before the last request was counted.)
+_COMPLETED: dict[int, int] = {}
+
+
 def complete(server: Any, prompt: list[int], max_tokens: int = MAX_TOKENS) -> str:
     body = {"model": server.model_id(), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "min_tokens": max_tokens}
     code, reply = server.request("POST", "/v1/completions", body, timeout_s=120)
     assert code == 200, reply
+    _COMPLETED[id(server)] = _COMPLETED.get(id(server), 0) + 1
     return reply["choices"][0]["text"]
 
 
@@ -190,7 +197,7 @@ def test_outputs_identical_from_recompute_hbm_dram_and_ssd(tier_server) -> None:
 
 def test_kvstore_killed_then_restarted_keeps_serving_and_ssd_survives(tier_server) -> None:
     server = tier_server
-    n = sum(s.get("requests_total", 0) for s in settled(server, 0).values())
+    n = _COMPLETED.get(id(server), 0)
     REFERENCE["X"] = complete(server, PROMPT_X)
     n += 1
     # Push X out of HBM and out of DRAM: it is on SSD only.
@@ -296,7 +303,7 @@ def test_no_kvstore_same_output(routing_server) -> None:
 def test_kv_aware_routing_follows_the_prefix_then_spreads(routing_server) -> None:
     server = routing_server
     long_prompt = tokens(7, 20 * PAGE + 3)
-    n = sum(s.get("requests_total", 0) for s in settled(server, 0).values())
+    n = _COMPLETED.get(id(server), 0)
     before = settled(server, n)
     complete(server, long_prompt, max_tokens=2)
     n += 1
@@ -332,7 +339,7 @@ def test_kv_aware_routing_follows_the_prefix_then_spreads(routing_server) -> Non
 def test_back_to_back_repeats_stay_on_the_holder(routing_server) -> None:
     server = routing_server
     prompt = tokens(8, 20 * PAGE + 3)
-    n = sum(s.get("requests_total", 0) for s in settled(server, 0).values())
+    n = _COMPLETED.get(id(server), 0)
     before = settled(server, n)
     blocks = server.status()["scheduler"]["prefix_index"]["prefix_index_hbm_blocks"]
     complete(server, prompt, max_tokens=2)
