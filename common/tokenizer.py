@@ -197,14 +197,17 @@ def _load_gguf_hf_tokenizer(path: str):
         except Exception as exc:  # a damaged entry: convert again and replace it
             logger.warning("ignoring the cached tokenizer %s (%s)", cache, exc)
     hf = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True)
+    tmp = None
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(cache))
         hf.save_pretrained(tmp)
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)  # atomic: a concurrent loader sees all of it or none
-    except OSError as exc:
+    except OSError as exc:  # read-only home, or another process filled the entry first
         logger.info("not caching the converted tokenizer (%s)", exc)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return hf
 
 
