@@ -102,8 +102,8 @@ class AttentionMetadata:
     num_tokens: int
     decode: AttentionGroup | None
     prefill: AttentionGroup | None
-    token_pages: torch.Tensor | None = None  # [T, P] the page table of each token's sequence
-    token_k_len: torch.Tensor | None = None  # [T] keys each token attends to (its position + 1)
+    token_pages: torch.Tensor  # [T, P] the page table of each token's sequence
+    token_k_len: torch.Tensor  # [T] keys each token attends to (its position + 1)
 
 
 def _build_group(
@@ -269,11 +269,7 @@ def paged_attention(
     if kv_cache.device.type == "cpu" and (ext := paged_decode_module()) is not None:
         # Every token a query of its own (see the module docstring): the output is already in
         # token order, no gather of q, no scatter of the result.
-        if meta.prefill is None and meta.decode is not None:
-            pages, k_len = meta.decode.pages, meta.decode.k_len  # all decodes: token i is sequence i
-        else:
-            pages, k_len = meta.token_pages, meta.token_k_len
-        return ext.paged_decode_attention(q, kv_cache[0], kv_cache[1], pages, k_len, scale,
+        return ext.paged_decode_attention(q, kv_cache[0], kv_cache[1], meta.token_pages, meta.token_k_len, scale,
                                           sliding_window or -1, soft_cap or 0.0)
     out = q.new_empty((T, H, D))
     for group in (meta.decode, meta.prefill):

@@ -94,9 +94,8 @@ class PackedLinear(nn.Module):
         if x2.shape[0] <= self.int8_max_rows:
             out = self._ext.int8_linear(x2, self._q, self._scale, self._bias_f32)
         elif self.w8a8:
-            xq, x_scale = self._ext.quantize_rows_s8(x2, self._inv_smooth)
-            out = self._ext.dequant_rows(self.int8_accumulate(xq), x_scale, self._gemm_scale, self._bias_f32,
-                                         x2.dtype)
+            xq, x_scale = self.quantize_input(x2)
+            out = self.dequantize_output(self.int8_accumulate(xq), x_scale, x2.dtype)
         else:
             out = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self.bias, "none", [], "")
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
@@ -105,9 +104,19 @@ class PackedLinear(nn.Module):
         """Whether an input of ``rows`` rows takes the W8A8 GEMM."""
         return self.w8a8 and rows > self.int8_max_rows
 
+    # The W8A8 GEMM in its three steps, so a caller can fuse what sits between two of them
+    # (see :func:`w8a8_silu_mlp`).
+    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row int8 activations ``[M, K]`` (smoothed) and their fp32 row scales ``[M]``."""
+        return self._ext.quantize_rows_s8(x2, self._inv_smooth)
+
     def int8_accumulate(self, xq: torch.Tensor) -> torch.Tensor:
         """The raw int32 GEMM of already quantized (and smoothed) int8 activations ``[M, K]``."""
         return torch._int_mm(xq, self._gemm_q)
+
+    def dequantize_output(self, acc: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``acc * x_scale[:, None] * weight_scale[None, :] (+ bias)`` in ``dtype``."""
+        return self._ext.dequant_rows(acc, x_scale, self._gemm_scale, self._bias_f32, dtype)
 
     def smooth(self, act_absmax: torch.Tensor, alpha: float = 0.5) -> None:
         """SmoothQuant the int8 GEMM from per-input-channel activation maxima ``[K]``.
@@ -155,10 +164,9 @@ def w8a8_silu_mlp(gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch
     if not (isinstance(gate_up, PackedLinear) and isinstance(down, PackedLinear)
             and gate_up.runs_w8a8(rows) and down.runs_w8a8(rows)):
         return None
-    ext = gate_up._ext
-    x2 = x.reshape(rows, x.shape[-1])
-    xq, x_scale = ext.quantize_rows_s8(x2, gate_up._inv_smooth)
-    hq, h_scale = ext.silu_mul_quantize_rows(gate_up.int8_accumulate(xq), x_scale, gate_up._gemm_scale,
-                                             gate_up._bias_f32, down._inv_smooth)
-    out = ext.dequant_rows(down.int8_accumulate(hq), h_scale, down._gemm_scale, down._bias_f32, x.dtype)
+    xq, x_scale = gate_up.quantize_input(x.reshape(rows, x.shape[-1]))
+    # In place of gate_up's dequantize_output and down's quantize_input:
+    hq, h_scale = gate_up._ext.silu_mul_quantize_rows(gate_up.int8_accumulate(xq), x_scale, gate_up._gemm_scale,
+                                                      gate_up._bias_f32, down._inv_smooth)
+    out = down.dequantize_output(down.int8_accumulate(hq), h_scale, x.dtype)
     return out.reshape(*x.shape[:-1], down.out_features)

@@ -44,7 +44,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from common.bench.serve import RequestResult, _percentile
-from common.bench.server_proc import fmt, stop_server, wait_ready
+from common.bench.server_proc import add_server_arguments, fmt, stop_server, wait_ready
 
 logger = logging.getLogger(__name__)
 
@@ -351,11 +351,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--max-tokens", type=int, default=8, help="output tokens per request (8)")
     w.add_argument("--concurrency", type=int, default=2, help="requests in flight at most (2)")
     w.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8019)
-    p.add_argument("--startup-timeout", type=float, default=180.0)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per request")
-    p.add_argument("--serve-arg", action="append", help="extra flags for xllm serve (repeatable, split on spaces)")
-    p.add_argument("--server-log", default=None, help="append the servers' output here (default: discard)")
+    add_server_arguments(p, port=8019)
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
 
 

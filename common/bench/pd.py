@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from common.bench.serve import RequestResult, _base_url, _discover_model, _one, _percentile
-from common.bench.server_proc import fmt, stop_server, wait_ready
+from common.bench.server_proc import add_server_arguments, fmt, stop_server, wait_ready
 
 logger = logging.getLogger(__name__)
 
@@ -287,11 +287,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len2", type=int, default=64)
     p.add_argument("--drain-s", type=float, default=15.0, help="max wait after the last arrival (max 300)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8017)
-    p.add_argument("--startup-timeout", type=float, default=180.0)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per request")
-    p.add_argument("--serve-arg", action="append", help="extra flags for xllm serve (repeatable, split on spaces)")
-    p.add_argument("--server-log", default=None, help="append the servers' output here (default: discard)")
+    add_server_arguments(p, port=8017)
     p.add_argument("--legacy-workers", type=int, default=0,
                    help="dry run: start `xllm serve --workers N` without the P/D flags")
     p.add_argument("--url", default=None, help="run once against this running server instead of starting any")

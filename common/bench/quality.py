@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from common.default_model import default_model_path
-from kernels.attention import build_attention_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -43,32 +42,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write results here")
 
 
-@torch.inference_mode()
 def _logits(path: str, dtype: torch.dtype, env: dict[str, str], chunk: int, ids: list[int]) -> torch.Tensor:
     from common.models.registry import load_model
 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        model, config = load_model(path, dtype=dtype)
+        model, _ = load_model(path, dtype=dtype)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    page_size = 16
-    num_pages = -(-len(ids) // page_size)
-    caches = [torch.zeros((2, config.num_key_value_heads, num_pages, page_size, config.head_dim), dtype=dtype)
-              for _ in range(config.num_hidden_layers)]
-    table = list(range(num_pages))
-    out = []
-    for start in range(0, len(ids), chunk):
-        end = min(len(ids), start + chunk)
-        meta = build_attention_metadata([end - start], [end], [table], page_size)
-        hidden = model(torch.tensor(ids[start:end]), torch.arange(start, end), meta, caches)
-        out.append(model.compute_logits(hidden).float())
-    return torch.cat(out)
+    return model.score(ids, chunk_size=chunk)
 
 
 def run(args: argparse.Namespace) -> int:

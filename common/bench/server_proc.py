@@ -1,7 +1,8 @@
-"""Running `xllm serve` as a benchmark's own subprocess: wait for it, stop it, format numbers."""
+"""Running `xllm serve` as a benchmark's own subprocess: its flags, wait for it, stop it, format numbers."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -10,9 +11,18 @@ import time
 import urllib.error
 import urllib.request
 
-__all__ = ["wait_ready", "stop_server", "fmt"]
+__all__ = ["add_server_arguments", "wait_ready", "stop_server", "fmt"]
 
 logger = logging.getLogger(__name__)
+
+
+def add_server_arguments(p: argparse.ArgumentParser, port: int) -> None:
+    """The flags of a bench that starts its own ``xllm serve`` on ``port``."""
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--startup-timeout", type=float, default=180.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per request")
+    p.add_argument("--serve-arg", action="append", help="extra flags for xllm serve (repeatable, split on spaces)")
+    p.add_argument("--server-log", default=None, help="append the servers' output here (default: discard)")
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:

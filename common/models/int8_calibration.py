@@ -16,8 +16,6 @@ import time
 import torch
 from torch import nn
 
-from common.models.config import ModelConfig
-from kernels.attention import build_attention_metadata
 from kernels.linear import PackedLinear
 
 logger = logging.getLogger(__name__)
@@ -48,20 +46,8 @@ def calibration_token_ids(model_path: str) -> list[int]:
         return tokenizer.encode("\n".join(turn["content"] for turn in CALIBRATION_CHAT))
 
 
-def _prefill(model: nn.Module, config: ModelConfig, token_ids: list[int], dtype: torch.dtype) -> None:
-    page_size = 16
-    num_pages = -(-len(token_ids) // page_size)
-    caches = [
-        torch.zeros((2, config.num_key_value_heads, num_pages, page_size, config.head_dim), dtype=dtype)
-        for _ in range(config.num_hidden_layers)
-    ]
-    meta = build_attention_metadata([len(token_ids)], [len(token_ids)], [list(range(num_pages))], page_size)
-    hidden = model(torch.tensor(token_ids, dtype=torch.long), torch.arange(len(token_ids)), meta, caches)
-    model.compute_logits(hidden)
-
-
 @torch.inference_mode()
-def calibrate_int8_gemms(model: nn.Module, config: ModelConfig, token_ids: list[int]) -> int:
+def calibrate_int8_gemms(model: nn.Module, token_ids: list[int]) -> int:
     """Smooth every W8A8 linear of ``model`` from one prefill of ``token_ids``; returns the count."""
     linears = [m for m in model.modules() if isinstance(m, PackedLinear) and m.w8a8]
     if not linears or not token_ids:
@@ -79,7 +65,7 @@ def calibrate_int8_gemms(model: nn.Module, config: ModelConfig, token_ids: list[
     for m in linears:
         m.w8a8 = False  # statistics of the unquantized activations
     try:
-        _prefill(model, config, token_ids, linears[0].weight.dtype)
+        model.score(token_ids, chunk_size=len(token_ids))
     finally:
         for m in linears:
             m.w8a8 = True

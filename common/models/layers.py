@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from common.models.config import ModelConfig
 from common.models.rope import RotaryEmbedding
 from kernels.activation import act_and_mul
-from kernels.attention import AttentionMetadata, paged_attention, write_kv
+from kernels.attention import AttentionMetadata, build_attention_metadata, paged_attention, write_kv
 from kernels.cpu_ext import cpu_ops_module
 from kernels.linear import pack_linears, packed_linear_supported, w8a8_silu_mlp
 from kernels.norm import rms_norm
@@ -307,6 +307,24 @@ class DecoderForCausalLM(nn.Module):
             head.weight = self.model.embed_tokens.weight
             self.lm_head = head
         return pack_linears(self, int8_max_rows, w8a8)
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], chunk_size: int = 256, page_size: int = 16) -> torch.Tensor:
+        """``[T, vocab]`` fp32 logits of every position of one sequence, prefilled in chunks of
+        ``chunk_size`` through scratch KV pages (calibration and accuracy checks, not serving)."""
+        config = self.config
+        dtype = self.model.embed_tokens.weight.dtype
+        num_pages = -(-len(token_ids) // page_size)
+        caches = [torch.zeros((2, config.num_key_value_heads, num_pages, page_size, config.head_dim), dtype=dtype)
+                  for _ in range(config.num_hidden_layers)]
+        table = list(range(num_pages))
+        logits = []
+        for start in range(0, len(token_ids), chunk_size):
+            end = min(len(token_ids), start + chunk_size)
+            meta = build_attention_metadata([end - start], [end], [table], page_size)
+            hidden = self(torch.tensor(token_ids[start:end], dtype=torch.long), torch.arange(start, end), meta, caches)
+            logits.append(self.compute_logits(hidden))
+        return torch.cat(logits)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden] -> [N, vocab]`` float32 logits (final soft-cap applied)."""

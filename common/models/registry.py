@@ -155,7 +155,7 @@ def load_model(
     w8a8 = int8_gemm_enabled(Path(path), dtype)
     packed = model.pack_linears(int8_decode_rows(Path(path), dtype), w8a8)
     if w8a8:
-        calibrate_int8_gemms(model, config, calibration_token_ids(path))
+        calibrate_int8_gemms(model, calibration_token_ids(path))
     logger.info("loaded %s (%s, %d prepacked linears) from %s in %.1fs", cls.__name__, dtype, packed, path,
                 time.perf_counter() - start)
     return model, config

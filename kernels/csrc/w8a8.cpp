@@ -39,6 +39,21 @@ inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
 }
 
+// q = round(h / s), s = max|h| / 127 over one row of K floats; returns s.
+inline float quantize_row(const float* h, int64_t K, int8_t* q) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(K - k), h + k)));
+  const float a = _mm512_reduce_max_ps(amax);
+  const float scale = a > 0.f ? a / 127.f : 1.f;
+  const __m512 inv = _mm512_set1_ps(1.f / scale);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mk = tail_mask(K - k);
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, h + k), inv));
+    _mm_mask_storeu_epi8(q + k, mk, _mm512_cvtsepi32_epi8(v));
+  }
+  return scale;
+}
+
 template <typename T>
 void quantize_impl(const at::Tensor& x, const float* c, at::Tensor& q, at::Tensor& s) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -46,25 +61,16 @@ void quantize_impl(const at::Tensor& x, const float* c, at::Tensor& q, at::Tenso
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = s.data_ptr<float>();
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);  // the row in fp32 (times c): a few KB, stays in L1
     for (int64_t m = begin; m < end; ++m) {
-      const T* row = xp + m * K;
-      auto load = [&](int64_t k, __mmask16 mk) {
-        const __m512 v = load16(row + k, mk);
-        return c == nullptr ? v : _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, c + k));
-      };
-      __m512 amax = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load(k, tail_mask(K - k))));
-      const float a = _mm512_reduce_max_ps(amax);
-      const float scale = a > 0.f ? a / 127.f : 1.f;
-      sp[m] = scale;
-      const __m512 inv = _mm512_set1_ps(1.f / scale);
-      int8_t* out = qp + m * K;
+      const T* xr = xp + m * K;
       for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 mk = tail_mask(K - k);
-        // cvtps rounds to nearest-even; |x * inv| <= 127 so the saturating narrow never clips.
-        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load(k, mk), inv));
-        _mm_mask_storeu_epi8(out + k, mk, _mm512_cvtsepi32_epi8(v));
+        __m512 v = load16(xr + k, mk);
+        if (c != nullptr) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, c + k));
+        _mm512_mask_storeu_ps(row.data() + k, mk, v);
       }
+      sp[m] = quantize_row(row.data(), K, qp + m * K);
     }
   });
 }
@@ -92,21 +98,6 @@ void dequant_impl(const at::Tensor& acc, const at::Tensor& xs, const at::Tensor&
       }
     }
   });
-}
-
-// q = round(h / s), s = max|h| / 127 over one row of K floats; returns s.
-inline float quantize_row(const float* h, int64_t K, int8_t* q) {
-  __m512 amax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(K - k), h + k)));
-  const float a = _mm512_reduce_max_ps(amax);
-  const float scale = a > 0.f ? a / 127.f : 1.f;
-  const __m512 inv = _mm512_set1_ps(1.f / scale);
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mk = tail_mask(K - k);
-    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, h + k), inv));
-    _mm_mask_storeu_epi8(q + k, mk, _mm512_cvtsepi32_epi8(v));
-  }
-  return scale;
 }
 
 }  // namespace

@@ -77,7 +77,7 @@ def test_calibration_smooths_every_int8_gemm_of_a_model():
     tokens = list(range(3, 40))
     ref = ref_driver.step([(0, tokens)])[0]
     assert model.pack_linears(int8_max_rows=4, w8a8=True) == 3 * 4 + 1  # 4 per layer + the tied head
-    count = calibrate_int8_gemms(model, config, tokens)
+    count = calibrate_int8_gemms(model, tokens)
     assert count == 13
     linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert all(m._inv_smooth is not None and m._inv_smooth.shape == (m.in_features,) for m in linears)
