@@ -32,6 +32,8 @@ COPY pyproject.toml /tmp/xllm/
 COPY common /tmp/xllm/common
 COPY services /tmp/xllm/services
 COPY kernels /tmp/xllm/kernels
+COPY bench /tmp/xllm/bench
+COPY xllm /tmp/xllm/xllm
 # /opt/xllm/default-model.gguf: a stable path to the packaged model (XLLM_MODEL's default in
 # docker-compose.yml and deploy/systemd); resolving it also proves the install imports.
 RUN pip install --no-deps /tmp/xllm \

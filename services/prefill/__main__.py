@@ -1,8 +1,8 @@
-"""`python -m services.prefill`: a worker in the prefill role (a mixed engine for now; the role is
-recorded and reported). The worker code is shared in `common.worker`."""
+"""`python -m services.prefill`: a worker that starts in the prefill role: it prefills, streams the
+first token, and hands the sequence's KV to a decode peer (`kv_sender`). The scheduler may flip it."""
 
 from common.service_config import exit_process
-from common.worker.main import main
+from services.worker.main import main
 
 if __name__ == "__main__":
     # Skips interpreter finalization once the worker has shut down cleanly.

@@ -47,7 +47,7 @@ from common.protocol import (
     Submit,
 )
 from common.service_config import ServiceAddresses
-from common.worker.outputs import GatewayPushers
+from common.gateway_push import GatewayPushers
 from services.scheduler.kv_awareness import KvAwareness
 from services.scheduler.pd_policy import PdPolicy, make_policy
 from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S, Instance, RegisterOutcome, Registry

@@ -189,7 +189,7 @@ def start_server(
     log_path = run_dir / "serve.log"  # removed with the run dir when the server stops cleanly
     port = free_tcp_port()
     cmd = [
-        sys.executable, "-m", "common.cli", "serve", "--workers", str(workers), "--port", str(port),
+        sys.executable, "-m", "xllm.cli", "serve", "--workers", str(workers), "--port", str(port),
         "--run-dir", str(run_dir), "--kv-cache-memory", "64MiB", "--dtype", "float32", *extra_args,
     ]
     with open(log_path, "wb") as log:

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from common.bench.kv import (
+from bench.kv import (
     KvRequest,
     add_arguments,
     distinct_prefix_pages,
@@ -18,7 +18,7 @@ from common.bench.kv import (
     summarize_mode,
     workload_from_args,
 )
-from common.bench.serve import RequestResult
+from bench.serve import RequestResult
 
 
 def _is_prefix(a: list[int], b: list[int]) -> bool:
@@ -78,7 +78,7 @@ def test_default_workload_outgrows_a_small_page_pool() -> None:
 def test_distinct_prefix_pages_counts_shared_pages_once() -> None:
     shared = list(range(100, 132))  # two pages
     reqs = [KvRequest("shared", 0, i, shared + [200 + i] * 16) for i in range(3)]
-    from common.bench.kv import Workload
+    from bench.kv import Workload
 
     assert distinct_prefix_pages(Workload([reqs]), 16) == 2 + 3
     assert distinct_prefix_pages(Workload([[KvRequest("chat", 0, 0, [1] * 15)]]), 16) == 0

@@ -10,9 +10,9 @@ import threading
 import pytest
 from aiohttp import web
 
-from common.bench import pd
-from common.bench.serve import RequestResult
-from common.cli import build_parser
+from bench import pd
+from bench.serve import RequestResult
+from xllm.cli import build_parser
 
 
 def test_workload_is_seeded_phased_and_poisson() -> None:
@@ -79,7 +79,7 @@ def test_cli_wiring_and_serve_argv() -> None:
                                       "--serve-arg", "--max-num-seqs 8"])
     assert args.func is pd.run
     argv = pd._serve_argv(args, "dynamic", 9000)
-    assert argv[1:5] == ["-m", "common.cli", "serve", "--port"]
+    assert argv[1:5] == ["-m", "xllm.cli", "serve", "--port"]
     for flag, value in (("--prefill-workers", "1"), ("--decode-workers", "2"), ("--pd-policy", "dynamic"),
                         ("--ttft-slo-ms", "500"), ("--max-num-seqs", "8")):
         assert argv[argv.index(flag) + 1] == value

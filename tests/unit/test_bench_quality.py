@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from common.bench import quality
+from bench import quality
 from kernels.cpu_ext import cpu_ops_module
 from kernels.linear import packed_linear_supported
 

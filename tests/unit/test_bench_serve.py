@@ -16,8 +16,8 @@ import zlib
 import pytest
 from aiohttp import web
 
-from common.bench import serve as bench_serve
-from common.bench.plot import line_chart
+from bench import serve as bench_serve
+from bench.plot import line_chart
 
 TOKEN_DELAY = 0.004  # seconds between streamed tokens
 
@@ -193,7 +193,7 @@ def test_unreachable_server_without_model_is_a_clear_error(tmp_path, capsys):
 
 
 def test_cli_wires_bench_serve():
-    from common.cli import build_parser
+    from xllm.cli import build_parser
 
     args = build_parser().parse_args(["bench", "serve", "--url", "http://h:1", "--concurrency", "1,16,64",
                                       "--endpoint", "chat", "--ignore-eos"])

@@ -385,7 +385,7 @@ def test_dockerfile_default_command_flags_exist():
     """The image's default command (`xllm serve ...`) only uses flags `xllm serve --help` lists."""
     (cmd,) = [json.loads(args) for word, args in _instructions() if word == "CMD"]
     subcommand, flags = cmd[0], [a.split("=", 1)[0] for a in cmd[1:] if a.startswith("--")]
-    proc = subprocess.run([sys.executable, "-m", "common.cli", subcommand, "--help"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "xllm.cli", subcommand, "--help"], capture_output=True,
                           text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", proc.stdout)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.worker.role_state import RoleState
+from services.worker.role_state import RoleState
 
 
 class Clock:

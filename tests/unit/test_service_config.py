@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import add_engine_arguments
-from common.launcher import add_serve_arguments, build_specs, engine_flags, worker_threads
+from xllm.cli import add_engine_arguments
+from xllm.launcher import add_serve_arguments, build_specs, engine_flags, worker_threads
 from common.service_config import (
     ServiceAddresses,
     add_service_arguments,

@@ -279,7 +279,7 @@ def _print_entry(e: dict) -> None:
 
 
 def _write_png(path: str, doc: dict) -> bool:
-    from common.bench.plot import line_chart
+    from bench.plot import line_chart
 
     points = [e for e in doc["results"] if e["tpot_ms"]["mean"] is not None]
     if not points:

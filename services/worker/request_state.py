@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from common.worker.kv_sender import HandoffRequest
+from services.prefill.kv_sender import HandoffRequest
 
 __all__ = ["RequestState"]
 

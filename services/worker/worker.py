@@ -52,12 +52,12 @@ from common.protocol import (
     Shutdown,
 )
 from common.service_config import ServiceAddresses
-from common.worker.kv_receiver import KvReceiver
-from common.worker.kv_sender import DEFAULT_TRANSFER_TIMEOUT_S, HandoffRequest, KvSender
-from common.worker.kv_tiering import KvTiering
-from common.worker.outputs import GatewayPushers, token_delta
-from common.worker.request_state import RequestState
-from common.worker.role_state import ROLES, RoleState
+from services.decode.kv_receiver import KvReceiver
+from services.prefill.kv_sender import DEFAULT_TRANSFER_TIMEOUT_S, HandoffRequest, KvSender
+from services.worker.kv_tiering import KvTiering
+from common.gateway_push import GatewayPushers, token_delta
+from services.worker.request_state import RequestState
+from services.worker.role_state import ROLES, RoleState
 
 logger = logging.getLogger(__name__)
 

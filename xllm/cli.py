@@ -62,14 +62,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_offline(args: argparse.Namespace) -> int:
-    from common.bench import offline
+    from bench import offline
 
     offline.run(args, engine_config_from_args(args))
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from common.launcher import run_serve
+    from xllm.launcher import run_serve
 
     return run_serve(args)
 
@@ -114,30 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     off = bench_sub.add_parser("offline", help="engine throughput without the services")
     add_engine_arguments(off)
-    from common.bench import offline
+    from bench import offline
 
     offline.add_arguments(off)
     off.set_defaults(func=_cmd_bench_offline)
-    from common.bench import serve as bench_serve
+    from bench import serve as bench_serve
 
     online = bench_sub.add_parser("serve", help="load generator against an OpenAI-compatible server "
                                                 "(TTFT, TPOT, end-to-end, tokens/s over a concurrency sweep)")
     bench_serve.add_arguments(online)
     online.set_defaults(func=bench_serve.run)
-    from common.bench import pd as bench_pd
+    from bench import pd as bench_pd
 
     pd = bench_sub.add_parser("pd", help="static vs dynamic prefill/decode under a workload that shifts from "
                                          "prompt-heavy to decode-heavy (SLO attainment, tok/s, flips)")
     bench_pd.add_arguments(pd)
     pd.set_defaults(func=bench_pd.run)
-    from common.bench import kv as bench_kv
+    from bench import kv as bench_kv
 
     kv = bench_sub.add_parser("kv", help="tiered KV storage on vs off under multi-turn chats and shared system "
                                          "prompts (TTFT, prefix hit rate per tier, throughput)")
     bench_kv.add_arguments(kv)
     kv.set_defaults(func=bench_kv.run)
 
-    from common.bench import quality as bench_quality
+    from bench import quality as bench_quality
 
     quality = bench_sub.add_parser("quality", help="accuracy of the bf16 / int8 / W8A8 paths against fp32 "
                                                    "(perplexity, top-1 agreement, KL) on a text file")
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the model over HTTP (gateway + scheduler + workers)")
     add_engine_arguments(serve)
-    from common.launcher import add_serve_arguments
+    from xllm.launcher import add_serve_arguments
 
     add_serve_arguments(serve)
     serve.set_defaults(func=_cmd_serve)

@@ -43,8 +43,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from common.bench.serve import RequestResult, _percentile
-from common.bench.server_proc import add_server_arguments, fmt, stop_server, wait_ready
+from bench.serve import RequestResult, _percentile
+from bench.server_proc import add_server_arguments, fmt, stop_server, wait_ready
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ async def run_workload(url: str, workload: Workload, *, concurrency: int = 2, ma
     """Send the rounds in order, at most `concurrency` requests in flight; (results, wall seconds)."""
     import aiohttp
 
-    from common.bench.serve import _base_url, _discover_model, _one
+    from bench.serve import _base_url, _discover_model, _one
 
     base = _base_url(url)
     endpoint = base + "/completions"
@@ -260,7 +260,7 @@ def _warm_up(url: str, max_tokens: int) -> None:
 
 
 def serve_argv(args: argparse.Namespace, mode: str, port: int, kvstore_dir: str | None) -> list[str]:
-    argv = [sys.executable, "-m", "common.cli", "serve", "--port", str(port), "--workers", str(args.workers),
+    argv = [sys.executable, "-m", "xllm.cli", "serve", "--port", str(port), "--workers", str(args.workers),
             "--kv-cache-memory", args.kv_cache_memory, "--page-size", str(args.page_size)]
     if mode == "tiers-on":
         assert kvstore_dir is not None

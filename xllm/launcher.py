@@ -276,7 +276,7 @@ def worker_threads(requested: int | None, workers: int) -> int:
 
 def engine_flags(args: argparse.Namespace, skip: tuple[str, ...] = ("num_threads",)) -> list[str]:
     """The engine flags that differ from their defaults, as command-line arguments again."""
-    from common.cli import add_engine_arguments
+    from xllm.cli import add_engine_arguments
 
     reference = argparse.ArgumentParser(add_help=False)
     add_engine_arguments(reference)

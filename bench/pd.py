@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from common.bench.serve import RequestResult, _base_url, _discover_model, _one, _percentile
-from common.bench.server_proc import add_server_arguments, fmt, stop_server, wait_ready
+from bench.serve import RequestResult, _base_url, _discover_model, _one, _percentile
+from bench.server_proc import add_server_arguments, fmt, stop_server, wait_ready
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ async def smoke(url: str, seconds: float = 4.0, rate: float = 1.0, ttft_slo_ms: 
 
 
 def _serve_argv(args: argparse.Namespace, policy: str, port: int) -> list[str]:
-    argv = [sys.executable, "-m", "common.cli", "serve", "--port", str(port)]
+    argv = [sys.executable, "-m", "xllm.cli", "serve", "--port", str(port)]
     if args.legacy_workers:
         argv += ["--workers", str(args.legacy_workers)]
     else:

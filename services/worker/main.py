@@ -18,16 +18,16 @@ from common.service_config import (
     parse_args_with_config,
     setup_logging,
 )
-from common.worker.kv_sender import DEFAULT_TRANSFER_TIMEOUT_S
-from common.worker.worker import DEFAULT_HEARTBEAT_INTERVAL_S, ROLES, Worker
+from services.prefill.kv_sender import DEFAULT_TRANSFER_TIMEOUT_S
+from services.worker.worker import DEFAULT_HEARTBEAT_INTERVAL_S, ROLES, Worker
 
 __all__ = ["build_parser", "main"]
 
-logger = logging.getLogger("common.worker")
+logger = logging.getLogger("services.worker")
 
 
 def build_parser(role: str) -> argparse.ArgumentParser:
-    from common.cli import add_engine_arguments  # argparse only; keeps one definition of the engine flags
+    from xllm.cli import add_engine_arguments  # argparse only; keeps one definition of the engine flags
 
     parser = argparse.ArgumentParser(prog=f"python -m services.{role}", description=f"xllm worker ({role} role)")
     add_engine_arguments(parser)
@@ -67,7 +67,7 @@ def main(role: str, argv: list[str] | None = None) -> int:
         logger.error("--heartbeat-interval and --kv-transfer-timeout must be > 0")
         return 2
 
-    from common.cli import engine_config_from_args
+    from xllm.cli import engine_config_from_args
     from common.engine.engine import LLMEngine
 
     # The engine is built on the thread that will run its steps: each thread that enters
