@@ -39,12 +39,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from bench.serve import RequestResult, _percentile
+import aiohttp
+
+from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
 from bench.server_proc import add_server_arguments, fmt, stop_server, wait_ready
+from bench.stats import distinct_errors, percentile_ms
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +156,6 @@ def _counter_delta(before: dict[str, dict], after: dict[str, dict], key: str) ->
     return total
 
 
-def _ms(sorted_values: list[float], q: float) -> float | None:
-    return 1000 * _percentile(sorted_values, q) if sorted_values else None
-
-
 def summarize_mode(results: list[tuple[KvRequest, RequestResult]], hits: dict[str, int], wall_s: float,
                    extra: dict | None = None) -> dict:
     """TTFT stats (ms), hit rate per tier (hit tokens / prompt tokens sent), throughput."""
@@ -165,20 +163,16 @@ def summarize_mode(results: list[tuple[KvRequest, RequestResult]], hits: dict[st
     ttfts = sorted(r.ttft for _, r in ok)
     prompt_tokens = sum(len(q.prompt_ids) for q, _ in results)
     output_tokens = sum(r.output_tokens for _, r in ok)
-    errors: list[str] = []
-    for _, r in results:
-        if not r.ok and r.error not in errors and len(errors) < 5:
-            errors.append(r.error)
     by_kind = {}
     for kind in sorted({q.kind for q, _ in results}):
         k = sorted(r.ttft for q, r in ok if q.kind == kind)
-        by_kind[kind] = {"requests": sum(q.kind == kind for q, _ in results), "ttft_ms_p50": _ms(k, 0.5),
+        by_kind[kind] = {"requests": sum(q.kind == kind for q, _ in results), "ttft_ms_p50": percentile_ms(k, 0.5),
                          "ttft_ms_mean": 1000 * sum(k) / len(k) if k else None}
     hit_total = sum(hits.get(t, 0) for t in TIERS)
     wall = max(wall_s, 1e-9)
     return {
         "requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
-        "ttft_ms": {"p50": _ms(ttfts, 0.5), "p90": _ms(ttfts, 0.9),
+        "ttft_ms": {"p50": percentile_ms(ttfts, 0.5), "p90": percentile_ms(ttfts, 0.9),
                     "mean": 1000 * sum(ttfts) / len(ttfts) if ttfts else None},
         "by_kind": by_kind,
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
@@ -188,7 +182,7 @@ def summarize_mode(results: list[tuple[KvRequest, RequestResult]], hits: dict[st
         "wall_s": wall_s,
         "requests_per_s": len(ok) / wall, "prompt_tok_per_s": prompt_tokens / wall,
         "output_tok_per_s": output_tokens / wall,
-        "errors": errors,
+        "errors": distinct_errors(r for _, r in results),
         **(extra or {}),
     }
 
@@ -224,15 +218,11 @@ async def run_workload(url: str, workload: Workload, *, concurrency: int = 2, ma
                        timeout: float = 120.0, model: str | None = None) -> tuple[list[tuple[KvRequest, RequestResult]],
                                                                                   float]:
     """Send the rounds in order, at most `concurrency` requests in flight; (results, wall seconds)."""
-    import aiohttp
-
-    from bench.serve import _base_url, _discover_model, _one
-
-    base = _base_url(url)
+    base = base_url(url)
     endpoint = base + "/completions"
     results: list[tuple[KvRequest, RequestResult]] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        model = model or await _discover_model(session, base)
+        model = model or await discover_model(session, base)
         gate = asyncio.Semaphore(max(1, concurrency))
 
         async def one(q: KvRequest) -> None:
@@ -240,7 +230,7 @@ async def run_workload(url: str, workload: Workload, *, concurrency: int = 2, ma
                     "ignore_eos": True, "min_tokens": max_tokens, "stream": True,
                     "stream_options": {"include_usage": True}}
             async with gate:
-                results.append((q, await _one(session, endpoint, body, False, timeout)))
+                results.append((q, await stream_request(session, endpoint, body, chat=False, timeout=timeout)))
 
         t0 = time.perf_counter()
         for rnd in workload.rounds:
@@ -382,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for mode in modes:
             runs[mode] = run_mode(args, mode, workload)
-    except (RuntimeError, OSError) as exc:
+    except (BenchError, RuntimeError, OSError) as exc:
         print(f"xllm bench kv: {exc}", file=sys.stderr)
         if not runs:
             return 1

@@ -13,8 +13,6 @@ Each request streams; TTFT = time to the first streamed token, TPOT = (last − 
 p50/p90 TTFT and TPOT, output tokens/s, and the role flips seen by polling `GET /status`.
 
 With `--url` nothing is started: the workload runs once against that server (a smoke run).
-`--legacy-workers N` starts `xllm serve --workers N` without the P/D flags, for servers that do
-not have them (the two runs then differ only by their label).
 """
 
 from __future__ import annotations
@@ -32,13 +30,14 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from bench.serve import RequestResult, _base_url, _discover_model, _one, _percentile
+from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
 from bench.server_proc import add_server_arguments, fmt, stop_server, wait_ready
+from bench.stats import distinct_errors, percentile_ms
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Phase", "Arrival", "add_arguments", "run", "make_workload", "attains", "summarize_phase",
-           "count_flips", "run_workload", "smoke"]
+__all__ = ["Phase", "Arrival", "Outcome", "add_arguments", "run", "make_workload", "attains", "summarize_phase",
+           "summarize_run", "count_flips", "run_workload", "smoke", "serve_argv", "print_table", "phases_from_args"]
 
 
 @dataclass
@@ -90,10 +89,6 @@ def attains(r: RequestResult, ttft_slo_s: float, tpot_slo_s: float) -> bool:
     return tpot is None or tpot <= tpot_slo_s
 
 
-def _ms(values: list[float], q: float) -> float | None:
-    return 1000 * _percentile(sorted(values), q) if values else None
-
-
 def summarize_phase(name: str, outcomes: list[Outcome], ttft_slo_s: float, tpot_slo_s: float) -> dict:
     """Attainment, latency percentiles and output tok/s (over first arrival → last finish)."""
     ok = [o.result for o in outcomes if o.result.ok]
@@ -101,21 +96,17 @@ def summarize_phase(name: str, outcomes: list[Outcome], ttft_slo_s: float, tpot_
     tpots = [r.tpot for r in ok if r.tpot is not None]
     span = (max(o.finished_at for o in outcomes) - min(o.arrival.t for o in outcomes)) if outcomes else 0.0
     out_tokens = sum(r.output_tokens for r in ok)
-    errors: list[str] = []
-    for o in outcomes:
-        if not o.result.ok and o.result.error not in errors and len(errors) < 5:
-            errors.append(o.result.error)
     met = sum(attains(o.result, ttft_slo_s, tpot_slo_s) for o in outcomes)
     return {
         "phase": name, "requests": len(outcomes), "completed": len(ok), "failed": len(outcomes) - len(ok),
         "slo_attainment_pct": 100.0 * met / len(outcomes) if outcomes else None,
         "ttft_attainment_pct": 100.0 * sum(r.ttft <= ttft_slo_s for r in ok) / len(outcomes) if outcomes else None,
         "tpot_attainment_pct": (100.0 * sum(t <= tpot_slo_s for t in tpots) / len(tpots)) if tpots else None,
-        "ttft_ms": {"p50": _ms(ttfts, 0.5), "p90": _ms(ttfts, 0.9)},
-        "tpot_ms": {"p50": _ms(tpots, 0.5), "p90": _ms(tpots, 0.9)},
+        "ttft_ms": {"p50": percentile_ms(ttfts, 0.5), "p90": percentile_ms(ttfts, 0.9)},
+        "tpot_ms": {"p50": percentile_ms(tpots, 0.5), "p90": percentile_ms(tpots, 0.9)},
         "output_tokens": out_tokens, "span_s": span,
         "output_tok_per_s": out_tokens / span if span > 0 else None,
-        "errors": errors,
+        "errors": distinct_errors(o.result for o in outcomes),
     }
 
 
@@ -153,11 +144,11 @@ async def run_workload(url: str, workload: list[Arrival], *, model: str | None =
     Requests still running `drain_s` after the last arrival are cancelled and count as failed,
     so a hopelessly overloaded run still ends in bounded time.
     """
-    base = _base_url(url)
+    base = base_url(url)
     root = base[: -len("/v1")]
     endpoint = base + "/completions"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        model = model or await _discover_model(session, base)
+        model = model or await discover_model(session, base)
 
         def body(a: Arrival) -> dict:
             return {"model": model, "prompt": a.prompt_ids, "max_tokens": a.max_tokens, "temperature": 0.0,
@@ -165,7 +156,8 @@ async def run_workload(url: str, workload: list[Arrival], *, model: str | None =
                     "stream_options": {"include_usage": True}}
 
         for i in range(warmup):  # load paths, compile, fill allocator caches: not measured
-            r = await _one(session, endpoint, body(Arrival(0, 0, [100 + i] * 16, 4)), False, timeout)
+            r = await stream_request(session, endpoint, body(Arrival(0, 0, [100 + i] * 16, 4)), chat=False,
+                                     timeout=timeout)
             if not r.ok:
                 logger.warning("warm-up request failed: %s", r.error)
         outcomes = [Outcome(a) for a in workload]
@@ -175,7 +167,7 @@ async def run_workload(url: str, workload: list[Arrival], *, model: str | None =
         poller = asyncio.create_task(_poll_status(session, root, t0, snapshots, stop))
 
         async def one(o: Outcome) -> None:
-            o.result = await _one(session, endpoint, body(o.arrival), False, timeout)
+            o.result = await stream_request(session, endpoint, body(o.arrival), chat=False, timeout=timeout)
             o.finished_at = time.perf_counter() - t0
 
         tasks = []
@@ -208,7 +200,7 @@ def summarize_run(outcomes: list[Outcome], phases: list[Phase], flips: list[dict
 
 async def smoke(url: str, seconds: float = 4.0, rate: float = 1.0, ttft_slo_ms: float = 5000,
                 tpot_slo_ms: float = 500) -> dict:
-    """A short two-phase run against a running server (for the lead's integration tests)."""
+    """A short two-phase run against a running server: checks the whole path end to end in seconds."""
     phases = [Phase("prompt-heavy", seconds / 2, rate, 128, 4), Phase("decode-heavy", seconds / 2, rate, 16, 16)]
     outcomes, flips, wall = await run_workload(url, make_workload(phases, seed=1), warmup=1, drain_s=60)
     return summarize_run(outcomes, phases, flips, wall, ttft_slo_ms / 1000, tpot_slo_ms / 1000)
@@ -217,14 +209,11 @@ async def smoke(url: str, seconds: float = 4.0, rate: float = 1.0, ttft_slo_ms: 
 # ------------------------------------------------------------------------------ the servers
 
 
-def _serve_argv(args: argparse.Namespace, policy: str, port: int) -> list[str]:
-    argv = [sys.executable, "-m", "xllm.cli", "serve", "--port", str(port)]
-    if args.legacy_workers:
-        argv += ["--workers", str(args.legacy_workers)]
-    else:
-        argv += ["--prefill-workers", str(args.prefill_workers), "--decode-workers", str(args.decode_workers),
-                 "--pd-policy", policy, "--ttft-slo-ms", f"{args.ttft_slo_ms:g}",
-                 "--tpot-slo-ms", f"{args.tpot_slo_ms:g}"]
+def serve_argv(args: argparse.Namespace, policy: str, port: int) -> list[str]:
+    """The `xllm serve` command line of one policy's run."""
+    argv = [sys.executable, "-m", "xllm.cli", "serve", "--port", str(port),
+            "--prefill-workers", str(args.prefill_workers), "--decode-workers", str(args.decode_workers),
+            "--pd-policy", policy, "--ttft-slo-ms", f"{args.ttft_slo_ms:g}", "--tpot-slo-ms", f"{args.tpot_slo_ms:g}"]
     if args.model:
         argv += ["--model", args.model]
     for extra in args.serve_arg or []:
@@ -235,7 +224,7 @@ def _serve_argv(args: argparse.Namespace, policy: str, port: int) -> list[str]:
 def _run_one_policy(args: argparse.Namespace, policy: str, workload: list[Arrival], phases: list[Phase]) -> dict:
     port = args.port
     url = f"http://127.0.0.1:{port}"
-    argv = _serve_argv(args, policy, port)
+    argv = serve_argv(args, policy, port)
     print(f"[{policy}] starting: {' '.join(argv[1:])}", flush=True)
     log = open(args.server_log, "ab") if args.server_log else subprocess.DEVNULL
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if args.server_log else None,
@@ -288,8 +277,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-s", type=float, default=15.0, help="max wait after the last arrival (max 300)")
     p.add_argument("--seed", type=int, default=0)
     add_server_arguments(p, port=8017)
-    p.add_argument("--legacy-workers", type=int, default=0,
-                   help="dry run: start `xllm serve --workers N` without the P/D flags")
     p.add_argument("--url", default=None, help="run once against this running server instead of starting any")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
 
@@ -319,14 +306,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             for policy in policies:
                 runs[policy] = _run_one_policy(args, policy, workload, phases)
-    except (RuntimeError, OSError) as exc:
+    except (BenchError, RuntimeError, OSError) as exc:
         print(f"xllm bench pd: {exc}", file=sys.stderr)
         return 1
     print_table(runs)
     doc = {
         "benchmark": "pd", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model or "default",
-        "layout": (f"--workers {args.legacy_workers} (no P/D flags)" if args.legacy_workers
-                   else f"{args.prefill_workers}P+{args.decode_workers}D"),
+        "layout": f"{args.prefill_workers}P+{args.decode_workers}D",
         "slo": {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms},
         "phases": [vars(p) for p in phases], "seed": args.seed, "cpu_count": os.cpu_count(), "runs": runs,
     }

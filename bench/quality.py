@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["add_arguments", "run", "measure", "MODES"]
 
-_README = Path(__file__).resolve().parents[2] / "README.md"
+_README = Path(__file__).resolve().parents[1] / "README.md"
 
 # name -> (dtype, environment, prefill chunk)
 MODES: dict[str, tuple[torch.dtype, dict[str, str], int]] = {

@@ -15,19 +15,20 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import platform
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 
 import aiohttp
 
+from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
+from bench.stats import distinct_errors, percentile
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run", "run_async", "BenchError", "RequestResult", "summarize"]
+__all__ = ["add_arguments", "run", "run_async", "summarize"]
 
 _WORDS = (
     "the of and to in is was for on with as by at from that this it be are or an have not but all "
@@ -76,30 +77,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", dest="png_path", default=None, help="plot output tokens/s against mean TPOT here")
 
 
-@dataclass
-class RequestResult:
-    ok: bool = False
-    error: str = ""
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    ttft: float = 0.0  # seconds
-    e2e: float = 0.0
-    itl: list[float] = field(default_factory=list)
-
-    @property
-    def tpot(self) -> float | None:
-        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
-
-
-def _base_url(url: str) -> str:
-    url = url.rstrip("/")
-    return url if url.endswith("/v1") else url + "/v1"
-
-
-class BenchError(Exception):
-    """A setup problem reported as one line (no model to ask for, ...)."""
-
-
 def _make_bodies(args: argparse.Namespace, model: str, n: int, seed: int, output_len: int | None = None) -> list[dict]:
     rng = random.Random(seed)
     output_len = output_len or args.output_len
@@ -119,69 +96,11 @@ def _make_bodies(args: argparse.Namespace, model: str, n: int, seed: int, output
     return bodies
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: dict, chat: bool, timeout: float) -> RequestResult:
-    res = RequestResult()
-    usage = None
-    chunks = 0
-    last = None
-    start = time.perf_counter()
-    try:
-        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            if resp.status != 200:
-                res.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                return res
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                event = json.loads(data)
-                if event.get("error"):
-                    res.error = f"stream error: {json.dumps(event['error'])[:300]}"
-                    return res
-                if isinstance(event.get("usage"), dict):
-                    usage = event["usage"]
-                for choice in event.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                    if text:
-                        now = time.perf_counter()
-                        if last is None:
-                            res.ttft = now - start
-                        else:
-                            res.itl.append(now - last)
-                        last = now
-                        chunks += 1
-    except asyncio.TimeoutError:
-        res.error = f"timed out after {timeout:g} s"
-    except aiohttp.ClientError as exc:
-        res.error = f"{type(exc).__name__}: {exc}"
-    except (ValueError, AttributeError) as exc:
-        res.error = f"bad stream chunk: {exc}"
-    res.e2e = time.perf_counter() - start
-    if res.error:
-        return res
-    if last is None:
-        res.error = "the stream carried no content"
-        return res
-    res.output_tokens = int(usage.get("completion_tokens", chunks)) if usage else chunks
-    res.prompt_tokens = int(usage.get("prompt_tokens", 0)) if usage else len(body.get("prompt") or [])
-    res.ok = True
-    return res
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    pos = (len(sorted_values) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def _ms_stats(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "p50": None, "p99": None}
     s = sorted(values)
-    return {"mean": 1000 * sum(s) / len(s), "p50": 1000 * _percentile(s, 0.5), "p99": 1000 * _percentile(s, 0.99)}
+    return {"mean": 1000 * sum(s) / len(s), "p50": 1000 * percentile(s, 0.5), "p99": 1000 * percentile(s, 0.99)}
 
 
 def summarize(concurrency: int, results: list[RequestResult], duration: float) -> dict:
@@ -189,17 +108,13 @@ def summarize(concurrency: int, results: list[RequestResult], duration: float) -
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)
-    errors: list[str] = []
-    for r in results:
-        if not r.ok and r.error not in errors and len(errors) < 5:
-            errors.append(r.error)
     duration = max(duration, 1e-9)
     return {
         "concurrency": concurrency,
         "num_requests": len(results),
         "completed": len(ok),
         "failed": len(results) - len(ok),
-        "errors": errors,
+        "errors": distinct_errors(results),
         "duration_s": duration,
         "request_throughput": len(ok) / duration,
         "output_throughput": out_tokens / duration,
@@ -215,28 +130,18 @@ def summarize(concurrency: int, results: list[RequestResult], duration: float) -
     }
 
 
-async def _discover_model(session: aiohttp.ClientSession, base: str) -> str:
-    try:
-        async with session.get(base + "/models", timeout=aiohttp.ClientTimeout(total=30)) as resp:
-            resp.raise_for_status()
-            return (await resp.json())["data"][0]["id"]
-    except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError, TypeError, ValueError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise BenchError(f"cannot list the models at {base}/models ({reason}); pass --model") from None
-
-
 async def run_async(args: argparse.Namespace) -> dict:
     """Run the sweep; returns the results document (also written to --json / --png when given)."""
-    base = _base_url(args.url)
+    base = base_url(args.url)
     chat = args.endpoint == "chat"
     url = base + ("/chat/completions" if chat else "/completions")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     connector = aiohttp.TCPConnector(limit=max(args.concurrency))
     async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
-        model = args.model or await _discover_model(session, base)
+        model = args.model or await discover_model(session, base)
         for body in _make_bodies(args, model, args.warmup, args.seed + 10_000, min(4, args.output_len)):
-            r = await _one(session, url, body, chat, args.timeout)
+            r = await stream_request(session, url, body, chat=chat, timeout=args.timeout)
             if not r.ok:
                 logger.warning("warm-up request failed: %s", r.error)
         entries = []
@@ -248,7 +153,7 @@ async def run_async(args: argparse.Namespace) -> dict:
 
             async def worker() -> None:
                 for i, body in pending:
-                    results[i] = await _one(session, url, body, chat, args.timeout)
+                    results[i] = await stream_request(session, url, body, chat=chat, timeout=args.timeout)
 
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
@@ -279,7 +184,7 @@ def _print_entry(e: dict) -> None:
 
 
 def _write_png(path: str, doc: dict) -> bool:
-    from bench.plot import line_chart
+    from bench.chart import line_chart  # matplotlib is only imported when a plot is asked for
 
     points = [e for e in doc["results"] if e["tpot_ms"]["mean"] is not None]
     if not points:
@@ -288,11 +193,12 @@ def _write_png(path: str, doc: dict) -> bool:
     line_chart(path, [e["tpot_ms"]["mean"] for e in points], [e["output_throughput"] for e in points],
                [f"c={e['concurrency']}" for e in points],
                title=f"{doc['endpoint']} in={doc['prompt_len']} out={doc['output_len']}",
-               x_label="mean TPOT (ms)", y_label="output tok/s")
+               x_label="mean TPOT (ms)", y_label="output tok/s", series=doc["model"])
     return True
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status 0 when some request completed, 1 when none did, 2 on a setup error."""
     try:
         doc = asyncio.run(run_async(args))
     except BenchError as exc:

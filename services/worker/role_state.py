@@ -3,7 +3,8 @@
 A flip changes what new work the worker takes, never what it already runs: a decode worker
 turned prefill finishes its running decodes while it already prefills. The time from the flip
 message to the first piece of work in the new role (a prefill for `prefill`, a sequence whose
-KV landed for `decode`, either for `mixed`) is the flip latency the issue asks to export.
+KV landed for `decode`, either for `mixed`) is the flip latency, reported in heartbeats and
+exported in `/metrics`.
 """
 
 from __future__ import annotations

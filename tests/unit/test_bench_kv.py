@@ -18,7 +18,7 @@ from bench.kv import (
     summarize_mode,
     workload_from_args,
 )
-from bench.serve import RequestResult
+from bench.client import RequestResult
 
 
 def _is_prefix(a: list[int], b: list[int]) -> bool:

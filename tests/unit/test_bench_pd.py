@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from bench import pd
-from bench.serve import RequestResult
+from bench.client import RequestResult
 from xllm.cli import build_parser
 
 
@@ -78,14 +78,14 @@ def test_cli_wiring_and_serve_argv() -> None:
     args = build_parser().parse_args(["bench", "pd", "--phase-s", "10", "--ttft-slo-ms", "500",
                                       "--serve-arg", "--max-num-seqs 8"])
     assert args.func is pd.run
-    argv = pd._serve_argv(args, "dynamic", 9000)
+    argv = pd.serve_argv(args, "dynamic", 9000)
     assert argv[1:5] == ["-m", "xllm.cli", "serve", "--port"]
     for flag, value in (("--prefill-workers", "1"), ("--decode-workers", "2"), ("--pd-policy", "dynamic"),
                         ("--ttft-slo-ms", "500"), ("--max-num-seqs", "8")):
         assert argv[argv.index(flag) + 1] == value
-    args.legacy_workers = 1
-    argv = pd._serve_argv(args, "static", 9000)
-    assert "--pd-policy" not in argv and argv[argv.index("--workers") + 1] == "1"
+    assert "--workers" not in argv
+    with pytest.raises(SystemExit):  # the P/D flags are the only layout this bench starts
+        build_parser().parse_args(["bench", "pd", "--legacy-workers", "1"])
     assert pd.run(build_parser().parse_args(["bench", "pd", "--phase-s", "0"])) == 2
     assert pd.run(build_parser().parse_args(["bench", "pd", "--policies", "magic"])) == 2
 

@@ -13,11 +13,13 @@ import struct
 import threading
 import zlib
 
+import matplotlib.image
+import numpy as np
 import pytest
 from aiohttp import web
 
 from bench import serve as bench_serve
-from bench.plot import line_chart
+from bench.chart import LINE_COLOR, line_chart
 
 TOKEN_DELAY = 0.004  # seconds between streamed tokens
 
@@ -99,8 +101,10 @@ def _args(url: str, tmp_path, *extra: str) -> argparse.Namespace:
                               "--png", str(tmp_path / "out" / "serve.png"), *extra])
 
 
-def _png_size(path) -> tuple[int, int, bytes]:
-    """(width, height, raw scanlines) of an 8-bit RGB PNG, checking signature, IHDR and CRCs."""
+def _read_png(path) -> np.ndarray:
+    """The pixels of a PNG file as 0-255 RGB(A) integers, shape (height, width, channels), after
+    checking its signature, the IHDR/IEND framing and every chunk's CRC, and decoding it with
+    matplotlib."""
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, []
@@ -113,10 +117,16 @@ def _png_size(path) -> tuple[int, int, bytes]:
         pos += 12 + length
     assert chunks[0][0] == b"IHDR" and len(chunks[0][1]) == 13 and chunks[-1][0] == b"IEND"
     width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color) == (8, 2)
-    raw = zlib.decompress(b"".join(p for t, p in chunks if t == b"IDAT"))
-    assert len(raw) == height * (1 + 3 * width)
-    return width, height, raw
+    assert depth == 8 and color in (2, 6)  # 8-bit RGB or RGBA
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape == (height, width, 3 if color == 2 else 4)
+    return np.rint(pixels * 255).astype(np.int64)
+
+
+def _has_line_color(pixels: np.ndarray) -> bool:
+    """Whether some pixel is exactly the plotted series' colour (the inside of a marker)."""
+    rgb = tuple(int(LINE_COLOR[i:i + 2], 16) for i in (1, 3, 5))
+    return bool((pixels[..., :3] == rgb).all(axis=-1).any())
 
 
 def test_completions_sweep_writes_json_and_png(tmp_path, capsys):
@@ -152,9 +162,10 @@ def test_completions_sweep_writes_json_and_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "concurrency    1" in out and "concurrency    4" in out
 
-    width, height, raw = _png_size(tmp_path / "out" / "serve.png")
-    assert (width, height) == (640, 440)
-    assert bytes((31, 91, 180)) in raw  # the plotted points
+    pixels = _read_png(tmp_path / "out" / "serve.png")
+    assert pixels.shape[:2] == (440, 640)
+    assert _has_line_color(pixels)  # the plotted points
+    assert "plot written to" in out
 
 
 def test_chat_endpoint_and_explicit_model(tmp_path):
@@ -207,8 +218,15 @@ def test_cli_wires_bench_serve():
 def test_plot_handles_one_point_and_flat_values(tmp_path):
     for xs, ys in (([5.0], [100.0]), ([0.0, 0.0], [0.0, 0.0]), ([0.5, 1.5, 30.0], [1e4, 2e4, 3e4])):
         path = tmp_path / "p.png"
+        path.unlink(missing_ok=True)
         line_chart(str(path), xs, ys, [f"c={i}" for i in range(len(xs))], title="t", x_label="x", y_label="y",
                    width=200, height=150)
-        assert _png_size(path)[:2] == (200, 150)
-    with pytest.raises(ValueError):
-        line_chart(str(tmp_path / "q.png"), [1.0], [])
+        pixels = _read_png(path)
+        assert pixels.shape[:2] == (150, 200)
+        assert _has_line_color(pixels), (xs, ys)
+    line_chart(str(tmp_path / "default.png"), [1.0, 2.0], [3.0, 4.0])  # no labels, no titles
+    assert _read_png(tmp_path / "default.png").shape[:2] == (440, 640)
+    for bad in (([1.0], []), ([], []), ([1.0, 2.0], [1.0, 2.0], ["only one label"])):
+        with pytest.raises(ValueError):
+            line_chart(str(tmp_path / "q.png"), *bad)
+    assert not (tmp_path / "q.png").exists()
