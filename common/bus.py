@@ -5,36 +5,38 @@ a bad message with a logged warning (reason + peer), so a malformed or hostile p
 raise out of a service's receive loop. Works under uvloop (pyzmq's `zmq.asyncio` only needs the
 loop's `add_reader`).
 
+A socket made for one end of a channel (`make_socket(..., channel=BACKEND.binder)`) only takes
+what travels to that end: anything else is dropped inside `recv` like a malformed message, so a
+receive loop sees only its channel's messages and can dispatch on type without a fallback.
+Sending what the other end would drop raises ProtocolError (a bug in the sender).
+
 Frame layout on the wire: ROUTER adds/strips the peer identity frame; on PUB/SUB the first frame
 is the topic followed by a NUL byte, so that subscribing to `b"worker-1"` does not also match
 `b"worker-10"` (ZeroMQ matches topics by prefix); then the codec's frames.
 
-CurveZMQ (optional, for tcp across hosts): a server socket accepts only clients whose public key
-is in its authorized-keys directory; ZAP requests are answered by one `ThreadAuthenticator` per
-context, so authentication keeps working while the event loop is busy. Curve options must be set
-before `bind`/`connect`.
+CurveZMQ lives in `common.curve` (re-exported here).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import socket as pysocket
 import stat
 import tempfile
 import weakref
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import zmq
 import zmq.asyncio
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from common.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, encode
-from common.protocol import Message, ProtocolError
+from common.curve import configure_curve_client, configure_curve_server, generate_keys, stop_authenticators
+from common.protocol import ChannelEnd, Message, ProtocolError
 
 __all__ = [
     "DEFAULT_HWM",
@@ -45,8 +47,10 @@ __all__ = [
     "connect",
     "close",
     "subscribe",
+    "encode_for",
     "send",
     "recv",
+    "OnRefused",
     "generate_keys",
     "configure_curve_server",
     "configure_curve_client",
@@ -70,7 +74,29 @@ _MAX_IPC_PATH = 107
 _TOPIC_END = b"\x00"
 
 _bound_ipc_paths: weakref.WeakKeyDictionary[zmq.Socket, list[str]] = weakref.WeakKeyDictionary()
-_authenticators: dict[int, ThreadAuthenticator] = {}
+
+
+OnRefused = Callable[[bytes | None, ProtocolError], Awaitable[None]]
+
+
+class _SocketInfo(NamedTuple):
+    """What send/recv need to know of a socket, read once: getsockopt costs as much as encoding
+    a token delta."""
+
+    socket_type: int
+    max_bytes: int | None  # MAXMSGSIZE, None when unlimited
+    end: ChannelEnd | None
+
+
+_socket_info: weakref.WeakKeyDictionary[zmq.Socket, _SocketInfo] = weakref.WeakKeyDictionary()
+
+
+def _info(sock: zmq.Socket) -> _SocketInfo:
+    info = _socket_info.get(sock)
+    if info is None:  # a socket made elsewhere (raw test sockets): no channel
+        limit = sock.getsockopt(zmq.MAXMSGSIZE)
+        info = _socket_info[sock] = _SocketInfo(sock.getsockopt(zmq.TYPE), limit if limit > 0 else None, None)
+    return info
 
 
 # -------------------------------------------------------------------------------------- sockets
@@ -79,6 +105,7 @@ _authenticators: dict[int, ThreadAuthenticator] = {}
 def make_socket(
     socket_type: int,
     *,
+    channel: ChannelEnd | None = None,
     context: zmq.asyncio.Context | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     linger_ms: int = DEFAULT_LINGER_MS,
@@ -91,6 +118,9 @@ def make_socket(
 ) -> zmq.asyncio.Socket:
     """An asyncio socket with the standard options.
 
+    `channel`: the channel end this socket is (e.g. `BACKEND.connector` for a worker's DEALER to
+    the scheduler); `recv` drops and `send` refuses messages that do not travel there. None (raw
+    test sockets) lets any message through.
     `max_message_bytes` is ZeroMQ's MAXMSGSIZE: a peer sending a bigger frame is disconnected
     before anything reaches Python; `recv` also refuses a message whose frames sum past it.
     ZMTP heartbeats let a connection to a dead peer be noticed within seconds.
@@ -110,6 +140,7 @@ def make_socket(
         sock.setsockopt(zmq.ROUTING_ID, routing_id)
     if router_mandatory and socket_type == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    _socket_info[sock] = _SocketInfo(socket_type, max_message_bytes if max_message_bytes > 0 else None, channel)
     return sock
 
 
@@ -205,6 +236,39 @@ def subscribe(sock: zmq.Socket, *topics: bytes | str) -> None:
 # --------------------------------------------------------------------------------- send / recv
 
 
+def encode_for(
+    sock: zmq.Socket,
+    msg: Message,
+    *tensors: torch.Tensor,
+    identity: bytes | None = None,
+    topic: bytes | str | None = None,
+) -> list:
+    """The multipart frames `send` sends (for callers that send them without waiting: NOBLOCK).
+
+    ROUTER sockets need the peer's `identity`; PUB sockets need a `topic` (an instance id or
+    `protocol.TOPIC_ALL`). Raises ProtocolError for a message that cannot be encoded, exceeds
+    the socket's MAXMSGSIZE, or does not travel from the socket's channel end.
+    """
+    socket_type, max_bytes, end = _info(sock)
+    if end is not None and type(msg) not in end.outbound:
+        raise ProtocolError(f"{msg.TAG} does not travel from the {end.role} on the {end.channel} channel")
+    out: list = encode(msg, *tensors, max_bytes=max_bytes)
+    if socket_type == zmq.ROUTER:
+        if identity is None:
+            raise ValueError("a ROUTER socket needs the peer identity to send to")
+        out.insert(0, identity)
+    elif identity is not None:
+        raise ValueError("identity is only meaningful on a ROUTER socket")
+    if socket_type in (zmq.PUB, zmq.XPUB):
+        if topic is None:
+            raise ValueError("a PUB socket needs a topic")
+        topic_bytes = topic.encode() if isinstance(topic, str) else topic
+        out.insert(0, topic_bytes + _TOPIC_END)
+    elif topic is not None:
+        raise ValueError("topic is only meaningful on a PUB socket")
+    return out
+
+
 async def send(
     sock: zmq.asyncio.Socket,
     msg: Message,
@@ -212,29 +276,9 @@ async def send(
     identity: bytes | None = None,
     topic: bytes | str | None = None,
 ) -> None:
-    """Send one message (+ tensors as raw zero-copy frames).
-
-    ROUTER sockets need the peer's `identity`; PUB sockets need a `topic` (an instance id or
-    `protocol.TOPIC_ALL`). A tensor must not be modified in place until the send completed.
-    Raises ProtocolError for a message that cannot be encoded or exceeds the socket's MAXMSGSIZE.
-    """
-    socket_type = sock.getsockopt(zmq.TYPE)
-    max_bytes = sock.getsockopt(zmq.MAXMSGSIZE)
-    frames: list = encode(msg, *tensors, max_bytes=max_bytes if max_bytes > 0 else None)
-    if socket_type == zmq.ROUTER:
-        if identity is None:
-            raise ValueError("a ROUTER socket needs the peer identity to send to")
-        frames.insert(0, identity)
-    elif identity is not None:
-        raise ValueError("identity is only meaningful on a ROUTER socket")
-    if socket_type in (zmq.PUB, zmq.XPUB):
-        if topic is None:
-            raise ValueError("a PUB socket needs a topic")
-        topic_bytes = topic.encode() if isinstance(topic, str) else topic
-        frames.insert(0, topic_bytes + _TOPIC_END)
-    elif topic is not None:
-        raise ValueError("topic is only meaningful on a PUB socket")
-    await sock.send_multipart(frames, copy=False)
+    """Send one message (+ tensors as raw zero-copy frames); see `encode_for` for the arguments and
+    errors. A tensor must not be modified in place until the send completed."""
+    await sock.send_multipart(encode_for(sock, msg, *tensors, identity=identity, topic=topic), copy=False)
 
 
 def _describe_peer(socket_type: int, frames: list[zmq.Frame], peer: bytes | None) -> str:
@@ -248,19 +292,20 @@ def _describe_peer(socket_type: int, frames: list[zmq.Frame], peer: bytes | None
 
 
 async def recv(
-    sock: zmq.asyncio.Socket, *, max_bytes: int | None = None
+    sock: zmq.asyncio.Socket, *, max_bytes: int | None = None, on_refused: OnRefused | None = None
 ) -> tuple[bytes | None, Message, list[torch.Tensor]]:
     """Receive the next valid message as (peer, message, tensors).
 
     `peer` is the sender's identity on a ROUTER socket, the topic on a SUB socket, else None.
-    Invalid messages are dropped with a warning and receiving goes on; only socket errors
-    (e.g. the socket was closed) or cancellation leave this function.
-    `max_bytes` defaults to the socket's MAXMSGSIZE.
+    Invalid messages, and on a channel socket those that do not travel to its end, are dropped
+    with a warning and receiving goes on; only socket errors (e.g. the socket was closed) or
+    cancellation leave this function. `max_bytes` defaults to the socket's MAXMSGSIZE.
+    `on_refused(peer, error)` is awaited for a dropped message of a known type whose fields were
+    wrong (`error.tag` / `error.fields`), so a service can still answer its sender.
     """
-    socket_type = sock.getsockopt(zmq.TYPE)
+    socket_type, socket_limit, accept = _info(sock)
     if max_bytes is None:
-        socket_limit = sock.getsockopt(zmq.MAXMSGSIZE)
-        max_bytes = socket_limit if socket_limit > 0 else DEFAULT_MAX_MESSAGE_BYTES
+        max_bytes = socket_limit if socket_limit is not None else DEFAULT_MAX_MESSAGE_BYTES
     while True:
         frames = await sock.recv_multipart(copy=False)
         peer: bytes | None = None
@@ -276,12 +321,13 @@ async def recv(
                     reason = "topic frame is not NUL-terminated"
         if reason is None and not payload:
             reason = "no message frames"
+        refused: ProtocolError | None = None
         if reason is None:
             try:
-                msg, tensors = decode(payload, max_bytes=max_bytes)
+                msg, tensors = decode(payload, max_bytes=max_bytes, accept=accept)
                 return peer, msg, tensors
             except ProtocolError as exc:
-                reason = exc.reason
+                reason, refused = exc.reason, exc
             except Exception as exc:  # a codec bug must not take the service down either
                 logger.exception("codec failed on a message from %s", peer)
                 reason = f"codec error: {type(exc).__name__}: {exc}"
@@ -291,76 +337,11 @@ async def recv(
             _describe_peer(socket_type, frames, peer),
             reason,
         )
-
-
-# ------------------------------------------------------------------------------------ CurveZMQ
-
-
-def generate_keys(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
-    """Create `<name>.key` (public) and `<name>.key_secret` in `directory`; returns both paths."""
-    Path(directory).mkdir(mode=0o700, parents=True, exist_ok=True)
-    public_file, secret_file = zmq.auth.create_certificates(os.fspath(directory), name)
-    return Path(public_file), Path(secret_file)
-
-
-def _authenticator_for(context: zmq.Context) -> ThreadAuthenticator:
-    # One ZAP handler per libzmq context (it binds a fixed inproc address). It must run on a
-    # sync shadow of the same context: an asyncio socket cannot be driven from its thread.
-    key = context.underlying
-    auth = _authenticators.get(key)
-    if auth is None:
-        auth = ThreadAuthenticator(zmq.Context.shadow(key))
-        auth.start()
-        _authenticators[key] = auth
-    return auth
-
-
-def configure_curve_server(
-    sock: zmq.Socket,
-    secret_key_file: str | os.PathLike,
-    authorized_keys_dir: str | os.PathLike,
-) -> ThreadAuthenticator:
-    """Make `sock` a CurveZMQ server that only accepts clients whose public key file
-    (`*.key`) is in `authorized_keys_dir` (read now: call again after adding keys).
-    Call before `bind`."""
-    public_key, secret_key = zmq.auth.load_certificate(os.fspath(secret_key_file))
-    if secret_key is None:
-        raise ValueError(f"{secret_key_file} holds no secret key")
-    authorized = Path(authorized_keys_dir).resolve()
-    # A ZAP domain per key directory lets servers in one context trust different clients.
-    domain = "xllm-" + hashlib.sha256(os.fsencode(authorized)).hexdigest()[:16]
-    auth = _authenticator_for(sock.context)
-    auth.configure_curve(domain=domain, location=os.fspath(authorized))
-    sock.setsockopt_string(zmq.ZAP_DOMAIN, domain)
-    sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key)
-    sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
-    sock.setsockopt(zmq.CURVE_SERVER, 1)
-    return auth
-
-
-def configure_curve_client(
-    sock: zmq.Socket,
-    client_secret_key_file: str | os.PathLike,
-    server_public_key_file: str | os.PathLike,
-) -> None:
-    """Make `sock` a CurveZMQ client of the server whose public key is given. Call before
-    `connect`."""
-    public_key, secret_key = zmq.auth.load_certificate(os.fspath(client_secret_key_file))
-    if secret_key is None:
-        raise ValueError(f"{client_secret_key_file} holds no secret key")
-    server_key, _ = zmq.auth.load_certificate(os.fspath(server_public_key_file))
-    sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key)
-    sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
-    sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
-
-
-def stop_authenticators(context: zmq.Context | None = None) -> None:
-    """Stop the ZAP thread of `context` (all contexts when None); needed before `context.term()`."""
-    keys = list(_authenticators) if context is None else [context.underlying]
-    for key in keys:
-        auth = _authenticators.pop(key, None)
-        if auth is not None:
-            auth.stop()
+        if on_refused is not None and refused is not None and refused.tag is not None:
+            try:
+                await on_refused(peer, refused)
+            except Exception:  # answering a bad message must not stop the receiving either
+                logger.exception("could not answer a refused %s", refused.tag)
 
 
 # -------------------------------------------------------------------------------- addresses

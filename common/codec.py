@@ -1,9 +1,15 @@
-"""One codec for every bus message: msgpack envelope + raw tensor frames, validated on decode.
+"""One codec for every bus message: a msgpack envelope + raw tensor frames, validated on decode.
 
 Wire format of one message (a ZeroMQ multipart message, after any routing/topic frames):
 
     frame 0:     msgpack {"t": tag, "v": PROTOCOL_VERSION, "d": {field: value}, "x": [[dtype, shape], ...]}
     frame 1..n:  the raw bytes of tensor i (C-contiguous), one frame per "x" entry
+
+Messages are `msgspec` structs (`common.protocol`), so msgspec packs them and, on decode, checks
+every field against its annotation in C (missing, unknown or mistyped fields, nested records
+too). Decoding goes in two steps: the envelope first, with "d" kept as raw bytes, then the tag's
+class from those bytes; a socket bound to a channel end refuses a tag that does not belong there
+between the two, before any field is decoded.
 
 Tensors never go inside msgpack: encode hands their memory to ZeroMQ as buffers (no copy for a
 contiguous CPU tensor) and decode wraps the received frames with `torch.frombuffer` (no copy).
@@ -11,24 +17,22 @@ Decoded tensors share memory with the received frames and must be treated as rea
 (or `index_copy_` into a pool) before writing in place. Conversely, a tensor handed to `encode`
 must not be modified until ZeroMQ has sent it.
 
-Every decode is validated against the message's dataclass annotations; anything wrong raises a
-single exception type, `ProtocolError`, whose `reason` says what was wrong.
+Anything wrong raises a single exception type, `ProtocolError`, whose `reason` says what was
+wrong in the project's words (msgspec's messages are translated: they only name a path).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
+import re
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
-import msgpack
+import msgspec
 import torch
 
-from common.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, Message, ProtocolError
+from common.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, ChannelEnd, Message, ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -41,13 +45,7 @@ __all__ = [
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-# Caps on what a header may declare, on top of "no more than the frame could hold".
-_MAX_STR_LEN = 4 * 1024 * 1024
-_MAX_ARRAY_LEN = 16 * 1024 * 1024
-_MAX_MAP_LEN = 1024 * 1024
 _MAX_TENSOR_DIMS = 8
-
-_ENVELOPE_KEYS = frozenset(("t", "v", "d", "x"))
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -73,102 +71,54 @@ with warnings.catch_warnings():
     torch.frombuffer(bytes(2), dtype=torch.uint8)
 
 
-# ------------------------------------------------------------------ per-class field validators
-
-Check = Callable[[Any], bool]
-
-
-class _Schema(NamedTuple):
-    field_names: tuple[str, ...]
-    checks: dict[str, tuple[Check, str]]  # field -> (accepts value?, type name for errors)
-    required: frozenset[str]
-    float_fields: tuple[str, ...]  # scalar float fields: ints are accepted and converted
+class _Outgoing(msgspec.Struct, omit_defaults=True):
+    t: str
+    v: int
+    d: Any
+    x: list | None = None
 
 
-_SCHEMAS: dict[type, _Schema] = {}
-
-# Scalar annotations and the exact runtime types msgpack decodes them to. bool is not an int
-# here, and an int is accepted where a float is expected.
-_SCALAR_TYPES: dict[Any, frozenset[type]] = {
-    int: frozenset((int,)),
-    float: frozenset((float, int)),
-    str: frozenset((str,)),
-    bool: frozenset((bool,)),
-    bytes: frozenset((bytes,)),
-    type(None): frozenset((type(None),)),
-}
+class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
+    # Loosely typed on purpose: a wrong tag or version gets its own reason (checked by hand),
+    # and "d" stays undecoded until the tag says which class it is.
+    t: Any = None
+    v: Any = None
+    d: msgspec.Raw = msgspec.Raw(msgspec.msgpack.encode(None))
+    x: Any = None
 
 
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type) and not typing.get_args(annotation):
-        return "None" if annotation is type(None) else annotation.__name__
-    return str(annotation).replace("typing.", "")
+def _refuse_ext(code: int, data: memoryview) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-def _compile_check(annotation: Any) -> Check:
-    """Build a fast predicate for one annotation (once per class, never per message)."""
-    if annotation is Any:
-        return lambda value: True
-    scalar = _SCALAR_TYPES.get(annotation)
-    if scalar is not None:
-        if len(scalar) == 1:
-            (only,) = scalar
-            return lambda value: type(value) is only
-        return lambda value: type(value) in scalar
-    if annotation is list:
-        return lambda value: type(value) is list
-    if annotation is dict:
-        return lambda value: type(value) is dict
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is list and len(args) == 1:
-        element_scalar = _SCALAR_TYPES.get(args[0])
-        if element_scalar is not None:
-            # set(map(type, ...)) runs in C: fast enough for long token id lists.
-            return lambda value: type(value) is list and set(map(type, value)) <= element_scalar
-        element_check = _compile_check(args[0])
-        return lambda value: type(value) is list and all(map(element_check, value))
-    if origin is dict and len(args) == 2:
-        key_check, value_check = _compile_check(args[0]), _compile_check(args[1])
-        return lambda value: (
-            type(value) is dict
-            and all(map(key_check, value.keys()))
-            and all(map(value_check, value.values()))
-        )
-    if origin in (typing.Union, types.UnionType):
-        options = tuple(_compile_check(arg) for arg in args)
-        return lambda value: any(option(value) for option in options)
-    raise TypeError(f"unsupported message field annotation: {annotation!r}")
+_ENCODER = msgspec.msgpack.Encoder()
+_ENVELOPE_DECODER = msgspec.msgpack.Decoder(_Envelope, ext_hook=_refuse_ext)
+_ANY_DECODER = msgspec.msgpack.Decoder(ext_hook=_refuse_ext)
+_DECODERS: dict[type[Message], msgspec.msgpack.Decoder] = {}
 
 
-def _schema(cls: type) -> _Schema:
-    schema = _SCHEMAS.get(cls)
-    if schema is not None:
-        return schema
-    tag = getattr(cls, "TAG", None)
-    if MESSAGE_TYPES.get(tag) is not cls:
-        raise ProtocolError(f"{cls.__name__} is not a registered message type")
-    hints = typing.get_type_hints(cls)
-    checks: dict[str, tuple[Check, str]] = {}
-    required: set[str] = set()
-    float_fields: list[str] = []
-    for message_field in dataclasses.fields(cls):
-        annotation = hints[message_field.name]
-        checks[message_field.name] = (_compile_check(annotation), _type_name(annotation))
-        no_default = message_field.default is dataclasses.MISSING
-        if no_default and message_field.default_factory is dataclasses.MISSING:
-            required.add(message_field.name)
-        if annotation is float or set(typing.get_args(annotation)) == {float, type(None)}:
-            float_fields.append(message_field.name)
-    schema = _Schema(tuple(checks), checks, frozenset(required), tuple(float_fields))
-    _SCHEMAS[cls] = schema
-    return schema
+def _decoder(cls: type[Message]) -> msgspec.msgpack.Decoder:
+    decoder = _DECODERS.get(cls)
+    if decoder is None:
+        if MESSAGE_TYPES.get(getattr(cls, "TAG", None)) is not cls:
+            raise ProtocolError(f"{cls.__name__} is not a registered message type")
+        decoder = _DECODERS[cls] = msgspec.msgpack.Decoder(cls, ext_hook=_refuse_ext)
+    return decoder
 
 
-# Compile the built-in messages now so a bad annotation fails at import, not at the first
-# message; messages registered later are compiled on first use.
+# Build the decoders of the built-in messages now so a bad annotation fails at import, not at
+# the first message; messages registered later get theirs on first use.
 for _cls in list(MESSAGE_TYPES.values()):
-    _schema(_cls)
+    _decoder(_cls)
+
+
+# ------------------------------------------------------------------------- error reasons
+
+# msgspec: "<what>" or "<what> - at `$.path`" or "<what> - at `key` in `$.path`".
+_MSGSPEC_ERROR = re.compile(r"^(?P<what>.*?)(?: - at `(?P<path>[^`]*)`(?: in `(?P<container>[^`]*)`)?)?$", re.S)
+_BACKTICKED = re.compile(r"`([^`]*)`")
+_INDEXES = re.compile(r"\[[^\]]*\]")
+_MODULE_PREFIX = re.compile(r"\b(?:[a-z_][\w]*\.)+(?=[A-Z])")
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -176,29 +126,107 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _validate_fields(tag: str, schema: _Schema, fields: dict) -> None:
-    checks = schema.checks
-    for name, value in fields.items():
-        entry = checks.get(name)
-        if entry is None:
-            raise ProtocolError(f"{tag}: unexpected field {_short(name)}")
-        accepts, type_name = entry
-        if not accepts(value):
-            raise ProtocolError(
-                f"{tag}: field {name!r} has the wrong type: expected {type_name}, "
-                f"got {type(value).__name__} {_short(value)}"
-            )
-    if len(fields) < len(checks):
-        missing = schema.required.difference(fields)
-        if missing:
-            raise ProtocolError(f"{tag}: missing required field(s) {', '.join(sorted(missing))}")
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return "None" if annotation is type(None) else annotation.__name__
+    return _MODULE_PREFIX.sub("", str(annotation).replace("typing.", ""))
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotation of `dotted` ("sampling.stop") inside struct `cls`, or None."""
+    annotation: Any = cls
+    for name in dotted.split("."):
+        if not (isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)):
+            return None
+        info = next((f for f in msgspec.structs.fields(annotation) if f.name == name), None)
+        if info is None:
+            return None
+        annotation = info.type
+    return annotation
+
+
+def _untyped_fields(raw: Any) -> dict | None:
+    """The fields of a refused message as plain msgpack values, when they are a map at all."""
+    try:
+        fields = _ANY_DECODER.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError):
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def _non_string_key(raw: Any) -> str:
+    try:
+        fields = _ANY_DECODER.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError):
+        return "(not a string)"
+    if isinstance(fields, dict):
+        for key in fields:
+            if type(key) is not str:
+                return _short(key)
+    return "(not a string)"
+
+
+def _field_reason(tag: str, cls: type, raw: Any, error: msgspec.ValidationError) -> str:
+    """`error` (decoding the fields of a `tag` message) in the words of a bus log line."""
+    parts = _MSGSPEC_ERROR.match(str(error))
+    what, path, container = parts["what"], parts["path"], parts["container"]
+    named = _BACKTICKED.findall(what)
+    if path == "key":  # a map key that is not a string: never a field name
+        where = (container or "$")[2:]
+        key = _non_string_key(raw) if not where else "(not a string)"
+        return f"{tag}: unexpected field {key}" + (f" in {where}" if where else "")
+    where = (path or "$")[2:]  # "" at the message itself, else "sampling", "prompt_ids[1]"...
+    inside = f" in {where}" if where else ""
+    if what.startswith("Object missing required field") and named:
+        return f"{tag}: missing required field(s) {named[0]}{inside}"
+    if what.startswith("Object contains unknown field") and named:
+        return f"{tag}: unexpected field {named[0]!r}{inside}"
+    if what.startswith("Expected `object`") and not where:
+        return f"{tag}: fields must be a map, got {named[-1] if named else 'something else'}"
+    if not where:
+        return f"{tag}: {what}"
+    # Name the field (or record field) that holds the bad value, with its declared type.
+    field = _INDEXES.sub("", where)
+    annotation = _field_type(cls, field)
+    located = "" if where == field else f" at {where}"
+    if what.startswith("Expected") and annotation is not None:
+        got = named[-1] if len(named) >= 2 else "something else"
+        return f"{tag}: field {field!r} has the wrong type: expected {_type_name(annotation)}, got {got}{located}"
+    return f"{tag}: field {field!r} is invalid: {what}{located}"
+
+
+def _envelope_reason(header: memoryview, error: msgspec.ValidationError) -> str:
+    parts = _MSGSPEC_ERROR.match(str(error))
+    what, path = parts["what"], parts["path"]
+    named = _BACKTICKED.findall(what)
+    if path is None and what.startswith("Expected `object`"):
+        # msgspec checks a value's type before its length: tell a complete non-map value from
+        # bytes that are no msgpack at all (e.g. a header declaring more than the frame holds).
+        try:
+            _ANY_DECODER.decode(header)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            return f"frame 0 is not valid msgpack: {exc}"
+        return f"frame 0 must be a msgpack map, got {named[-1] if named else 'something else'}"
+    if what.startswith("Object contains unknown field") and named:
+        return f"unexpected envelope key {named[0]!r}"
+    if path == "key":
+        return "unexpected envelope key (not a string)"
+    return f"malformed envelope: {what}" + (f" at {path}" if path else "")
 
 
 def check_fields(msg: Message) -> None:
-    """Validate a message object's field values as decode would (for senders and tests)."""
-    schema = _schema(type(msg))
-    fields = {name: getattr(msg, name) for name in schema.field_names}
-    _validate_fields(msg.TAG, schema, fields)
+    """Validate a message object's field values as decode would (for senders and tests):
+    constructing a struct does not check types, decoding does."""
+    cls = type(msg)
+    decoder = _decoder(cls)
+    try:
+        raw = _ENCODER.encode(msg)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise ProtocolError(f"{msg.TAG}: cannot encode: {exc}") from exc
+    try:
+        decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(_field_reason(msg.TAG, cls, raw, exc)) from exc
 
 
 # ------------------------------------------------------------------------------------- encode
@@ -234,52 +262,30 @@ def encode(
     """
     if not isinstance(msg, Message):
         raise ProtocolError(f"not a bus message: {type(msg).__name__}")
-    schema = _schema(type(msg))
-    envelope: dict[str, Any] = {
-        "t": msg.TAG,
-        "v": PROTOCOL_VERSION,
-        "d": {name: getattr(msg, name) for name in schema.field_names},
-    }
+    cls = type(msg)
+    if MESSAGE_TYPES.get(getattr(cls, "TAG", None)) is not cls:
+        raise ProtocolError(f"{cls.__name__} is not a registered message type")
     frames: list[bytes | memoryview] = [b""]
+    metas: list | None = None
     if tensors:
         metas = []
         for tensor in tensors:
             meta, buffer = _tensor_frame(tensor)
             metas.append(meta)
             frames.append(buffer)
-        envelope["x"] = metas
     try:
-        frames[0] = msgpack.packb(envelope, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
+        frames[0] = _ENCODER.encode(_Outgoing(t=msg.TAG, v=PROTOCOL_VERSION, d=msg, x=metas))
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
         raise ProtocolError(f"{msg.TAG}: cannot encode: {exc}") from exc
     if max_bytes is not None:
-        total = sum(len(frame) if isinstance(frame, bytes) else frame.nbytes for frame in frames)
+        total = len(frames[0]) if len(frames) == 1 else sum(
+            len(frame) if isinstance(frame, bytes) else frame.nbytes for frame in frames)
         if total > max_bytes:
             raise ProtocolError(f"{msg.TAG}: message of {total} bytes exceeds the {max_bytes} limit")
     return frames
 
 
 # ------------------------------------------------------------------------------------- decode
-
-
-def _unpack_envelope(header: memoryview) -> Any:
-    size = header.nbytes
-    try:
-        return msgpack.unpackb(
-            header,
-            raw=False,
-            strict_map_key=False,
-            use_list=True,
-            # Every element costs at least one byte, so nothing may declare more than the frame
-            # holds; this keeps a tiny hostile frame from making msgpack preallocate gigabytes.
-            max_str_len=min(size, _MAX_STR_LEN),
-            max_bin_len=size,
-            max_array_len=min(size, _MAX_ARRAY_LEN),
-            max_map_len=min(size // 2, _MAX_MAP_LEN),
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises a zoo of types for bad input
-        raise ProtocolError(f"frame 0 is not valid msgpack: {type(exc).__name__}: {exc}") from exc
 
 
 def _decode_tensors(tag: str, metas: Any, frames: Sequence[memoryview]) -> list[torch.Tensor]:
@@ -317,12 +323,16 @@ def _decode_tensors(tag: str, metas: Any, frames: Sequence[memoryview]) -> list[
 
 
 def decode(
-    frames: Sequence[Any], *, max_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES
+    frames: Sequence[Any],
+    *,
+    max_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+    accept: ChannelEnd | None = None,
 ) -> tuple[Message, list[torch.Tensor]]:
     """Validate and decode one message's frames (bytes, memoryviews or zmq.Frame objects).
 
-    Returns the message and its tensors (zero-copy views of the frames). Raises ProtocolError,
-    and nothing else, for any malformed input.
+    Returns the message and its tensors (zero-copy views of the frames). With `accept`, a
+    message that does not travel to that channel end is refused before its fields are decoded.
+    Raises ProtocolError, and nothing else, for any malformed or refused input.
     """
     if not isinstance(frames, (list, tuple)) or not frames:
         raise ProtocolError("no frames")
@@ -332,31 +342,33 @@ def decode(
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"frames must be buffers: {exc}") from exc
     if max_bytes is not None:
-        total = sum(view.nbytes for view in views)
+        total = views[0].nbytes if len(views) == 1 else sum(view.nbytes for view in views)
         if total > max_bytes:
             raise ProtocolError(f"message of {total} bytes exceeds the {max_bytes} limit")
 
-    envelope = _unpack_envelope(views[0])
-    if type(envelope) is not dict:
-        raise ProtocolError(f"frame 0 must be a msgpack map, got {type(envelope).__name__}")
-    unknown_keys = envelope.keys() - _ENVELOPE_KEYS
-    if unknown_keys:
-        raise ProtocolError(f"unexpected envelope key(s) {_short(sorted(map(repr, unknown_keys)))}")
-    version = envelope.get("v")
+    header = views[0]
+    try:
+        envelope = _ENVELOPE_DECODER.decode(header)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(_envelope_reason(header, exc)) from exc
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise ProtocolError(f"frame 0 is not valid msgpack: {exc}") from exc
+    version = envelope.v
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(f"wrong protocol version {_short(version)}, expected {PROTOCOL_VERSION}")
-    tag = envelope.get("t")
+    tag = envelope.t
     cls = MESSAGE_TYPES.get(tag) if type(tag) is str else None
     if cls is None:
         raise ProtocolError(f"unknown message type {_short(tag)}")
-    fields = envelope.get("d")
-    if type(fields) is not dict:
-        raise ProtocolError(f"{tag}: fields must be a map, got {type(fields).__name__}")
-
-    schema = _schema(cls)
-    _validate_fields(tag, schema, fields)
-    for name in schema.float_fields:
-        if type(fields.get(name)) is int:
-            fields[name] = float(fields[name])
-    tensors = _decode_tensors(tag, envelope.get("x", []), views[1:])
-    return cls(**fields), tensors
+    if accept is not None and tag not in accept.inbound_tags:
+        raise ProtocolError(accept.refusal(tag))
+    try:
+        msg = (_DECODERS.get(cls) or _decoder(cls)).decode(envelope.d)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(_field_reason(tag, cls, envelope.d, exc), tag=tag,
+                            fields=_untyped_fields(envelope.d)) from exc
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise ProtocolError(f"{tag}: fields are not valid msgpack: {exc}", tag=tag) from exc
+    if envelope.x is None and len(views) == 1:
+        return msg, []  # the common case: no tensors
+    return msg, _decode_tensors(tag, [] if envelope.x is None else envelope.x, views[1:])

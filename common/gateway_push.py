@@ -17,8 +17,7 @@ import zmq
 import zmq.asyncio
 
 from common import bus
-from common.codec import encode
-from common.protocol import Message, ProtocolError, TokenDelta
+from common.protocol import TOKENS, ProtocolError, TokenDelta, TokensMessage
 
 __all__ = ["GatewayPushers", "token_delta", "plain_logprobs"]
 
@@ -39,7 +38,7 @@ class GatewayPushers:
         if sock is not None:
             self._sockets.move_to_end(address)
             return sock
-        sock = bus.make_socket(zmq.PUSH, context=self._context)
+        sock = bus.make_socket(zmq.PUSH, context=self._context, channel=TOKENS.connector)
         try:
             bus.connect(sock, address)
         except (ValueError, zmq.ZMQError):
@@ -51,12 +50,11 @@ class GatewayPushers:
             oldest.close(linger=0)
         return sock
 
-    async def send(self, address: str, msg: Message) -> bool:
+    async def send(self, address: str, msg: TokensMessage) -> bool:
         """Queue `msg` for the gateway at `address`; False (and logged) when it was dropped."""
         try:
             sock = self._socket(address)
-            frames = encode(msg)
-            await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            await sock.send_multipart(bus.encode_for(sock, msg), flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             self.dropped += 1

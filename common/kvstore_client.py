@@ -26,14 +26,16 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 import zmq
 import zmq.asyncio
 
 from common import bus
-from common.codec import DEFAULT_MAX_MESSAGE_BYTES, encode
+from common.codec import DEFAULT_MAX_MESSAGE_BYTES
 from common.protocol import (
+    KVSTORE,
     KvGet,
     KvGetReply,
     KvLookup,
@@ -42,7 +44,9 @@ from common.protocol import (
     KvSnapshotRequest,
     KvStatsQuery,
     KvStatsReply,
-    Message,
+    KvStoreMessage,
+    KvStoreReply,
+    KvStoreRequest,
     ProtocolError,
 )
 from common.service_config import CurveKeys
@@ -117,8 +121,8 @@ class KvStoreClient:
         """Connect and start the receive and put tasks (call from the event loop)."""
         if self._sock is not None:
             return
-        sock = bus.make_socket(zmq.DEALER, context=self._context, max_message_bytes=self.max_message_bytes,
-                               sndhwm=64, rcvhwm=64)
+        sock = bus.make_socket(zmq.DEALER, channel=KVSTORE.connector, context=self._context,
+                               max_message_bytes=self.max_message_bytes, sndhwm=64, rcvhwm=64)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         if self._curve is not None:
             self._curve.make_client(sock)
@@ -236,13 +240,13 @@ class KvStoreClient:
         self._puts.append((namespace, hashes, blocks))
         self._put_ready.set()
 
-    def _send_now(self, msg: Message, *tensors: torch.Tensor) -> str:
+    def _send_now(self, msg: KvStoreMessage, *tensors: torch.Tensor) -> str:
         """Send without waiting: "sent", "again" (no connection: the store is down, or its queue
         is full: the store is slow) or "error" (refused by the codec; logged and counted)."""
         if self._sock is None:
             return "again"
         try:
-            frames = encode(msg, *tensors, max_bytes=self.max_message_bytes)
+            frames = bus.encode_for(self._sock, msg, *tensors)
             # No send is ever awaited on this socket, so a NOBLOCK send resolves at once.
             future = self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             if future.done():
@@ -255,12 +259,14 @@ class KvStoreClient:
             return "error"
         return "sent"
 
-    async def _request(self, msg: Message, timeout_s: float | None) -> tuple[Message, list[torch.Tensor]] | None:
+    async def _request(
+        self, msg: KvStoreRequest, timeout_s: float | None
+    ) -> tuple[KvStoreReply, list[torch.Tensor]] | None:
         if self._sock is None:
             return None
         if not self.available and time.monotonic() < self._retry_at:
             return None  # down: do not wait on it until the next probe
-        req_id = msg.req_id  # type: ignore[attr-defined]
+        req_id = msg.req_id
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = future
         try:
@@ -299,12 +305,14 @@ class KvStoreClient:
     async def _receive_loop(self) -> None:
         assert self._sock is not None
         while True:
-            _, msg, tensors = await bus.recv(self._sock)  # invalid messages are dropped there
-            future = self._waiting.get(getattr(msg, "req_id", None))
+            # Invalid messages, and any that is not a kvstore reply, are dropped there.
+            _, msg, tensors = await bus.recv(self._sock)
+            reply = cast(KvStoreReply, msg)
+            future = self._waiting.get(reply.req_id)
             if future is None or future.done():
                 self.stale_replies += 1  # an answer to a request that timed out already
                 continue
-            future.set_result((msg, tensors))
+            future.set_result((reply, tensors))
 
     async def _put_loop(self) -> None:
         while True:

@@ -1,30 +1,31 @@
-"""Service addresses and flags shared by every service process.
+"""Service addresses and the settings shared by every service process.
 
 Every service takes `--run-dir DIR` (ipc:// addresses derived from it) or explicit
 `--frontend-addr/--backend-addr/--control-addr` (e.g. tcp:// across hosts), plus `--config FILE`
 (JSON or TOML with the same keys as the flags; flags given on the command line win) and
-`--log-level`. See /tmp/services_contract.md and DESIGN.md §2.
+`--log-level`: the fields of `ServiceConfig`, turned into flags by `common.settings`. The bus
+itself is DESIGN.md §2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
 from common import bus
 from common.bus import default_ipc_dir
+from common.settings import SettingsParser, from_namespace, load_config_file, setting
 
 __all__ = [
     "CurveKeys",
     "ServiceAddresses",
+    "ServiceConfig",
     "DEFAULT_RUN_DIR_NAME",
     "add_service_arguments",
     "addresses_from_args",
@@ -117,39 +118,38 @@ def default_run_dir() -> Path:
 # ------------------------------------------------------------------------------------ flags
 
 
-def add_service_arguments(parser: argparse.ArgumentParser) -> None:
-    """The bus/config/logging flags every service accepts."""
-    g = parser.add_argument_group("service")
-    g.add_argument("--config", default=None, help="JSON or TOML file with the same keys as the flags (flags win)")
-    g.add_argument("--run-dir", default=None,
-                   help=f"directory of the ipc:// sockets (default: {default_run_dir()})")
-    g.add_argument("--frontend-addr", default=None, help="scheduler frontend ROUTER address (overrides --run-dir)")
-    g.add_argument("--backend-addr", default=None, help="scheduler backend ROUTER address (overrides --run-dir)")
-    g.add_argument("--control-addr", default=None, help="scheduler control PUB address (overrides --run-dir)")
-    g.add_argument("--tcp-host", default="127.0.0.1",
-                   help="host for per-service tcp addresses when no run dir is used")
-    g.add_argument("--curve-dir", default=None,
-                   help="require CurveZMQ on the scheduler's sockets, keys from this directory (see `xllm keys`)")
-    g.add_argument("--curve-key", default=None,
-                   help="this peer's certificate name in --curve-dir (default: the service kind)")
-    g.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING | ERROR")
+@dataclass
+class ServiceConfig:
+    """Where the scheduler's sockets are, CurveZMQ keys and logging: every service's settings."""
+
+    run_dir: str | None = setting(None, f"directory of the ipc:// sockets (default: {default_run_dir()})")
+    frontend_addr: str | None = setting(None, "scheduler frontend ROUTER address (overrides --run-dir)")
+    backend_addr: str | None = setting(None, "scheduler backend ROUTER address (overrides --run-dir)")
+    control_addr: str | None = setting(None, "scheduler control PUB address (overrides --run-dir)")
+    tcp_host: str = setting("127.0.0.1", "host for per-service tcp addresses when no run dir is used")
+    curve_dir: str | None = setting(
+        None, "require CurveZMQ on the scheduler's sockets, keys from this directory (see `xllm keys`)")
+    curve_key: str | None = setting(None, "this peer's certificate name in --curve-dir (default: the service kind)")
+    log_level: str = setting("WARNING", "DEBUG | INFO | WARNING | ERROR")
 
 
-def addresses_from_args(args: argparse.Namespace, kind: str = "client") -> ServiceAddresses:
+def add_service_arguments(parser: SettingsParser) -> None:
+    """`--config` and the `ServiceConfig` flags every service accepts."""
+    parser.add_config_option("service")
+    parser.add_settings(ServiceConfig, "service")
+
+
+def addresses_from_args(args: argparse.Namespace | ServiceConfig, kind: str = "client") -> ServiceAddresses:
     """Explicit addresses win over the run dir; without either, the default run dir is used.
 
     ``kind`` names this peer's CurveZMQ certificate when ``--curve-dir`` is given and
     ``--curve-key`` is not.
     """
-    curve_dir = getattr(args, "curve_dir", None)
-    curve = CurveKeys(Path(curve_dir), getattr(args, "curve_key", None) or kind) if curve_dir else None
-    run_dir = getattr(args, "run_dir", None)
-    explicit = {
-        "frontend": getattr(args, "frontend_addr", None),
-        "backend": getattr(args, "backend_addr", None),
-        "control": getattr(args, "control_addr", None),
-    }
-    tcp_host = getattr(args, "tcp_host", "127.0.0.1")
+    config = args if isinstance(args, ServiceConfig) else from_namespace(ServiceConfig, args)
+    curve = CurveKeys(Path(config.curve_dir), config.curve_key or kind) if config.curve_dir else None
+    run_dir = config.run_dir
+    explicit = {"frontend": config.frontend_addr, "backend": config.backend_addr, "control": config.control_addr}
+    tcp_host = config.tcp_host
     if all(explicit.values()) and run_dir is None:
         return ServiceAddresses(**explicit, tcp_host=tcp_host, curve=curve)
     base = ServiceAddresses.from_run_dir(run_dir or default_run_dir())
@@ -167,87 +167,9 @@ def addresses_from_args(args: argparse.Namespace, kind: str = "client") -> Servi
 # ------------------------------------------------------------------------------ config files
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a JSON (`.json`) or TOML (`.toml`, anything else tried as TOML then JSON) file."""
-    file = Path(path)
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read config file {file}: {exc.strerror or exc}") from exc
-    suffix = file.suffix.lower()
-    parsers = [_parse_json] if suffix == ".json" else [_parse_toml] if suffix == ".toml" else [_parse_toml, _parse_json]
-    errors = []
-    for parse in parsers:
-        try:
-            data = parse(raw)
-        except ValueError as exc:
-            errors.append(str(exc))
-            continue
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {file} must hold a table/object at the top level")
-        return data
-    raise ValueError(f"config file {file} is not valid: {'; '.join(errors)}")
-
-
-def _parse_json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"JSON: {exc}") from exc
-
-
-def _parse_toml(raw: bytes) -> Any:
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"TOML: {exc}") from exc
-
-
-def _config_defaults(parser: argparse.ArgumentParser, config: dict[str, Any], source: str) -> dict[str, Any]:
-    """Map config keys (flag names with or without dashes, or dests) onto parser defaults."""
-    by_key: dict[str, argparse.Action] = {}
-    for action in parser._actions:  # argparse has no public accessor for its actions
-        if isinstance(action, argparse._HelpAction) or action.dest in ("config", argparse.SUPPRESS):
-            continue
-        by_key[action.dest] = action
-        for option in action.option_strings:
-            by_key[option.lstrip("-").replace("-", "_")] = action
-    defaults: dict[str, Any] = {}
-    for key, value in config.items():
-        norm = str(key).lstrip("-").replace("-", "_")
-        action = by_key.get(norm)
-        if action is None:
-            raise ValueError(f"{source}: unknown setting {key!r}")
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{source}: setting {key!r} must be true or false")
-            if norm == action.dest:
-                defaults[action.dest] = value  # the dest itself, e.g. enable_prefix_cache = false
-            elif value:
-                defaults[action.dest] = action.const  # the flag's name, e.g. no_prefix_cache = true
-            continue
-        if value is not None and action.type is not None and not isinstance(value, (list, dict, bool)):
-            try:
-                value = action.type(value) if isinstance(value, str) else action.type(str(value))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{source}: setting {key!r}: {exc}") from exc
-        if action.choices is not None and value not in action.choices:
-            raise ValueError(f"{source}: setting {key!r} must be one of {list(action.choices)}")
-        defaults[action.dest] = value
-    return defaults
-
-
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args_with_config(parser: SettingsParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags; values from `--config FILE` become defaults, so flags on the command line win."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        try:
-            parser.set_defaults(**_config_defaults(parser, load_config_file(known.config), known.config))
-        except ValueError as exc:
-            parser.error(str(exc))
-    return parser.parse_args(argv)
+    return parser.parse_args_with_config(argv)
 
 
 def setup_logging(level: str, service: str) -> None:

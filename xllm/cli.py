@@ -7,35 +7,11 @@ import json
 import logging
 import sys
 
-from common.engine.config import EngineConfig
+from common.engine.config import add_engine_arguments, engine_config_from_args
+from common.service_config import ServiceConfig
+from common.settings import SettingsParser
 
-__all__ = ["main", "add_engine_arguments", "engine_config_from_args"]
-
-
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
-    g.add_argument("--kv-dtype", default="auto", help="KV page dtype (default: same as --dtype)")
-    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    g.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GiB (default: a fraction of free memory)")
-    g.add_argument("--kv-cache-fraction", type=float, default=0.2, help="fraction of free memory for KV pages")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="max sequences in one batch")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
-    g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    g.add_argument("--no-prefix-cache", dest="enable_prefix_cache", action="store_false")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--threads", dest="num_threads", type=int, default=None, help="torch intra-op threads")
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
-        kv_cache_memory=args.kv_cache_memory, kv_cache_fraction=args.kv_cache_fraction,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_prefix_cache=args.enable_prefix_cache,
-        device=args.device, num_threads=args.num_threads,
-    )
+__all__ = ["build_parser", "main"]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -69,7 +45,7 @@ def _cmd_bench_offline(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from xllm.launcher import run_serve
+    from xllm.serve import run_serve
 
     return run_serve(args)
 
@@ -93,8 +69,9 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xllm", description="xllm: LLM inference and serving")
-    parser.add_argument("--log-level", default="WARNING")
+    # Subcommand parsers are SettingsParsers too (argparse makes them of the parent's class).
+    parser = SettingsParser(prog="xllm", description="xllm: LLM inference and serving")
+    parser.add_settings(ServiceConfig, only=("log_level",))
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text offline with the engine")
@@ -151,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the model over HTTP (gateway + scheduler + workers)")
     add_engine_arguments(serve)
-    from xllm.launcher import add_serve_arguments
+    from xllm.serve import add_serve_arguments
 
     add_serve_arguments(serve)
     serve.set_defaults(func=_cmd_serve)

@@ -1,9 +1,10 @@
-"""`xllm serve`: the single-box topology as separate processes, supervised.
+"""Process supervision for `xllm serve`: start the children, restart the ones that die, stop all.
 
-Starts `python -m services.scheduler`, N workers (`python -m services.decode`) and one
-`python -m services.gateway`, all talking over ipc:// sockets in one run directory. A child that
-dies is reported and restarted with exponential backoff; SIGINT/SIGTERM stops every child
-(SIGTERM, then SIGKILL after a timeout) and removes the run directory's socket files.
+`xllm.serve` decides which children (`python -m services.scheduler`, the workers, the gateway,
+maybe the kvstore, all talking over ipc:// sockets in one run directory) and their command lines;
+this module runs them. A child that dies is reported and restarted with exponential backoff;
+SIGINT/SIGTERM stops every child (SIGTERM, then SIGKILL after a timeout) and removes the run
+directory's socket files.
 
 Each child runs in its own process group, so a terminal's Ctrl-C reaches only the launcher
 (which then stops the children in order) and a stop signal reaches a child's own subprocesses
@@ -13,7 +14,6 @@ not even a SIGKILLed launcher leaves orphans.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import logging
 import os
@@ -21,16 +21,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.bus import default_ipc_dir
-
-__all__ = ["ChildSpec", "Launcher", "add_serve_arguments", "build_specs", "run_serve", "worker_threads"]
+__all__ = ["ChildSpec", "Launcher"]
 
 logger = logging.getLogger("xllm.launcher")
 
@@ -81,8 +78,8 @@ class Launcher:
         specs: list[ChildSpec],
         run_dir: Path,
         remove_run_dir: bool,
-        health_url: str | None = None,
-        stop_timeout_s: float = 10.0,
+        health_url: str | None,
+        stop_timeout_s: float,  # `xllm serve --stop-timeout` (ServeConfig.stop_timeout)
         poll_interval_s: float = 0.2,
     ) -> None:
         self.children = [_Child(spec) for spec in specs]
@@ -226,166 +223,3 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-# ------------------------------------------------------------------------------------- flags
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The launcher's own flags (the engine flags are added by the caller)."""
-    g = parser.add_argument_group("serve")
-    g.add_argument("--workers", type=int, default=1,
-                   help="number of mixed workers when no --prefill-workers/--decode-workers are given (default 1)")
-    g.add_argument("--prefill-workers", type=int, default=0, help="workers starting in the prefill role")
-    g.add_argument("--decode-workers", type=int, default=0, help="workers starting in the decode role")
-    g.add_argument("--mixed-workers", type=int, default=None,
-                   help="mixed workers beside the P/D pools (default: --workers without P/D pools, else 0)")
-    g.add_argument("--pd-policy", choices=("static", "dynamic"), default="static",
-                   help="static: roles stay as started; dynamic: the scheduler flips P/D workers to meet the SLOs")
-    g.add_argument("--ttft-slo-ms", type=float, default=2000.0, help="time-to-first-token target for --pd-policy")
-    g.add_argument("--tpot-slo-ms", type=float, default=200.0, help="time-per-output-token target for --pd-policy")
-    g.add_argument("--kvstore-dir", default=None,
-                   help="start the kvstore (DRAM tier + LMDB SSD tier under DIR): workers offload evicted KV "
-                        "pages to it and reload prefix hits from it")
-    g.add_argument("--kvstore-dram", default="1GiB", help="kvstore DRAM tier budget (default 1GiB)")
-    g.add_argument("--kvstore-ssd", default="16GiB", help="kvstore SSD tier budget (default 16GiB)")
-    g.add_argument("--kvstore-timeout", type=float, default=None,
-                   help="seconds an admission waits for the kvstore before computing the prefix itself (0.25)")
-    g.add_argument("--kv-transfer-timeout", type=float, default=None,
-                   help="seconds a prefill worker waits on a decode peer before trying the next one")
-    g.add_argument("--host", default="127.0.0.1", help="HTTP host of the gateway (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="HTTP port of the gateway (default 8000)")
-    g.add_argument("--run-dir", default=None, help="directory for the ipc sockets (default: a fresh temporary one)")
-    g.add_argument("--api-key", default=None, help="require this API key (Authorization: Bearer ...)")
-    g.add_argument("--max-queue", type=int, default=None, help="gateway admission queue bound")
-    g.add_argument("--stop-timeout", type=float, default=10.0, help="seconds to wait for children on stop")
-    # SUPPRESS: the top-level `xllm --log-level` stays in effect unless given again here.
-    g.add_argument("--log-level", default=argparse.SUPPRESS, help="log level of the launcher and every service")
-
-
-def worker_threads(requested: int | None, workers: int) -> int:
-    """Torch threads per worker: as asked, else the CPUs this process may use split evenly."""
-    if requested:
-        return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, workers))
-
-
-def engine_flags(args: argparse.Namespace, skip: tuple[str, ...] = ("num_threads",)) -> list[str]:
-    """The engine flags that differ from their defaults, as command-line arguments again."""
-    from xllm.cli import add_engine_arguments
-
-    reference = argparse.ArgumentParser(add_help=False)
-    add_engine_arguments(reference)
-    argv: list[str] = []
-    for action in reference._actions:  # argparse has no public accessor for its actions
-        if not action.option_strings or action.dest in skip or not hasattr(args, action.dest):
-            continue
-        value = getattr(args, action.dest)
-        if value == action.default:
-            continue
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)):
-            argv.append(action.option_strings[0])
-        else:
-            argv += [action.option_strings[0], str(value)]
-    return argv
-
-
-def worker_roles(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(instance id, starting role) of every worker `xllm serve` starts."""
-    prefill, decode = getattr(args, "prefill_workers", 0) or 0, getattr(args, "decode_workers", 0) or 0
-    mixed = getattr(args, "mixed_workers", None)
-    if not prefill and not decode:
-        # The single-box default: mixed workers named as before P/D pools existed.
-        return [(f"worker-{i}", "mixed") for i in range(mixed if mixed is not None else args.workers)]
-    roles = [(f"prefill-{i}", "prefill") for i in range(prefill)]
-    roles += [(f"decode-{i}", "decode") for i in range(decode)]
-    roles += [(f"mixed-{i}", "mixed") for i in range(mixed or 0)]
-    return roles
-
-
-def build_specs(args: argparse.Namespace, run_dir: Path, log_level: str) -> list[ChildSpec]:
-    py = sys.executable
-    common = ["--run-dir", str(run_dir), "--log-level", log_level]
-    scheduler = [py, "-m", "services.scheduler", *common, "--pd-policy", getattr(args, "pd_policy", "static")]
-    for flag in ("ttft_slo_ms", "tpot_slo_ms"):
-        if getattr(args, flag, None) is not None:
-            scheduler += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    kvstore_dir = getattr(args, "kvstore_dir", None)
-    specs = []
-    if kvstore_dir:
-        scheduler.append("--kvstore")
-        specs.append(ChildSpec("kvstore", [
-            py, "-m", "services.kvstore", *common, "--dir", str(Path(kvstore_dir).absolute()),
-            "--dram-bytes", args.kvstore_dram, "--ssd-bytes", args.kvstore_ssd,
-        ]))
-    specs.append(ChildSpec("scheduler", scheduler))
-    roles = worker_roles(args)
-    threads = worker_threads(args.num_threads, len(roles))
-    for instance_id, role in roles:
-        argv = [py, "-m", f"services.{'prefill' if role == 'prefill' else 'decode'}", *common,
-                "--instance-id", instance_id, "--role", role, "--threads", str(threads), *engine_flags(args)]
-        if getattr(args, "kv_transfer_timeout", None):
-            argv += ["--kv-transfer-timeout", str(args.kv_transfer_timeout)]
-        if kvstore_dir:
-            argv.append("--kvstore")
-            if getattr(args, "kvstore_timeout", None):
-                argv += ["--kvstore-timeout", str(args.kvstore_timeout)]
-        specs.append(ChildSpec(instance_id, argv))
-    gateway = [py, "-m", "services.gateway", "--host", args.host, "--port", str(args.port), *common]
-    if args.model:
-        gateway += ["--model", args.model]
-    if args.api_key:
-        gateway += ["--api-key", args.api_key]
-    if args.max_queue is not None:
-        gateway += ["--max-queue", str(args.max_queue)]
-    specs.append(ChildSpec("gateway", gateway))
-    return specs
-
-
-def _make_run_dir(requested: str | None) -> tuple[Path, bool]:
-    if requested:
-        path = Path(requested).absolute()
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return path, False
-    base = default_ipc_dir()
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="serve-", dir=base)), True
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    """Entry of `xllm serve`."""
-    log_level = str(getattr(args, "log_level", "WARNING")).upper()
-    logging.getLogger().setLevel(log_level)
-    counts = (args.workers, args.prefill_workers, args.decode_workers, args.mixed_workers or 0)
-    if min(counts) < 0 or args.workers < 1:
-        print("xllm serve: worker counts must be >= 0 (and --workers >= 1)", file=sys.stderr)
-        return 2
-    if bool(args.prefill_workers) != bool(args.decode_workers) and not args.mixed_workers:
-        print("xllm serve: P/D disaggregation needs --prefill-workers and --decode-workers (or --mixed-workers)",
-              file=sys.stderr)
-        return 2
-    if not 0 < args.port < 65536:
-        print("xllm serve: --port must be in 1..65535", file=sys.stderr)
-        return 2
-    run_dir, created = _make_run_dir(args.run_dir)
-    # The longest socket name is the gateway's tokens-<id>.sock; sun_path holds 107 bytes.
-    if len(os.fsencode(run_dir)) > 60:
-        print(f"xllm serve: --run-dir {run_dir} is too long for ipc socket paths (max 60 bytes)", file=sys.stderr)
-        return 2
-    specs = build_specs(args, run_dir, log_level)
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "", "::") else args.host
-    url = f"http://{host}:{args.port}"
-    launcher = Launcher(specs, run_dir, remove_run_dir=created, health_url=f"{url}/health",
-                        stop_timeout_s=args.stop_timeout)
-    launcher.install_signal_handlers()
-    model = args.model or "the default model (SmolLM2-135M-Instruct)"
-    roles = ", ".join(f"{sum(r == role for _, r in worker_roles(args))} {role}"
-                      for role in ("prefill", "decode", "mixed") if any(r == role for _, r in worker_roles(args)))
-    print(f"xllm: serving {model} at {url} with workers: {roles}; run dir {run_dir}", flush=True)
-    code = launcher.run()
-    print("xllm: stopped", flush=True)
-    return code

@@ -14,15 +14,12 @@ names one whole prefix. Pages whose content another page already registered stay
 from __future__ import annotations
 
 import hashlib
-import logging
 import struct
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["BlockManager", "NoFreePagesError", "hash_page", "prefix_hashes"]
-
-logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[str, list[bytes]], None]
 # (page ids, their hashes) of cached pages about to be handed out again: their KV is still intact.
@@ -30,7 +27,7 @@ ReclaimCallback = Callable[[list[int], list[bytes]], None]
 
 
 class NoFreePagesError(RuntimeError):
-    """Raised by :meth:`BlockManager.fork` / :meth:`BlockManager.reserve` when the pool is too full."""
+    """Raised by :meth:`BlockManager.reserve` when the pool cannot hold the pages."""
 
 
 def hash_page(parent: bytes | None, tokens: Sequence[int], namespace: str) -> bytes:
@@ -46,14 +43,23 @@ def hash_page(parent: bytes | None, tokens: Sequence[int], namespace: str) -> by
     return h.digest()
 
 
+PageKey = tuple[bytes | None, tuple[int, ...]]  # (parent hash, tokens): what a page's hash names
+
+
+def _chain(
+    token_ids: Sequence[int], page_size: int, namespace: str, first: int, end: int, parent: bytes | None = None
+) -> Iterator[tuple[int, PageKey, bytes]]:
+    """``(index, (parent, tokens), hash)`` of full pages ``first .. end - 1`` of ``token_ids``, chained
+    on from ``parent`` (page ``first - 1``'s hash). Lazy: a caller that stops early hashes no more."""
+    for index in range(first, end):
+        key = (parent, tuple(token_ids[index * page_size : (index + 1) * page_size]))
+        parent = hash_page(*key, namespace)
+        yield index, key, parent
+
+
 def prefix_hashes(token_ids: Sequence[int], page_size: int, namespace: str = "") -> list[bytes]:
     """Chained hashes of each full page of ``token_ids``."""
-    hashes: list[bytes] = []
-    parent = None
-    for start in range(0, len(token_ids) - page_size + 1, page_size):
-        parent = hash_page(parent, token_ids[start : start + page_size], namespace)
-        hashes.append(parent)
-    return hashes
+    return [h for _, _, h in _chain(token_ids, page_size, namespace, 0, len(token_ids) // page_size)]
 
 
 @dataclass
@@ -82,9 +88,7 @@ class BlockManager:
         self.namespace = namespace
         self.enable_prefix_cache = enable_prefix_cache
         self.on_event = on_event
-        # Called before reclaimed cached pages are returned to a caller (so before anything
-        # overwrites them): the last chance to copy their KV somewhere else.
-        self.on_reclaim = on_reclaim
+        self.on_reclaim = on_reclaim  # before anything overwrites reclaimed pages: a last chance to copy them
         self._free: deque[int] = deque(range(num_pages))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
         self._refcount = [0] * num_pages
@@ -92,7 +96,7 @@ class BlockManager:
         self._hash_to_page: dict[bytes, int] = {}
         self._page_hash: dict[int, bytes] = {}
         # (parent hash, tokens) of each registered page: a hit is only taken when these match.
-        self._page_key: dict[int, tuple[bytes | None, tuple[int, ...]]] = {}
+        self._page_key: dict[int, PageKey] = {}
         self._prefix_queries = 0
         self._prefix_query_tokens = 0
         self._prefix_hit_tokens = 0
@@ -129,9 +133,7 @@ class BlockManager:
         have = len(seq.pages) if seq is not None else 0
         return max(0, -(-num_tokens // self.page_size) - have)
 
-    def _match_prefix(
-        self, token_ids: Sequence[int], leave_one: bool = True
-    ) -> tuple[list[int], list[bytes]]:
+    def _match_prefix(self, token_ids: Sequence[int], leave_one: bool = True) -> tuple[list[int], list[bytes]]:
         """Cached pages (and their hashes) of the longest cached prefix.
 
         With ``leave_one`` at least one token is left out (a sequence must compute >= 1 token
@@ -141,18 +143,13 @@ class BlockManager:
         hashes: list[bytes] = []
         if not self.enable_prefix_cache:
             return pages, hashes
-        parent = None
-        ps = self.page_size
         usable = len(token_ids) - 1 if leave_one else len(token_ids)
-        for start in range(0, usable // ps * ps, ps):
-            tokens = tuple(token_ids[start : start + ps])
-            h = hash_page(parent, tokens, self.namespace)
+        for _, key, h in _chain(token_ids, self.page_size, self.namespace, 0, usable // self.page_size):
             page = self._hash_to_page.get(h)
-            if page is None or self._page_key[page] != (parent, tokens):
+            if page is None or self._page_key[page] != key:
                 break
             pages.append(page)
             hashes.append(h)
-            parent = h
         return pages, hashes
 
     def lookup_prefix(self, token_ids: Sequence[int]) -> int:
@@ -202,9 +199,7 @@ class BlockManager:
             raise ValueError(f"sequence {seq_id!r} is already admitted")
         needed = -(-num_tokens // self.page_size)
         if needed > self.num_free_pages:
-            raise NoFreePagesError(
-                f"{needed} pages needed for {num_tokens} tokens, {self.num_free_pages} available"
-            )
+            raise NoFreePagesError(f"{needed} pages needed for {num_tokens} tokens, {self.num_free_pages} available")
         evicted: list[tuple[int, bytes]] = []
         pages = [self._allocate_page(evicted) for _ in range(needed)]
         self._seqs[seq_id] = _Sequence(pages)
@@ -231,61 +226,22 @@ class BlockManager:
             return
         stored: list[bytes] = []
         parent = seq.hashes[-1] if seq.hashes else None
-        for index in range(seq.num_hashed, full):
-            tokens = tuple(token_ids[index * ps : (index + 1) * ps])
-            h = hash_page(parent, tokens, self.namespace)
+        for index, key, h in _chain(token_ids, ps, self.namespace, seq.num_hashed, full, parent):
             seq.hashes.append(h)
             page = seq.pages[index]
             if h not in self._hash_to_page:
                 self._hash_to_page[h] = page
                 self._page_hash[page] = h
-                self._page_key[page] = (parent, tokens)
+                self._page_key[page] = key
                 stored.append(h)
-            parent = h
         seq.num_hashed = full
         self._emit("stored", stored)
-
-    def fork(self, src_id: Hashable, dst_id: Hashable) -> list[tuple[int, int]]:
-        """Make ``dst_id`` share ``src_id``'s computed pages; returns page copies to apply.
-
-        Full pages are shared by reference; a partially filled last page gets a fresh page
-        for ``dst_id`` and a ``(src_page, dst_page)`` copy pair. Call after :meth:`commit`.
-        """
-        if dst_id in self._seqs:
-            raise ValueError(f"sequence {dst_id!r} is already admitted")
-        src = self._seqs[src_id]
-        full, partial = divmod(src.num_computed, self.page_size)
-        if partial and self.num_free_pages == 0:
-            raise NoFreePagesError(f"no free page to fork {src_id!r} into {dst_id!r}")
-        for page in src.pages[:full]:
-            self._take_reference(page)
-        dst = _Sequence(
-            pages=src.pages[:full],
-            hashes=list(src.hashes[: src.num_hashed]),
-            num_hashed=src.num_hashed,
-            num_computed=src.num_computed,
-        )
-        self._seqs[dst_id] = dst
-        if not partial:
-            return []
-        evicted: list[tuple[int, bytes]] = []
-        dst.pages.append(self._allocate_page(evicted))
-        self._emit_reclaimed(evicted)
-        return [(src.pages[full], dst.pages[full])]
 
     def free(self, seq_id: Hashable) -> None:
         """Drop a finished or aborted sequence; unknown ids are ignored."""
         seq = self._seqs.pop(seq_id, None)
-        if seq is None:
-            return
-        # Tail pages first, so that among one sequence's pages the deepest prefix is evicted first.
-        for page in reversed(seq.pages):
-            self._refcount[page] -= 1
-            if self._refcount[page] == 0:
-                if page in self._page_hash:
-                    self._evictable[page] = None
-                else:
-                    self._free.append(page)
+        if seq is not None:
+            self._release(seq.pages)
 
     def insert_cached(
         self,
@@ -310,21 +266,16 @@ class BlockManager:
         prefix, hashes = self._match_prefix(token_ids, leave_one=False)
         if start_page > len(prefix):
             return 0
-        first = len(prefix)
         # Pin the prefix so allocating the new pages cannot evict the chain they extend.
         for page in prefix:
             self._take_reference(page)
         indices: list[int] = []
-        keys: list[tuple[bytes | None, tuple[int, ...], bytes]] = []
-        parent = hashes[-1] if hashes else None
-        for index in range(first, end):
-            tokens = tuple(token_ids[index * ps : (index + 1) * ps])
-            h = hash_page(parent, tokens, self.namespace)
+        keys: list[tuple[PageKey, bytes]] = []
+        for index, key, h in _chain(token_ids, ps, self.namespace, len(prefix), end, hashes[-1] if hashes else None):
             if h in self._hash_to_page:  # a collision with other content: the chain ends here
                 break
             indices.append(index)
-            keys.append((parent, tokens, h))
-            parent = h
+            keys.append((key, h))
         indices = indices[: len(self._free) + len(self._evictable)]
         evicted: list[tuple[int, bytes]] = []
         pages = [self._allocate_page(evicted) for _ in indices]
@@ -336,38 +287,21 @@ class BlockManager:
             for page in pages:
                 self._refcount[page] = 0
                 self._free.append(page)
-            self._release_pinned(prefix)
+            self._release(prefix)
             raise
         stored: list[bytes] = []
-        for page, (parent, tokens, h) in zip(pages, keys):
+        for page, (key, h) in zip(pages, keys):
             self._hash_to_page[h] = page
             self._page_hash[page] = h
-            self._page_key[page] = (parent, tokens)
+            self._page_key[page] = key
             stored.append(h)
         # Deepest first into the LRU, as free() does, so the chain is evicted from its tail.
         for page in reversed(pages):
             self._refcount[page] = 0
             self._evictable[page] = None
-        self._release_pinned(prefix)
+        self._release(prefix)
         self._emit("stored", stored)
         return len(pages)
-
-    def _release_pinned(self, pages: list[int]) -> None:
-        for page in reversed(pages):
-            self._refcount[page] -= 1
-            if self._refcount[page] == 0:
-                self._evictable[page] = None
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every registered page; evictable pages become free, referenced ones private."""
-        dropped = list(self._hash_to_page)
-        self._free.extend(self._evictable)
-        self._evictable.clear()
-        self._hash_to_page.clear()
-        self._page_hash.clear()
-        self._page_key.clear()
-        self._emit("evicted", dropped)
-        logger.info("prefix cache reset: %d pages forgotten", len(dropped))
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -375,6 +309,16 @@ class BlockManager:
         if self._refcount[page] == 0:
             del self._evictable[page]
         self._refcount[page] += 1
+
+    def _release(self, pages: list[int]) -> None:
+        # Tail pages first, so that among one sequence's pages the deepest prefix is evicted first.
+        for page in reversed(pages):
+            self._refcount[page] -= 1
+            if self._refcount[page] == 0:
+                if page in self._page_hash:
+                    self._evictable[page] = None
+                else:
+                    self._free.append(page)
 
     def _allocate_page(self, evicted: list[tuple[int, bytes]]) -> int:
         if self._free:
@@ -420,7 +364,6 @@ class BlockManager:
 
     def check_integrity(self) -> None:
         """Assert every invariant of the pool; O(pages + page-table entries)."""
-        n = self.num_pages
         free = set(self._free)
         assert len(free) == len(self._free), "a page is on the free list twice"
         assert not free & self._evictable.keys(), "a page is both free and evictable"
@@ -432,7 +375,7 @@ class BlockManager:
             if self.enable_prefix_cache:
                 assert len(seq.hashes) == seq.num_hashed, f"{seq_id!r} has {len(seq.hashes)} hashes"
             references.update(seq.pages)
-        for page in range(n):
+        for page in range(self.num_pages):
             rc = self._refcount[page]
             assert rc == references[page], f"page {page}: refcount {rc} but {references[page]} references"
             states = (page in free) + (page in self._evictable) + (rc > 0)

@@ -1,14 +1,17 @@
-"""Engine settings: one flat dataclass, filled from flags or keyword arguments."""
+"""Engine settings: one flat dataclass; its fields are the engine flags (`common.settings`) and the
+keyword arguments of `LLM(...)`."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
 
+from common.settings import SettingsParser, from_namespace, setting
 from kernels.linear import packed_linear_supported
 
-__all__ = ["EngineConfig", "parse_dtype"]
+__all__ = ["EngineConfig", "add_engine_arguments", "engine_config_from_args", "parse_dtype"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -31,18 +34,24 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # GGUF file or HF directory; None = the default model
-    dtype: str = "auto"  # weights/activations; "auto" picks the fastest correct one for the device
-    kv_dtype: str = "auto"  # KV pages; "auto" = same as dtype
-    page_size: int = 16
-    kv_cache_memory: str | int | None = None  # bytes or "2GiB"; None = a fraction of free memory
-    kv_cache_fraction: float = 0.2
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None  # None = the model's context window
-    enable_prefix_cache: bool = True
-    device: str = "cpu"
-    num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
+    """Engine settings: `xllm generate`, the workers' engine flags and `LLM(**kwargs)` all use these."""
+
+    model: str | None = setting(None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    # "auto" picks the fastest correct dtype for the device (see resolved_dtype).
+    dtype: str = setting("auto", "weights/activations: auto | float32 | bfloat16 | float16")
+    kv_dtype: str = setting("auto", "KV page dtype; auto = same as --dtype")
+    page_size: int = setting(16, "tokens per KV page")
+    kv_cache_memory: str | int | None = setting(
+        None, "KV pool size in bytes or e.g. 2GiB (default: a fraction of free memory)")
+    kv_cache_fraction: float = setting(0.2, "fraction of free memory for KV pages")
+    max_num_seqs: int = setting(64, "max sequences in one batch")
+    max_num_batched_tokens: int = setting(512, "token budget of one step")
+    max_model_len: int | None = setting(None, "context window (default: the model's)")
+    enable_prefix_cache: bool = setting(True, "do not share full KV pages between sequences with a common "
+                                        "prefix", flag="--no-prefix-cache")
+    device: str = setting("cpu", "torch device: cpu, cuda, cuda:N")
+    num_threads: int | None = setting(None, "torch intra-op threads (default: torch's own; `xllm serve` "
+                                         "splits the CPUs among its workers)", flag="--threads")
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -57,3 +66,12 @@ class EngineConfig:
         if self.kv_dtype == "auto":
             return self.resolved_dtype()
         return parse_dtype(self.kv_dtype)
+
+
+def add_engine_arguments(parser: SettingsParser) -> None:
+    """The engine flags, generated from `EngineConfig` (the CLI and the workers both take them)."""
+    parser.add_settings(EngineConfig, "engine")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return from_namespace(EngineConfig, args)

@@ -1,25 +1,24 @@
-"""The engine: requests in, token deltas out. One step = schedule -> run -> postprocess."""
+"""The engine: requests in, ``step()`` = schedule -> run -> postprocess, token deltas out.
+
+Moving KV in and out of the page pool lives beside it, in parts the engine owns: the P/D hand-off
+(``engine.handoff``, :mod:`common.engine.handoff`) and the tiered KV store's hooks
+(``engine.store_hooks``, :mod:`common.engine.kv_transfer`). Not thread-safe: one thread drives it.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from common.engine.block_manager import BlockManager, NoFreePagesError
 from common.engine.config import EngineConfig
+from common.engine.handoff import KvHandoff
 from common.engine.kv_cache import allocate_kv_caches, default_kv_budget, num_pages_for_budget, parse_memory_size
-from common.engine.kv_transfer import (
-    IncomingTransfer,
-    KvExport,
-    KvStoreHooks,
-    logprobs_from_plain,
-    logprobs_to_plain,
-    scatter_layers,
-)
+from common.engine.kv_transfer import KvStoreHooks
 from common.engine.runner import ModelRunner
 from common.engine.sampler import Sampler, SamplerOutput, TokenLogprobs, make_generator
 from common.engine.sampling_params import SamplingParams, validate_prompt_ids
@@ -30,10 +29,7 @@ from kernels.cpu_ext import paged_decode_module
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLMEngine", "SequenceOutput", "EngineStats", "KvExport", "NoFreePagesError"]
-
-KvEventHook = Callable[[str, list[bytes]], None]
-OffloadHook = Callable[[list[bytes], list[torch.Tensor]], None]
+__all__ = ["LLMEngine", "SequenceOutput", "EngineStats", "NoFreePagesError"]
 
 
 @dataclass(slots=True)
@@ -48,11 +44,13 @@ class SequenceOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
-    held: bool = False  # prefilled and parked for a P/D hand-off (see LLMEngine.export_kv)
+    held: bool = False  # prefilled and parked for a P/D hand-off (see KvHandoff.export_kv)
 
 
 @dataclass
 class EngineStats:
+    """Counters since start (the worker's heartbeats and the benchmarks read them)."""
+
     steps: int = 0
     step_time_total: float = 0.0
     prompt_tokens: int = 0
@@ -62,6 +60,8 @@ class EngineStats:
 
 
 class LLMEngine:
+    """One model, its KV page pool and batch scheduler; :meth:`step` advances every running sequence."""
+
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         if config.num_threads:
@@ -91,12 +91,8 @@ class LLMEngine:
         )
         namespace = f"{self.model_path}|{kv_dtype}|{self.page_size}"
         self.kv_caches = kv_caches
-        self._kv_event_hook: KvEventHook | None = None
-        self.block_manager = BlockManager(
-            num_pages, self.page_size, namespace, config.enable_prefix_cache, on_event=self._on_kv_event
-        )
-        self._store = KvStoreHooks(self.block_manager, kv_caches)
-        self.block_manager.on_reclaim = self._store.on_reclaim
+        self.block_manager = BlockManager(num_pages, self.page_size, namespace, config.enable_prefix_cache)
+        self.store_hooks = KvStoreHooks(self.block_manager, kv_caches)  # takes the block manager's callbacks
         self.scheduler = BatchScheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
             self.model, kv_caches, self.page_size, Sampler(set(mc.eos_token_ids)),
@@ -109,8 +105,7 @@ class LLMEngine:
         self.eos_token_ids = set(mc.eos_token_ids)
         self.vocab_size = mc.vocab_size
         self._requests: dict[str, list[Sequence]] = {}
-        self._held: dict[str, Sequence] = {}  # prefilled, parked for export (n == 1 requests)
-        self._incoming: dict[str, IncomingTransfer] = {}  # pages reserved, KV arriving
+        self.handoff = KvHandoff(self)
         self.stats = EngineStats()
         logger.info(
             "engine ready: model=%s dtype=%s kv_pages=%d x %d tokens (%.1f MiB) max_model_len=%d",
@@ -131,11 +126,11 @@ class LLMEngine:
         """Validate and queue a request; raises ``ValueError`` with a clear message on bad input.
 
         With ``hold_after_prefill`` (``n == 1`` only) the sequence is parked after its first
-        output token, pages kept, until :meth:`export_kv` + :meth:`release_held` or
-        :meth:`resume_held`.
+        output token, pages kept, until ``handoff.export_kv`` + ``handoff.release_held`` or
+        ``handoff.resume_held``.
         """
         params = params or SamplingParams()
-        max_tokens = self._validate_request(request_id, prompt_ids, params)
+        max_tokens = self.validate_request(request_id, prompt_ids, params)
         if hold_after_prefill and params.n != 1:
             raise ValueError(f"hold_after_prefill needs n == 1, got n={params.n}")
         prio = Priority.parse(priority)
@@ -153,8 +148,8 @@ class LLMEngine:
         self._requests[request_id] = seqs
         return seqs
 
-    def _validate_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Checks shared by add_request and reserve_transfer; returns the resolved max_tokens."""
+    def validate_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Checks shared by add_request and ``handoff.reserve_transfer``; returns the resolved max_tokens."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         params.validate()
@@ -175,8 +170,7 @@ class LLMEngine:
         if seqs is None:
             return False
         # Held and incoming sequences are in neither queue; remove() still frees their pages.
-        self._held.pop(request_id, None)
-        self._incoming.pop(request_id, None)
+        self.handoff.forget(request_id)
         for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
@@ -190,6 +184,10 @@ class LLMEngine:
             if seq.index == index and not seq.is_finished:
                 self._finish(seq, reason)
         self._forget_if_done(request_id)
+
+    def adopt(self, seq: Sequence) -> None:
+        """Track a one-sequence request that is in no queue yet (its KV is arriving from elsewhere)."""
+        self._requests[seq.request_id] = [seq]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -241,12 +239,7 @@ class LLMEngine:
             if reason is not None:
                 self._finish(seq, reason)
             elif seq.hold_after_prefill:
-                # Park it: pages stay allocated, nothing more is computed until it is exported
-                # (and released) or resumed.
-                seq.hold_after_prefill = False
-                self.scheduler.detach(seq)
-                seq.status = SequenceStatus.HELD
-                self._held[seq.request_id] = seq
+                self.handoff.hold(seq)
                 held = True
             outputs.append(
                 SequenceOutput(
@@ -272,8 +265,7 @@ class LLMEngine:
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if self._held.get(seq.request_id) is seq:
-            del self._held[seq.request_id]
+        self.handoff.discard(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
@@ -283,129 +275,7 @@ class LLMEngine:
         if seqs is not None and all(s.is_finished for s in seqs):
             del self._requests[request_id]
 
-    # ---- P/D hand-off: prefill side -----------------------------------------------------
-
-    def is_held(self, request_id: str) -> bool:
-        """Whether the request is parked for a hand-off (a dict lookup: safe from another thread)."""
-        return request_id in self._held
-
-    def held_requests(self) -> list[str]:
-        return list(self._held)
-
-    def export_kv(self, request_id: str) -> KvExport:
-        """State and KV handle of a held sequence (engine thread; read it before release_held)."""
-        seq = self._held_seq(request_id)
-        num_pages = -(-seq.num_computed // self.page_size)
-        page_ids = self.block_manager.page_table(seq.seq_id)[:num_pages]
-        gen_state = seq.generator.get_state().numpy().tobytes() if seq.generator is not None else None
-        return KvExport(
-            request_id=request_id, prompt_ids=list(seq.prompt_ids), output_ids=list(seq.output_ids),
-            logprobs=logprobs_to_plain(seq.logprobs) if seq.params.logprobs is not None else None,
-            num_tokens=seq.num_computed, num_cached_tokens=seq.num_cached_prompt, page_ids=page_ids,
-            num_layers=self.num_layers, generator_state=gen_state, _caches=self.kv_caches,
-            _index=torch.tensor(page_ids, dtype=torch.long, device=self.kv_caches[0].device),
-        )
-
-    def release_held(self, request_id: str) -> None:
-        """The KV went elsewhere: free the pages (full ones stay cached) and forget the request."""
-        seq = self._held_seq(request_id)
-        self._finish(seq, "transferred")
-        self._forget_if_done(request_id)
-
-    def resume_held(self, request_id: str) -> None:
-        """No decode worker took it: keep decoding here."""
-        seq = self._held_seq(request_id)
-        del self._held[request_id]
-        self.scheduler.attach(seq)
-
-    def _held_seq(self, request_id: str) -> Sequence:
-        seq = self._held.get(request_id)
-        if seq is None:
-            raise KeyError(f"request {request_id!r} is not held")
-        return seq
-
-    # ---- P/D hand-off: decode side ------------------------------------------------------
-
-    def reserve_transfer(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        output_ids: list[int],
-        params: SamplingParams | None = None,
-        *,
-        priority: str | Priority = Priority.ONLINE,
-        arrival_time: float | None = None,
-        num_tokens: int,
-        logprobs: list | None = None,
-        num_cached_tokens: int = 0,
-        generator_state: bytes | None = None,
-    ) -> list[int]:
-        """Create an incoming sequence and fresh pages for ``num_tokens`` tokens of KV.
-
-        Raises ``ValueError`` on a bad request, :class:`NoFreePagesError` when the pool cannot
-        hold the pages even after evicting cached ones (running sequences are never preempted).
-        """
-        params = params or SamplingParams()
-        max_tokens = self._validate_request(request_id, prompt_ids, params)
-        if params.n != 1:
-            raise ValueError(f"a transferred request needs n == 1, got n={params.n}")
-        if output_ids:
-            validate_prompt_ids(list(output_ids), self.vocab_size)
-        total = len(prompt_ids) + len(output_ids)
-        if not 0 < num_tokens < total:
-            # At least the last token must be left to compute: its step samples the next one.
-            raise ValueError(f"num_tokens must be in [1, {total - 1}], got {num_tokens}")
-        if len(output_ids) >= max_tokens or total >= self.max_model_len:
-            raise ValueError(f"{len(output_ids)} output tokens already reach the request's limit")
-        gen = None
-        if params.seed is not None:
-            gen = make_generator(params.seed)
-            if generator_state is not None:
-                gen.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
-        seq = Sequence(
-            request_id=request_id, prompt_ids=list(prompt_ids), params=params, max_tokens=max_tokens,
-            priority=Priority.parse(priority),
-            arrival_time=arrival_time if arrival_time is not None else time.monotonic(), generator=gen,
-        )
-        seq.token_ids.extend(output_ids)
-        if logprobs:
-            seq.logprobs = logprobs_from_plain(logprobs)
-        seq.num_cached_prompt = num_cached_tokens
-        pages = self.block_manager.reserve(seq.seq_id, num_tokens)  # may raise NoFreePagesError
-        seq.status = SequenceStatus.INCOMING
-        self._incoming[request_id] = IncomingTransfer(seq, pages, num_tokens)
-        self._requests[request_id] = [seq]
-        return list(pages)
-
-    def write_kv_layers(self, request_id: str, layer_start: int, tensors: list[torch.Tensor]) -> None:
-        """Copy transferred ``[2, kv_heads, n_pages, page_size, head_dim]`` blocks into the reserved pages."""
-        incoming = self._incoming_transfer(request_id)
-        scatter_layers(self.kv_caches, incoming.page_ids, layer_start, tensors)
-        incoming.written.update(range(layer_start, layer_start + len(tensors)))
-
-    def commit_transfer(self, request_id: str) -> None:
-        """All layers written: register the full pages and start decoding from the next step."""
-        incoming = self._incoming_transfer(request_id)
-        missing = sorted(set(range(self.num_layers)) - incoming.written)
-        if missing:
-            raise ValueError(f"request {request_id!r}: layers {missing} were never written")
-        seq = incoming.seq
-        del self._incoming[request_id]
-        seq.num_computed = incoming.num_tokens
-        self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed)
-        seq.first_token_time = time.monotonic()
-        self.scheduler.attach(seq)
-
-    def cancel_transfer(self, request_id: str) -> None:
-        """Give the reserved pages back and forget the request."""
-        self._incoming_transfer(request_id)
-        self.abort_request(request_id)
-
-    def _incoming_transfer(self, request_id: str) -> IncomingTransfer:
-        incoming = self._incoming.get(request_id)
-        if incoming is None:
-            raise KeyError(f"request {request_id!r} has no transfer in progress")
-        return incoming
+    # ---- the KV layout ------------------------------------------------------------------
 
     @property
     def kv_namespace(self) -> str:
@@ -424,46 +294,9 @@ class LLMEngine:
         two, kv_heads, _, page_size, head_dim = self.kv_caches[0].shape
         return (two, kv_heads, page_size, head_dim)
 
-    # ---- tiered KV store hooks -----------------------------------------------------------
-
-    def set_kv_event_hook(self, fn: KvEventHook | None) -> None:
-        """``fn("stored"|"evicted", hashes)`` as full pages enter / leave the local prefix cache."""
-        self._kv_event_hook = fn
-
-    def _on_kv_event(self, kind: str, hashes: list[bytes]) -> None:
-        if self._kv_event_hook is not None:
-            # Called from inside block-manager operations (mid-schedule): a failing listener
-            # must not leave a step half planned, so it is logged, not raised.
-            try:
-                self._kv_event_hook(kind, hashes)
-            except Exception:
-                logger.exception("KV event hook failed on %s of %d pages", kind, len(hashes))
-
-    def set_offload_hook(self, fn: OffloadHook | None) -> None:
-        """``fn(hashes, payloads)`` on the engine thread when cached pages are evicted for reuse,
-        before they are overwritten; payloads as :meth:`page_payload`."""
-        self._store.offload_hook = fn
-
-    def page_payload(self, page_id: int) -> torch.Tensor:
-        """A copy of one page across all layers as flat uint8 (``[L, 2, kv_heads, page_size, head_dim]``)."""
-        return self._store.page_payload(page_id)
-
-    def prefix_hashes(self, token_ids: list[int]) -> list[bytes]:
-        return self._store.prefix_hashes(token_ids)
-
-    def cached_hashes(self) -> list[bytes]:
-        return self.block_manager.cached_hashes()
-
-    def cached_prefix_pages(self, token_ids: list[int]) -> int:
-        return self._store.cached_prefix_pages(token_ids)
-
-    def insert_cached_pages(self, token_ids: list[int], start_page: int, payloads: list[torch.Tensor]) -> int:
-        """Load pages from a store tier into the prefix cache (evictable); returns pages inserted."""
-        return self._store.insert_cached_pages(token_ids, start_page, payloads)
-
     # ---- introspection ------------------------------------------------------------------
 
-    def load_stats(self) -> dict:
+    def load_stats(self) -> dict[str, Any]:
         """What a worker reports in heartbeats and what the benchmark prints."""
         bm = self.block_manager.stats()
         return {
@@ -479,8 +312,7 @@ class LLMEngine:
             "queued_prefill_tokens": self.scheduler.queued_prefill_tokens(),
             "prompt_tokens_total": self.stats.prompt_tokens,
             "generated_tokens_total": self.stats.generated_tokens,
-            "held": len(self._held),
-            "incoming": len(self._incoming),
+            **self.handoff.stats(),
             "prefix_cache": bm,
         }
 

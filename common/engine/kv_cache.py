@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
 
 import torch
 
@@ -21,7 +20,6 @@ __all__ = [
     "default_kv_budget",
     "parse_memory_size",
     "allocate_kv_caches",
-    "copy_kv_pages",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,13 +169,3 @@ def allocate_kv_caches(
     )
     return caches
 
-
-def copy_kv_pages(kv_caches: Sequence[torch.Tensor], copy_pairs: Sequence[tuple[int, int]]) -> None:
-    """Apply ``(src_page, dst_page)`` copies (from ``BlockManager.fork``) to every layer."""
-    if not copy_pairs:
-        return
-    device = kv_caches[0].device
-    src = torch.tensor([s for s, _ in copy_pairs], dtype=torch.long, device=device)
-    dst = torch.tensor([d for _, d in copy_pairs], dtype=torch.long, device=device)
-    for cache in kv_caches:
-        cache[:, :, dst] = cache[:, :, src]

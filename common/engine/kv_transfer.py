@@ -1,4 +1,4 @@
-"""Moving KV pages in and out of the page pool: P/D hand-off and the tiered KV store.
+"""Moving KV pages in and out of the page pool: the wire formats, and the tiered KV store's hooks.
 
 Two wire formats, both over the fixed pool layout ``[2, kv_heads, num_pages, page_size, head_dim]``
 per layer:
@@ -10,6 +10,7 @@ per layer:
   the page's chained prefix hash.
 
 Everything here runs on the engine thread, between steps: the pool is only consistent there.
+The P/D hand-off's state (held and incoming sequences) is in :mod:`common.engine.handoff`.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ import torch
 
 from common.engine.block_manager import BlockManager, prefix_hashes
 from common.engine.sampler import TokenLogprobs
-from common.engine.sequence import Sequence as EngineSequence
 
 logger = logging.getLogger(__name__)
+
+KvEventHook = Callable[[str, list[bytes]], None]  # ("stored" | "evicted", hashes)
+OffloadHook = Callable[[list[bytes], list[torch.Tensor]], None]  # (hashes, page payloads)
 
 __all__ = [
     "KvExport",
     "KvStoreHooks",
-    "IncomingTransfer",
+    "KvEventHook",
+    "OffloadHook",
     "logprobs_to_plain",
     "logprobs_from_plain",
     "scatter_layers",
@@ -69,16 +73,6 @@ class KvExport:
 
     def layers(self, start: int, stop: int) -> list[torch.Tensor]:
         return [self.layer(i) for i in range(start, stop)]
-
-
-@dataclass
-class IncomingTransfer:
-    """Decode side: a sequence whose reserved pages are being filled with transferred KV."""
-
-    seq: EngineSequence
-    page_ids: list[int]
-    num_tokens: int
-    written: set[int] = field(default_factory=set)  # layers written so far
 
 
 def logprobs_to_plain(logprobs: Sequence[TokenLogprobs]) -> list[dict[str, Any]]:
@@ -170,42 +164,75 @@ def unpack_pages(caches: Sequence[torch.Tensor], page_ids: Sequence[int], payloa
 
 
 class KvStoreHooks:
-    """The engine's side of the tiered KV store: page payloads out on eviction, back in on reload.
+    """The engine's side of the tiered KV store (``engine.store_hooks``): prefix-cache events out,
+    page payloads out on eviction, payloads back in as cached pages on reload.
 
-    Owned by the engine; all calls on the engine thread.
+    Installs itself as the block manager's ``on_event`` and ``on_reclaim``. Calls run on the
+    engine thread; :meth:`prefix_hashes` touches no state and may run anywhere.
     """
 
     def __init__(self, block_manager: BlockManager, kv_caches: list[torch.Tensor]) -> None:
         self.block_manager = block_manager
         self.kv_caches = kv_caches
         self.payload_bytes = page_payload_bytes(kv_caches)
-        self.offload_hook: Callable[[list[bytes], list[torch.Tensor]], None] | None = None
+        self._event_hook: KvEventHook | None = None
+        self._offload_hook: OffloadHook | None = None
+        block_manager.on_event = self._on_event
+        block_manager.on_reclaim = self._on_reclaim
 
-    def on_reclaim(self, pages: list[int], hashes: list[bytes]) -> None:
-        """BlockManager callback: cached pages are about to be reused; their KV is still intact."""
-        if self.offload_hook is None:
+    def set_kv_event_hook(self, fn: KvEventHook | None) -> None:
+        """``fn("stored"|"evicted", hashes)`` as full pages enter / leave the local prefix cache."""
+        self._event_hook = fn
+
+    def set_offload_hook(self, fn: OffloadHook | None) -> None:
+        """``fn(hashes, payloads)`` when cached pages are evicted for reuse, before they are
+        overwritten; payloads as :meth:`page_payload`."""
+        self._offload_hook = fn
+
+    def _on_event(self, kind: str, hashes: list[bytes]) -> None:
+        if self._event_hook is None:
+            return
+        # Called from inside block-manager operations (mid-schedule): a failing listener must not
+        # leave a step half planned, so it is logged, not raised.
+        try:
+            self._event_hook(kind, hashes)
+        except Exception:
+            logger.exception("KV event hook failed on %s of %d pages", kind, len(hashes))
+
+    def _on_reclaim(self, pages: list[int], hashes: list[bytes]) -> None:
+        """Cached pages are about to be reused; their KV is still intact."""
+        if self._offload_hook is None:
             return
         # Offloading is best effort and runs mid-schedule: a failure loses the copy, not the step.
         try:
-            self.offload_hook(hashes, pack_pages(self.kv_caches, pages))
+            self._offload_hook(hashes, pack_pages(self.kv_caches, pages))
         except Exception:
             logger.exception("offload hook failed for %d pages", len(pages))
 
     def page_payload(self, page_id: int) -> torch.Tensor:
+        """A copy of one page across all layers as flat uint8 (``[L, 2, kv_heads, page_size, head_dim]``)."""
         if not 0 <= page_id < self.block_manager.num_pages:
             raise ValueError(f"page {page_id} out of range for {self.block_manager.num_pages} pages")
         return pack_pages(self.kv_caches, [page_id])[0]
 
     def prefix_hashes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """The store keys of ``token_ids``' full pages (chained hashes in this engine's namespace)."""
         bm = self.block_manager
         return prefix_hashes(token_ids, bm.page_size, bm.namespace)
 
+    def cached_hashes(self) -> list[bytes]:
+        """Every hash in the local prefix cache (a prefix index's resync)."""
+        return self.block_manager.cached_hashes()
+
     def cached_prefix_pages(self, token_ids: Sequence[int]) -> int:
+        """Leading full pages of ``token_ids`` in the local prefix cache; changes nothing."""
         return self.block_manager.cached_prefix_pages(token_ids)
 
     def insert_cached_pages(
         self, token_ids: Sequence[int], start_page: int, payloads: Sequence[torch.Tensor | bytes]
     ) -> int:
+        """Load pages ``start_page ..`` of ``token_ids`` from a store tier into the prefix cache
+        (evictable); returns pages inserted (see :meth:`BlockManager.insert_cached`)."""
         flat = [payload_as_uint8(p) for p in payloads]
         for j, p in enumerate(flat):
             if p.numel() != self.payload_bytes:

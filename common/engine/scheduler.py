@@ -51,9 +51,10 @@ class BatchScheduler:
     def __init__(
         self,
         block_manager: BlockManager,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 512,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
     ) -> None:
+        # The limits are EngineConfig's settings (with their defaults); none are repeated here.
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -27,13 +27,14 @@ from common import bus
 from common.engine.block_manager import NoFreePagesError
 from common.engine.sampling_params import SamplingParams
 from common.protocol import (
+    KvMessage,
     KvTransferAck,
     KvTransferBegin,
     KvTransferCancel,
     KvTransferChunk,
     KvTransferReady,
-    Message,
 )
+from services.worker.engine_api import WorkerEngine
 
 __all__ = ["KvReceiver"]
 
@@ -53,7 +54,7 @@ class _Incoming:
 class KvReceiver:
     def __init__(
         self,
-        engine: Any,
+        engine: WorkerEngine,
         run_on_engine: RunOnEngine,
         refusal: Callable[[], str | None],
         on_committed: Callable[[KvTransferBegin], Awaitable[None]],
@@ -79,25 +80,29 @@ class KvReceiver:
             "kv_bytes_received": self.bytes_received,
         }
 
-    async def handle(self, sock: zmq.asyncio.Socket, identity: bytes, msg: Message, tensors: list) -> None:
-        if isinstance(msg, KvTransferBegin):
-            reason = await self._begin(identity, msg)
-            if reason is not None:
-                self.refused += 1
-                logger.info("refused KV of %s from %s: %s", msg.request_id, msg.source_instance, reason)
-            await bus.send(sock, KvTransferReady(transfer_id=msg.transfer_id, ok=reason is None, reason=reason or ""),
+    async def handle(self, sock: zmq.asyncio.Socket, identity: bytes, msg: KvMessage, tensors: list) -> None:
+        """One message from a prefill worker: Begin, Chunk or Cancel, all that the decode end of
+        the kv channel lets in (`sock` is that end, bound by this worker)."""
+        await self._HANDLERS[type(msg)](self, sock, identity, msg, tensors)
+
+    async def _on_begin(self, sock: zmq.asyncio.Socket, identity: bytes, msg: KvTransferBegin, tensors: list) -> None:
+        reason = await self._begin(identity, msg)
+        if reason is not None:
+            self.refused += 1
+            logger.info("refused KV of %s from %s: %s", msg.request_id, msg.source_instance, reason)
+        await bus.send(sock, KvTransferReady(transfer_id=msg.transfer_id, ok=reason is None, reason=reason or ""),
+                       identity=identity)
+
+    async def _on_chunk(self, sock: zmq.asyncio.Socket, identity: bytes, msg: KvTransferChunk, tensors: list) -> None:
+        reason = await self._chunk(identity, msg, tensors)
+        if reason is not None or msg.last:
+            await bus.send(sock, KvTransferAck(transfer_id=msg.transfer_id, ok=reason is None, reason=reason or ""),
                            identity=identity)
-        elif isinstance(msg, KvTransferChunk):
-            reason = await self._chunk(identity, msg, tensors)
-            if reason is not None or msg.last:
-                await bus.send(sock, KvTransferAck(transfer_id=msg.transfer_id, ok=reason is None, reason=reason or ""),
-                               identity=identity)
-        elif isinstance(msg, KvTransferCancel):
-            incoming = self._incoming.get(msg.transfer_id)
-            if incoming is not None and incoming.identity == identity:
-                await self._cancel(msg.transfer_id, f"cancelled by the sender: {msg.reason}")
-        else:
-            logger.warning("dropped %s on the kv socket from %r: not a KV message", msg.TAG, identity)
+
+    async def _on_cancel(self, sock: zmq.asyncio.Socket, identity: bytes, msg: KvTransferCancel, tensors: list) -> None:
+        incoming = self._incoming.get(msg.transfer_id)
+        if incoming is not None and incoming.identity == identity:
+            await self._cancel(msg.transfer_id, f"cancelled by the sender: {msg.reason}")
 
     async def _begin(self, identity: bytes, msg: KvTransferBegin) -> str | None:
         refusal = self.refusal()
@@ -111,9 +116,9 @@ class KvReceiver:
         if msg.transfer_id in self._incoming:
             return f"transfer id {msg.transfer_id!r} is in use"
         try:
-            params = SamplingParams.from_dict(msg.sampling)
+            params = SamplingParams.from_dict(msg.sampling.to_dict())
             await self.run_on_engine(
-                lambda: engine.reserve_transfer(
+                lambda: engine.handoff.reserve_transfer(
                     msg.request_id, list(msg.prompt_ids), list(msg.output_ids), params, priority=msg.priority,
                     num_tokens=msg.num_tokens, logprobs=msg.logprobs, num_cached_tokens=msg.num_cached_tokens,
                     generator_state=msg.generator_state,
@@ -149,8 +154,8 @@ class KvReceiver:
         layers = [incoming.layers[i] for i in range(num_layers)]
 
         def land() -> None:
-            self.engine.write_kv_layers(request_id, 0, layers)
-            self.engine.commit_transfer(request_id)
+            self.engine.handoff.write_kv_layers(request_id, 0, layers)
+            self.engine.handoff.commit_transfer(request_id)
 
         try:
             await self.run_on_engine(land)
@@ -172,7 +177,7 @@ class KvReceiver:
 
     async def _release(self, request_id: str) -> None:
         try:
-            await self.run_on_engine(self.engine.cancel_transfer, request_id)
+            await self.run_on_engine(self.engine.handoff.cancel_transfer, request_id)
         except KeyError:
             pass  # aborted meanwhile: the pages are back already
 
@@ -194,3 +199,9 @@ class KvReceiver:
     async def close(self) -> None:
         for transfer_id in list(self._incoming):
             await self._cancel(transfer_id, "worker stopping")
+
+    _HANDLERS: dict[type[KvMessage], Callable[..., Awaitable[None]]] = {
+        KvTransferBegin: _on_begin,
+        KvTransferChunk: _on_chunk,
+        KvTransferCancel: _on_cancel,
+    }

@@ -22,6 +22,7 @@ from services.gateway import routes
 from services.gateway.chat import handle_chat
 from services.gateway.client import BusClient
 from services.gateway.completions import handle_completions
+from services.gateway.config import GatewayConfig
 from services.gateway.context import CTX_KEY, Admission, GatewayContext, ModelInfo
 from services.gateway.httpio import error_response
 from services.gateway.logprobs import TokenTexts
@@ -45,8 +46,9 @@ class GatewaySettings:
     tokens_addr: str
     gateway_id: str
     api_key: str | None = None
-    max_queue: int = 256
-    max_body_bytes: int = 8 * 1024 * 1024
+    # Defaults are the settings' own (GatewayConfig); __main__ passes every value anyway.
+    max_queue: int = GatewayConfig.max_queue
+    max_body_bytes: int = GatewayConfig.max_body_bytes
     max_model_len: int | None = None
     advertise_host: str | None = None
     curve: CurveKeys | None = None  # CurveZMQ keys for the scheduler connection

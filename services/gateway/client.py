@@ -1,9 +1,11 @@
 """The gateway's side of the bus: DEALER to the scheduler, PULL for token streams, request registry.
 
-One PULL socket receives TokenDelta / RequestError for every request this gateway owns; a single
-dispatcher task routes each message to the owning request's `RequestStream` (a deque plus one
-future: lighter than an asyncio.Queue on the per-token path). The DEALER carries Submit / Abort /
-StatusQuery out and StatusReply (and any RequestError the scheduler answers a Submit with) back.
+One PULL socket (the tokens channel) receives TokenDelta / RequestError for every request this
+gateway owns, from workers and from the scheduler; a single dispatcher task routes each message
+to the owning request's `RequestStream` (a deque plus one future: lighter than an asyncio.Queue
+on the per-token path). The DEALER (the frontend channel) carries Submit / Abort / FinishChoice /
+StatusQuery / GatewayHello out and StatusReply back. Each socket is bound to its channel end, so
+nothing else reaches the loops.
 """
 
 from __future__ import annotations
@@ -13,22 +15,26 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
 from common import bus
 from common.service_config import CurveKeys
 from common.protocol import (
+    FRONTEND,
+    TOKENS,
     Abort,
     FinishChoice,
+    FrontendMessage,
     GatewayHello,
     Message,
     RequestError,
+    Sampling,
     StatusQuery,
     StatusReply,
     Submit,
-    TokenDelta,
+    TokensMessage,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,16 +49,16 @@ class RequestStream:
     __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._items: collections.deque[Message] = collections.deque()
+        self._items: collections.deque[TokensMessage] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
 
-    def put(self, msg: Message) -> None:
+    def put(self, msg: TokensMessage) -> None:
         self._items.append(msg)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get_batch(self) -> list[Message]:
+    async def get_batch(self) -> list[TokensMessage]:
         """Everything that arrived since the last call (waits for at least one message)."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -105,18 +111,18 @@ class BusClient:
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._pull = bus.make_socket(zmq.PULL)
+        self._pull = bus.make_socket(zmq.PULL, channel=TOKENS.binder)
         # Workers push to this address, so a tcp wildcard bind is advertised under a reachable host.
         self.tokens_addr = bus.advertised_address(bus.bind(self._pull, self.tokens_addr), self.advertise_host)
-        self._dealer = bus.make_socket(zmq.DEALER, routing_id=self.gateway_id.encode())
+        self._dealer = bus.make_socket(zmq.DEALER, channel=FRONTEND.connector, routing_id=self.gateway_id.encode())
         if self.curve is not None:
             self.curve.make_client(self._dealer)
         bus.connect(self._dealer, self.frontend_addr)
         # GatewayHello goes out on the first StatusReply (see _on_status), i.e. once the
         # scheduler is known to be there, and again whenever it comes back.
         self._tasks = [
-            asyncio.create_task(self._receive_loop(self._pull), name="gateway-tokens"),
-            asyncio.create_task(self._receive_loop(self._dealer), name="gateway-frontend"),
+            asyncio.create_task(self._receive_loop(self._pull, self._on_result), name="gateway-tokens"),
+            asyncio.create_task(self._receive_loop(self._dealer, self._on_frontend), name="gateway-frontend"),
             asyncio.create_task(self._status_loop(), name="gateway-status"),
         ]
         logger.info("bus client up: frontend=%s tokens=%s id=%s", self.frontend_addr, self.tokens_addr,
@@ -147,7 +153,7 @@ class BusClient:
         for request_id, stream in list(self._streams.items()):
             stream.put(RequestError(request_id=request_id, code=code, message=message))
 
-    async def submit(self, request_id: str, prompt_ids: list[int], sampling: dict[str, Any],
+    async def submit(self, request_id: str, prompt_ids: list[int], sampling: Sampling,
                      arrival_time: float, priority: str = "online") -> None:
         msg = Submit(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling, priority=priority,
                      gateway_id=self.gateway_id, tokens_addr=self.tokens_addr, arrival_time=arrival_time)
@@ -161,14 +167,14 @@ class BusClient:
         """Stop one choice on the worker (the others of the request keep going)."""
         self._send_soon(FinishChoice(request_id=request_id, index=index))
 
-    def _send_soon(self, msg: Message) -> None:
+    def _send_soon(self, msg: FrontendMessage) -> None:
         if self._dealer is None or self._dealer.closed:
             return
         task = asyncio.get_running_loop().create_task(self._send_logged(msg))
         self._pending_sends.add(task)
         task.add_done_callback(self._pending_sends.discard)
 
-    async def _send_logged(self, msg: Message) -> None:
+    async def _send_logged(self, msg: FrontendMessage) -> None:
         try:
             await bus.send(self._dealer, msg)
         except Exception:  # a failed abort must not take anything else down
@@ -187,10 +193,10 @@ class BusClient:
 
     # ---- loops ----------------------------------------------------------------------------
 
-    async def _receive_loop(self, sock: zmq.asyncio.Socket) -> None:
-        streams = self._streams
+    async def _receive_loop(self, sock: zmq.asyncio.Socket, handle: Callable[[Message], None]) -> None:
         while True:
             try:
+                # Only messages for this socket's channel end come out (the bus drops the rest).
                 _, msg, _ = await bus.recv(sock)
             except zmq.ZMQError as exc:
                 if sock.closed:
@@ -198,17 +204,19 @@ class BusClient:
                 logger.error("receive failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            msg_type = type(msg)
-            if msg_type is TokenDelta or msg_type is RequestError:
-                stream = streams.get(msg.request_id)
-                if stream is not None:
-                    stream.put(msg)
-                else:  # late deltas of an aborted or finished request: expected, harmless
-                    logger.debug("%s for unknown request %s dropped", msg.TAG, msg.request_id)
-            elif msg_type is StatusReply:
-                self._on_status(msg)
-            else:
-                logger.warning("unexpected %s message on the gateway; dropped", msg.TAG)
+            handle(msg)
+
+    def _on_result(self, msg: Message) -> None:
+        """A TokenDelta or RequestError (the tokens channel's only messages)."""
+        result = cast(TokensMessage, msg)
+        stream = self._streams.get(result.request_id)
+        if stream is not None:
+            stream.put(result)
+        else:  # late deltas of an aborted or finished request: expected, harmless
+            logger.debug("%s for unknown request %s dropped", result.TAG, result.request_id)
+
+    def _on_frontend(self, msg: Message) -> None:
+        self._on_status(cast(StatusReply, msg))  # the frontend channel's only message to a gateway
 
     def _on_status(self, msg: StatusReply) -> None:
         was_alive = self.scheduler_alive

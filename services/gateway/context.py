@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from services.gateway.config import GatewayConfig
 from services.gateway.openai_schema import APIError
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class GatewayContext:
     metrics: GatewayMetrics
     admission: Admission
     api_key: str | None = None
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = GatewayConfig.max_body_bytes
     started: float = field(default_factory=time.time)
 
     @property

@@ -22,7 +22,7 @@ from typing import Any
 
 from common.detokenizer import IncrementalDetokenizer
 from common.engine.sampling_params import SamplingParams
-from common.protocol import RequestError
+from common.protocol import RequestError, Sampling
 from common.stop_strings import StopStringMatcher
 from services.gateway.client import RequestStream
 from services.gateway.context import GatewayContext
@@ -113,7 +113,7 @@ class Generation:
         for sub in self.subs:
             ctx.client.register(sub, self.stream)
         self._set_state("waiting")
-        sampling = self.params.to_dict()
+        sampling = Sampling(**self.params.to_dict())  # the params were validated with the request
         for sub, ids in zip(self.subs, self.prompt_ids):
             try:
                 async with asyncio.timeout(SUBMIT_TIMEOUT_S):  # (not wait_for: see client._status_loop)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import torch
 import zmq
@@ -26,6 +28,8 @@ from common import bus
 from common.aio import run_until_stopped
 from common.codec import DEFAULT_MAX_MESSAGE_BYTES
 from common.protocol import (
+    KVSTORE,
+    KVSTORE_EVENTS,
     KvEvent,
     KvGet,
     KvGetReply,
@@ -36,7 +40,8 @@ from common.protocol import (
     KvSnapshotRequest,
     KvStatsQuery,
     KvStatsReply,
-    Message,
+    KvStoreMessage,
+    KvStoreReply,
     ProtocolError,
 )
 from common.service_config import CurveKeys
@@ -45,6 +50,8 @@ from services.kvstore.store import KvStore
 __all__ = ["KvStoreServer", "HASH_BYTES", "MAX_HASHES_PER_REQUEST", "MAX_NAMESPACE_CHARS"]
 
 logger = logging.getLogger(__name__)
+
+Handler = Callable[[bytes, Any, list[torch.Tensor]], Awaitable[None]]
 
 HASH_BYTES = 32  # blake2b-256, common/engine/block_manager.hash_page
 MAX_HASHES_PER_REQUEST = 65_536
@@ -82,14 +89,23 @@ class KvStoreServer:
         self.events_published = 0
         self._events: asyncio.Queue[tuple[str, str, list[bytes]]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The router's channel end lets only these in: no fallback branch needed.
+        self._handlers: dict[type[KvStoreMessage], Handler] = {
+            KvPut: self._on_put,
+            KvGet: self._on_get,
+            KvLookup: self._on_lookup,
+            KvStatsQuery: self._on_stats,
+            KvSnapshotRequest: self._on_snapshot_request,
+        }
 
     # ---- lifecycle ----------------------------------------------------------------------
 
     def bind(self) -> None:
-        self.router = bus.make_socket(zmq.ROUTER, context=self._context, max_message_bytes=self.max_message_bytes,
-                                      sndhwm=1000, rcvhwm=1000)
+        self.router = bus.make_socket(zmq.ROUTER, channel=KVSTORE.binder, context=self._context,
+                                      max_message_bytes=self.max_message_bytes, sndhwm=1000, rcvhwm=1000)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted client may reuse its identity
-        self.pub = bus.make_socket(zmq.PUB, context=self._context, max_message_bytes=self.max_message_bytes)
+        self.pub = bus.make_socket(zmq.PUB, channel=KVSTORE_EVENTS.binder, context=self._context,
+                                   max_message_bytes=self.max_message_bytes)
         if self.curve is not None:
             for sock in (self.router, self.pub):
                 self.curve.make_server(sock)
@@ -154,44 +170,42 @@ class KvStoreServer:
     async def _receive_loop(self) -> None:
         assert self.router is not None
         while True:
-            identity, msg, tensors = await bus.recv(self.router)  # malformed ones are dropped there
+            # Malformed messages, and any that is not a kvstore request, are dropped there.
+            identity, msg, tensors = await bus.recv(self.router)
             try:
-                await self._handle(identity, msg, tensors)
+                await self._handlers[type(msg)](identity, msg, tensors)
             except Exception:
                 # A bug or a disk error on one request must not stop the store.
                 logger.exception("error handling %s from %r", msg.TAG, identity)
                 await self._reply_failure(identity, msg)
 
-    async def _handle(self, identity: bytes, msg: Message, tensors: list[torch.Tensor]) -> None:
-        if isinstance(msg, KvPut):
-            await self._on_put(identity, msg, tensors)
-        elif isinstance(msg, KvGet):
-            reason = self._check(msg.namespace, msg.hashes) or self._no_tensors(tensors)
-            if reason is not None:
-                self._refuse(identity, msg, reason)
-                await self._send(identity, KvGetReply(req_id=msg.req_id, hashes=[], tiers=[]))
-                return
-            found = self.store.get(msg.namespace, msg.hashes, max_bytes=self.max_message_bytes - _REPLY_OVERHEAD)
-            reply = KvGetReply(req_id=msg.req_id, hashes=[h for h, _, _ in found], tiers=[t for _, t, _ in found])
-            frames = [torch.frombuffer(payload, dtype=torch.uint8) for _, _, payload in found]
-            await self._send(identity, reply, *frames)
-        elif isinstance(msg, KvLookup):
-            reason = self._check(msg.namespace, msg.hashes) or self._no_tensors(tensors)
-            tiers: list[str] = []
-            if reason is not None:
-                self._refuse(identity, msg, reason)
-            else:
-                tiers = self.store.lookup(msg.namespace, msg.hashes)
-            await self._send(identity, KvLookupReply(req_id=msg.req_id, num_hits=len(tiers), tiers=tiers))
-        elif isinstance(msg, KvStatsQuery):
-            await self._send(identity, KvStatsReply(req_id=msg.req_id, stats=self.stats()))
-        elif isinstance(msg, KvSnapshotRequest):
-            # One store per process: whatever source is named, this store's holdings are sent.
-            logger.info("snapshot requested by %r (source %r)", identity, msg.source)
-            self._publish_snapshot()
+    async def _on_get(self, identity: bytes, msg: KvGet, tensors: list[torch.Tensor]) -> None:
+        reason = self._check(msg.namespace, msg.hashes) or self._no_tensors(tensors)
+        if reason is not None:
+            self._refuse(identity, msg, reason)
+            await self._send(identity, KvGetReply(req_id=msg.req_id, hashes=[], tiers=[]))
+            return
+        found = self.store.get(msg.namespace, msg.hashes, max_bytes=self.max_message_bytes - _REPLY_OVERHEAD)
+        reply = KvGetReply(req_id=msg.req_id, hashes=[h for h, _, _ in found], tiers=[t for _, t, _ in found])
+        frames = [torch.frombuffer(payload, dtype=torch.uint8) for _, _, payload in found]
+        await self._send(identity, reply, *frames)
+
+    async def _on_lookup(self, identity: bytes, msg: KvLookup, tensors: list[torch.Tensor]) -> None:
+        reason = self._check(msg.namespace, msg.hashes) or self._no_tensors(tensors)
+        tiers: list[str] = []
+        if reason is not None:
+            self._refuse(identity, msg, reason)
         else:
-            self.bad_requests += 1
-            logger.warning("dropped %s from %r: not a kvstore request", msg.TAG, identity)
+            tiers = self.store.lookup(msg.namespace, msg.hashes)
+        await self._send(identity, KvLookupReply(req_id=msg.req_id, num_hits=len(tiers), tiers=tiers))
+
+    async def _on_stats(self, identity: bytes, msg: KvStatsQuery, tensors: list[torch.Tensor]) -> None:
+        await self._send(identity, KvStatsReply(req_id=msg.req_id, stats=self.stats()))
+
+    async def _on_snapshot_request(self, identity: bytes, msg: KvSnapshotRequest, tensors: list[torch.Tensor]) -> None:
+        # One store per process: whatever source is named, this store's holdings are sent.
+        logger.info("snapshot requested by %r (source %r)", identity, msg.source)
+        self._publish_snapshot()
 
     async def _on_put(self, identity: bytes, msg: KvPut, tensors: list[torch.Tensor]) -> None:
         reason = self._check(msg.namespace, msg.hashes)
@@ -232,13 +246,13 @@ class KvStoreServer:
     def _no_tensors(tensors: list[torch.Tensor]) -> str | None:
         return f"{len(tensors)} unexpected payload frame(s)" if tensors else None
 
-    def _refuse(self, identity: bytes, msg: Message, reason: str) -> None:
+    def _refuse(self, identity: bytes, msg: KvStoreMessage, reason: str) -> None:
         self.bad_requests += 1
         logger.warning("refused %s %s from %r: %s", msg.TAG, getattr(msg, "req_id", ""), identity, reason)
 
-    async def _reply_failure(self, identity: bytes, msg: Message) -> None:
+    async def _reply_failure(self, identity: bytes, msg: KvStoreMessage) -> None:
         """An empty answer, so the client does not wait for its timeout."""
-        reply: Message | None = None
+        reply: KvStoreReply | None = None
         if isinstance(msg, KvGet):
             reply = KvGetReply(req_id=msg.req_id, hashes=[], tiers=[])
         elif isinstance(msg, KvLookup):
@@ -251,7 +265,7 @@ class KvStoreServer:
             except Exception:
                 logger.exception("could not send the failure reply")
 
-    async def _send(self, identity: bytes, msg: Message, *tensors: torch.Tensor) -> None:
+    async def _send(self, identity: bytes, msg: KvStoreReply, *tensors: torch.Tensor) -> None:
         assert self.router is not None
         await bus.send(self.router, msg, *tensors, identity=identity)
 

@@ -23,21 +23,24 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
 
 from common import bus
-from common.codec import DTYPES, encode
+from common.codec import DTYPES
 from common.protocol import (
+    KV,
     KvTransferAck,
     KvTransferBegin,
     KvTransferCancel,
     KvTransferChunk,
     KvTransferReady,
     Message,
+    Sampling,
 )
+from services.worker.engine_api import WorkerEngine
 
 __all__ = ["KvSender", "HandoffRequest", "DEFAULT_TRANSFER_TIMEOUT_S"]
 
@@ -54,7 +57,7 @@ class HandoffRequest:
     """What the decode side needs besides the KV (from the request's Assign)."""
 
     request_id: str
-    sampling: dict
+    sampling: Sampling
     priority: str
     tokens_addr: str
     arrival_time: float
@@ -73,12 +76,12 @@ class _Peer:
     async def read(self) -> None:
         while True:
             _, msg, _ = await bus.recv(self.sock)
-            if isinstance(msg, (KvTransferReady, KvTransferAck)):
-                future = self.waiting.pop((msg.TAG, msg.transfer_id), None)
-                if future is not None and not future.done():
-                    future.set_result(msg)
-                    continue
-            logger.debug("dropped late or unexpected %s on a kv peer socket", msg.TAG)
+            reply = cast(KvTransferReady | KvTransferAck, msg)  # all this channel end lets in
+            future = self.waiting.pop((reply.TAG, reply.transfer_id), None)
+            if future is not None and not future.done():
+                future.set_result(reply)
+            else:
+                logger.debug("dropped late %s on a kv peer socket", reply.TAG)
 
     def expect(self, tag: str, transfer_id: str) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
@@ -89,7 +92,7 @@ class _Peer:
 class KvSender:
     def __init__(
         self,
-        engine: Any,
+        engine: WorkerEngine,
         run_on_engine: RunOnEngine,
         instance_id: str,
         context: zmq.asyncio.Context,
@@ -129,7 +132,7 @@ class KvSender:
     def _peer(self, address: str) -> _Peer:
         peer = self._peers.get(address)
         if peer is None:
-            sock = bus.make_socket(zmq.DEALER, context=self._context)
+            sock = bus.make_socket(zmq.DEALER, channel=KV.connector, context=self._context)
             bus.connect(sock, address)
             peer = self._peers[address] = _Peer(sock)
             peer.reader = asyncio.create_task(peer.read(), name=f"kv-peer {address}")
@@ -149,7 +152,7 @@ class KvSender:
         self.in_flight += 1
         try:
             for instance_id, address in request.candidates:
-                if not self.engine.is_held(request.request_id):
+                if not self.engine.handoff.is_held(request.request_id):
                     return None  # aborted while we were trying
                 started = time.perf_counter()
                 try:
@@ -160,7 +163,7 @@ class KvSender:
                     self.transfers_ok += 1
                     self.seconds_total += time.perf_counter() - started
                     try:
-                        await self.run_on_engine(self.engine.release_held, request.request_id)
+                        await self.run_on_engine(self.engine.handoff.release_held, request.request_id)
                     except KeyError:
                         pass  # aborted here meanwhile: the pages went back with the abort
                     logger.debug("handed %s to %s in %.1f ms", request.request_id, instance_id,
@@ -168,11 +171,11 @@ class KvSender:
                     return instance_id
                 self.transfers_failed += 1
                 logger.warning("KV hand-off of %s to %s failed: %s", request.request_id, instance_id, reason)
-            if self.engine.is_held(request.request_id):
+            if self.engine.handoff.is_held(request.request_id):
                 self.fallbacks += 1
                 logger.warning("no decode worker took %s: decoding it here", request.request_id)
                 try:
-                    await self.run_on_engine(self.engine.resume_held, request.request_id)
+                    await self.run_on_engine(self.engine.handoff.resume_held, request.request_id)
                 except KeyError:
                     pass  # aborted meanwhile
             return None
@@ -180,7 +183,7 @@ class KvSender:
             self.in_flight -= 1
 
     async def _transfer(self, request: HandoffRequest, address: str) -> tuple[bool, str]:
-        export = await self.run_on_engine(self.engine.export_kv, request.request_id)
+        export = await self.run_on_engine(self.engine.handoff.export_kv, request.request_id)
         transfer_id = f"{self.instance_id}:{next(self._ids)}:{uuid.uuid4().hex[:6]}"
         peer = self._peer(address)
         begin = KvTransferBegin(
@@ -202,7 +205,7 @@ class KvSender:
         acked = peer.expect(KvTransferAck.TAG, transfer_id)
         try:
             for layer, tensor in enumerate(layers):
-                if not self.engine.is_held(request.request_id):
+                if not self.engine.handoff.is_held(request.request_id):
                     await self._send(peer, KvTransferCancel(transfer_id=transfer_id, reason="request aborted"))
                     return False, "request aborted during the transfer"
                 self.bytes_sent += tensor.numel() * tensor.element_size()
@@ -214,8 +217,8 @@ class KvSender:
             # Best effort: if the peer is merely slow, have it drop the pages rather than
             # decode a sequence that is about to go elsewhere.
             try:
-                peer.sock.send_multipart(encode(KvTransferCancel(transfer_id=transfer_id, reason="ack timeout")),
-                                         flags=zmq.NOBLOCK)
+                cancel = KvTransferCancel(transfer_id=transfer_id, reason="ack timeout")
+                peer.sock.send_multipart(bus.encode_for(peer.sock, cancel), flags=zmq.NOBLOCK)
             except (zmq.ZMQError, ValueError):
                 pass
             self._drop_peer(address)

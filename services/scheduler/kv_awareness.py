@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Iterable
+from typing import cast
 
 import zmq
 import zmq.asyncio
@@ -19,7 +20,7 @@ import zmq.asyncio
 from common import bus
 from common.engine.block_manager import prefix_hashes
 from common.kvstore_client import KvStoreClient
-from common.protocol import KvEvent
+from common.protocol import KVSTORE_EVENTS, KvEvent
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Instance
 
@@ -73,7 +74,7 @@ class KvAwareness:
         self.index.forget(instance_id)
 
     async def _kvstore_events_loop(self) -> None:
-        self._sub = bus.make_socket(zmq.SUB, context=self._context)
+        self._sub = bus.make_socket(zmq.SUB, channel=KVSTORE_EVENTS.connector, context=self._context)
         bus.subscribe(self._sub, self.kvstore_source)
         bus.connect(self._sub, self.kvstore_events_addr)
         # The store may hold blocks from before we started (its SSD tier survives restarts).
@@ -81,11 +82,9 @@ class KvAwareness:
         self.client.request_snapshot("scheduler")
         while True:
             _, msg, _ = await bus.recv(self._sub)
-            if not isinstance(msg, KvEvent):
-                logger.warning("dropped %s on the kvstore event socket", msg.TAG)
-                continue
-            if not self.index.apply(msg):
-                logger.info("kvstore events: gap before seq %d; asking for a snapshot", msg.seq)
+            event = cast(KvEvent, msg)  # the only message this channel end takes
+            if not self.index.apply(event):
+                logger.info("kvstore events: gap before seq %d; asking for a snapshot", event.seq)
                 self.client.request_snapshot("scheduler")
 
     async def _kvstore_stats_loop(self) -> None:
@@ -101,8 +100,8 @@ class KvAwareness:
         out: dict[str, int] = {}
         hashes_by_layout: dict[tuple[str, int], list[bytes]] = {}
         for instance in instances:
-            namespace = instance.stats.get("kv_namespace")
-            if not isinstance(namespace, str) or instance.page_size <= 0:
+            namespace = instance.kv_namespace
+            if not namespace or instance.page_size <= 0:
                 continue
             key = (namespace, instance.page_size)
             if key not in hashes_by_layout:

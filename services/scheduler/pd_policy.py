@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from common.protocol import Heartbeat
 from services.scheduler.metrics_window import RateWindow, SampleWindow, percentile
 from services.scheduler.ttft_predictor import TtftPredictor
 
@@ -76,7 +77,7 @@ class Flip:
 
 
 class PdPolicy(Protocol):
-    def observe_heartbeat(self, instance_id: str, role: str, waiting: int, running: int, stats: dict) -> None: ...
+    def observe_heartbeat(self, beat: Heartbeat, role: str) -> None: ...
     def observe_ttft(self, instance_id: str, prompt_len: int, queued_prefill_tokens: int, ttft_s: float) -> None: ...
     def observe_tpot(self, instance_id: str, tpot_s: float) -> None: ...
     def forget(self, instance_id: str) -> None: ...
@@ -115,11 +116,6 @@ class _Instance:
         self.gen_rate = RateWindow(self.window_s, self.clock)
 
 
-def _int(stats: dict, key: str, default: int = 0) -> int:
-    value = stats.get(key, default)
-    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else default
-
-
 class StaticPolicy:
     """Never flips; keeps the windows and the TTFT model so routing can still use them."""
 
@@ -150,22 +146,20 @@ class StaticPolicy:
             inst = self.instances[instance_id] = _Instance(instance_id, role, self.window_s, self.clock)
         return inst
 
-    def observe_heartbeat(self, instance_id: str, role: str, waiting: int, running: int, stats: dict,
-                          *, free_pages: int | None = None, total_pages: int | None = None) -> None:
+    def observe_heartbeat(self, beat: Heartbeat, role: str) -> None:
+        """`role`: the instance's role as the registry has it (the ordered one, while a flip is
+        unacknowledged), which may differ from the one `beat` reports."""
         now = self.clock()
+        instance_id = beat.instance_id
         inst = self._get(instance_id, role)
-        stats = stats if isinstance(stats, dict) else {}
         inst.last_seen = now
-        inst.waiting, inst.running = max(0, int(waiting)), max(0, int(running))
-        inst.queued_prefill_tokens = max(0, _int(stats, "queued_prefill_tokens"))
-        inst.max_num_seqs = max(1, _int(stats, "max_num_seqs", 1))
-        inst.free_pages = free_pages if free_pages is not None else _int(stats, "free_pages")
-        inst.total_pages = total_pages if total_pages is not None else _int(stats, "total_pages")
-        inst.flipping = bool(stats.get("flipping", False))
-        if "prompt_tokens_total" in stats:
-            inst.prompt_rate.observe(_int(stats, "prompt_tokens_total"), now)
-        if "generated_tokens_total" in stats:
-            inst.gen_rate.observe(_int(stats, "generated_tokens_total"), now)
+        inst.waiting, inst.running = max(0, beat.waiting), max(0, beat.running)
+        inst.queued_prefill_tokens = max(0, beat.queued_prefill_tokens)
+        inst.max_num_seqs = max(1, beat.max_num_seqs)
+        inst.free_pages, inst.total_pages = beat.free_pages, beat.total_pages
+        inst.flipping = beat.flipping
+        inst.prompt_rate.observe(beat.prompt_tokens_total, now)
+        inst.gen_rate.observe(beat.generated_tokens_total, now)
         if inst.pending_role is None:
             inst.role = role
         elif role == inst.pending_role and not inst.flipping:

@@ -33,12 +33,19 @@ class Instance:
     max_model_len: int
     registered_at: float
     last_heartbeat: float
-    # Load as last reported by the instance itself.
+    # Load as last reported by the instance itself (typed Heartbeat fields: routing reads these).
     waiting: int = 0
     running: int = 0
     free_pages: int = 0
     total_pages: int = 0
+    used_pages: int = 0
     prefix_hit_rate: float = 0.0
+    reported_queued_prefill_tokens: int = 0
+    max_num_seqs: int = 0  # 0 until the first heartbeat says
+    draining: bool = False
+    flipping: bool = False
+    kv_namespace: str = ""  # "" until the first heartbeat says: no prefix-cache matching yet
+    # The instance's free-form report, shown on the status page; nothing routes on it.
     stats: dict = field(default_factory=dict)
     # Requests the scheduler assigned and has not seen finish: fresher than the heartbeat
     # between two heartbeats, so back-to-back submissions spread out.
@@ -53,14 +60,12 @@ class Instance:
 
     @property
     def queued_prefill_tokens(self) -> int:
-        reported = self.stats.get("queued_prefill_tokens", 0)
-        return (reported if isinstance(reported, int) else 0) + self.prefill_tokens_since_heartbeat
+        return self.reported_queued_prefill_tokens + self.prefill_tokens_since_heartbeat
 
     @property
     def capacity(self) -> int:
-        """Sequences the instance can run at once (reported in heartbeat stats)."""
-        value = self.stats.get("max_num_seqs")
-        return value if isinstance(value, int) and value > 0 else 1
+        """Sequences the instance can run at once (1 until a heartbeat reports it)."""
+        return self.max_num_seqs if self.max_num_seqs > 0 else 1
 
     @property
     def load(self) -> int:
@@ -69,19 +74,18 @@ class Instance:
 
     def describe(self, now: float) -> dict:
         """One entry of a StatusReply (plain msgpack-able values)."""
-        draining = bool(self.stats.get("draining"))
         return {
             "id": self.instance_id,
             "role": self.role,
-            "state": "draining" if draining else ("flipping" if self.pending_flip is not None
-                                                   or self.stats.get("flipping") else "ready"),
-            "ready": not draining,  # registered means the engine is loaded
+            "state": "draining" if self.draining else ("flipping" if self.pending_flip is not None
+                                                        or self.flipping else "ready"),
+            "ready": not self.draining,  # registered means the engine is loaded
             "waiting": self.waiting,
             "running": self.running,
             "queued_prefill_tokens": self.queued_prefill_tokens,
             "free_pages": self.free_pages,
             "total_pages": self.total_pages,
-            "used_pages": int(self.stats.get("used_pages", self.total_pages - self.free_pages)),
+            "used_pages": self.used_pages,
             "prefix_hit_rate": self.prefix_hit_rate,
             "last_heartbeat_age": round(now - self.last_heartbeat, 3),
             "inflight": len(self.inflight),
@@ -167,8 +171,12 @@ class Registry:
             instance.role = msg.role
         instance.prefill_tokens_since_heartbeat = 0
         instance.waiting, instance.running = msg.waiting, msg.running
-        instance.free_pages, instance.total_pages = msg.free_pages, msg.total_pages
+        instance.free_pages, instance.total_pages, instance.used_pages = msg.free_pages, msg.total_pages, msg.used_pages
         instance.prefix_hit_rate = msg.prefix_hit_rate
+        instance.reported_queued_prefill_tokens = msg.queued_prefill_tokens
+        instance.max_num_seqs = msg.max_num_seqs
+        instance.draining, instance.flipping = msg.draining, msg.flipping
+        instance.kv_namespace = msg.kv_namespace
         instance.stats = msg.stats
         return instance
 

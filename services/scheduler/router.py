@@ -66,22 +66,14 @@ def kv_cost(instance: Instance, prompt_len: int, cached: dict[str, int]) -> tupl
 
 
 class Router:
-    def choose(self, instances: Iterable[Instance], prompt_len: int = 0) -> Instance | None:
-        """The instance to assign a request of `prompt_len` tokens to, or None if there is none."""
-        candidates = [i for i in instances if not i.stats.get("draining")]
-        if not candidates:
-            return None
-        # Prefer instances whose context window fits the prompt; if none does, still route so
-        # the worker answers with a clear 400 rather than the scheduler guessing at limits.
-        fitting = [i for i in candidates if i.max_model_len > prompt_len]
-        return min(fitting or candidates, key=load_key)
-
     def route(
         self, instances: Iterable[Instance], prompt_len: int = 0, n: int = 1, cached: dict[str, int] | None = None,
     ) -> Route | None:
         """Prefill instance and decode candidates for a request, or None if nobody can serve it.
         `cached`: prompt tokens each instance would find cached (from the global prefix index)."""
-        live = [i for i in instances if not i.stats.get("draining")]
+        live = [i for i in instances if not i.draining]
+        # Prefer instances whose context window fits the prompt; if none does, still route so
+        # the worker answers with a clear 400 rather than the scheduler guessing at limits.
         live = [i for i in live if i.max_model_len > prompt_len] or live
         if not live:
             return None

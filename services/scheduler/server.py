@@ -1,13 +1,17 @@
 """The scheduler process: frontend/backend/control sockets, request table, liveness, status.
 
-Gateways talk to the frontend ROUTER (Submit, Abort, StatusQuery, GatewayHello, FlipRequest);
-workers to the backend ROUTER (Register, Heartbeat, Deregister, RequestFinished, RequestHandoff,
-FlipAck); the control PUB carries orders to workers (RoleFlip). A request's entry follows it
-from its prefill worker to the decode worker that took its KV over (RequestHandoff), so aborts
-and failure handling always reach the worker that holds it. The PD policy (`pd_policy`) sees
-every heartbeat and latency report and decides role flips on a timer. Errors about a request (no worker, worker died) go to the owning
-gateway's tokens socket, the same place workers send theirs, so a gateway has one source of
-per-request results.
+Gateways talk to the frontend ROUTER (Submit, Abort, FinishChoice, StatusQuery, GatewayHello,
+FlipRequest); workers to the backend ROUTER (Register, Heartbeat, Deregister, RequestFinished,
+RequestHandoff, FlipAck, KvEvent); the control PUB carries orders to workers (RoleFlip). Each
+socket is bound to its channel end, so a handler table by message type (`_ON_FRONTEND`,
+`_ON_BACKEND`) covers everything that can arrive; the bus drops the rest (a Submit it refuses is
+still answered with a 400).
+
+A request's entry follows it from its prefill worker to the decode worker that took its KV over
+(RequestHandoff), so aborts and failure handling always reach the worker that holds it. The PD
+policy (`pd_policy`) sees every heartbeat and latency report and decides role flips on a timer.
+Errors about a request (no worker, worker died) go to the owning gateway's tokens socket, the
+same place workers send theirs, so a gateway has one source of per-request results.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -24,18 +30,22 @@ import zmq.asyncio
 from common import bus
 from common.aio import run_until_stopped
 from common.protocol import (
+    BACKEND,
+    CONTROL,
+    FRONTEND,
     Abort,
     AbortRequest,
-    FinishChoice,
     Assign,
     Deregister,
+    FinishChoice,
     FlipAck,
     FlipRequest,
     GatewayHello,
+    Heartbeat,
     KvEvent,
     KvSnapshotRequest,
-    Heartbeat,
     Message,
+    ProtocolError,
     Register,
     RegisterAck,
     RequestError,
@@ -49,14 +59,18 @@ from common.protocol import (
 from common.service_config import ServiceAddresses
 from common.gateway_push import GatewayPushers
 from services.scheduler.kv_awareness import KvAwareness
-from services.scheduler.pd_policy import PdPolicy, make_policy
-from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S, Instance, RegisterOutcome, Registry
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.pd_policy import PdPolicy
+from services.scheduler.registry import Instance, RegisterOutcome, Registry
 from services.scheduler.role_flips import RoleFlips
 from services.scheduler.router import Router
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SchedulerServer", "RequestEntry"]
+
+# A handler of one message type: (server, sender identity, message).
+Handler = Callable[[Any, bytes, Any], Awaitable[None]]
 
 @dataclass
 class RequestEntry:
@@ -79,20 +93,20 @@ class SchedulerServer:
     def __init__(
         self,
         addresses: ServiceAddresses,
-        heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+        config: SchedulerConfig | None = None,
         reap_interval_s: float = 0.5,
         context: zmq.asyncio.Context | None = None,
         policy: PdPolicy | None = None,
-        policy_name: str = "static",
-        policy_interval_s: float = 0.5,
         kv: KvAwareness | None = None,
     ) -> None:
+        # The settings (and their defaults) are SchedulerConfig's; `policy` replaces the one it names.
+        config = config or SchedulerConfig()
         self.addresses = addresses
-        self.registry = Registry(heartbeat_timeout_s)
+        self.registry = Registry(config.heartbeat_timeout)
         self.router = Router()
-        self.policy = policy or make_policy("static", 1.0, 0.1)
-        self.policy_name = policy_name
-        self.policy_interval_s = policy_interval_s
+        self.policy = policy or config.make_policy()
+        self.policy_name = config.pd_policy
+        self.policy_interval_s = config.policy_interval
         self.flips = RoleFlips(self.registry, self._publish, self.policy.note_flip)
         self.reap_interval_s = reap_interval_s
         self.requests: dict[str, RequestEntry] = {}
@@ -107,11 +121,11 @@ class SchedulerServer:
     # ---- lifecycle ----------------------------------------------------------------------
 
     def bind(self) -> None:
-        self.frontend = bus.make_socket(zmq.ROUTER, context=self._context)
-        self.backend = bus.make_socket(zmq.ROUTER, context=self._context)
+        self.frontend = bus.make_socket(zmq.ROUTER, channel=FRONTEND.binder, context=self._context)
+        self.backend = bus.make_socket(zmq.ROUTER, channel=BACKEND.binder, context=self._context)
         # A restarted worker may reconnect before ZeroMQ noticed the old connection died.
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.control = bus.make_socket(zmq.PUB, context=self._context)
+        self.control = bus.make_socket(zmq.PUB, channel=CONTROL.binder, context=self._context)
         if self.addresses.curve is not None:
             for sock in (self.frontend, self.backend, self.control):
                 self.addresses.curve.make_server(sock)
@@ -134,8 +148,9 @@ class SchedulerServer:
         if self.frontend is None:
             self.bind()
         tasks = [
-            asyncio.create_task(self._receive_loop(self.frontend, self._on_frontend), name="frontend"),
-            asyncio.create_task(self._receive_loop(self.backend, self._on_backend), name="backend"),
+            asyncio.create_task(self._receive_loop(self.frontend, self._ON_FRONTEND, self._on_refused_frontend),
+                                name="frontend"),
+            asyncio.create_task(self._receive_loop(self.backend, self._ON_BACKEND), name="backend"),
             asyncio.create_task(self._reap_loop(), name="reaper"),
             asyncio.create_task(self._policy_loop(), name="pd-policy"),
         ]
@@ -147,11 +162,13 @@ class SchedulerServer:
             await self.kv.close()
             self.close()
 
-    async def _receive_loop(self, sock: zmq.asyncio.Socket, handler) -> None:
+    async def _receive_loop(self, sock: zmq.asyncio.Socket, handlers: Mapping[type[Message], Handler],
+                            on_refused: bus.OnRefused | None = None) -> None:
         while True:
-            identity, msg, _ = await bus.recv(sock)  # malformed messages are dropped and logged there
+            # Malformed messages, and those not for this socket's channel end, are dropped there.
+            identity, msg, _ = await bus.recv(sock, on_refused=on_refused)
             try:
-                await handler(identity, msg)
+                await handlers[type(msg)](self, identity, msg)
             except Exception:
                 # A handler bug on one message must not stop the scheduler.
                 logger.exception("error handling %s from %r", type(msg).__name__, identity)
@@ -200,26 +217,31 @@ class SchedulerServer:
 
     # ---- frontend: gateways -------------------------------------------------------------
 
-    async def _on_frontend(self, identity: bytes, msg: Message) -> None:
-        if isinstance(msg, Submit):
-            await self._on_submit(identity, msg)
-        elif isinstance(msg, Abort):
-            await self._on_abort(msg)
-        elif isinstance(msg, FinishChoice):
-            entry = self.requests.get(msg.request_id)
-            instance = self.registry.get(entry.instance_id) if entry is not None else None
-            if instance is not None:
-                await bus.send(self.backend, msg, identity=instance.identity)
-        elif isinstance(msg, StatusQuery):
-            reply = StatusReply(instances=self.registry.describe(), scheduler=self.status_summary())
-            await bus.send(self.frontend, reply, identity=identity)
-        elif isinstance(msg, FlipRequest):
-            await self.flip(msg.instance_id, msg.role, "operator")
-        elif isinstance(msg, GatewayHello):
-            logger.info("gateway %s connected (tokens at %s)", msg.gateway_id, msg.tokens_addr)
-            self.gateways[msg.gateway_id] = (identity, msg.tokens_addr)
-        else:
-            logger.warning("dropped %s on the frontend socket from %r: not a gateway message", msg.TAG, identity)
+    async def _on_refused_frontend(self, identity: bytes | None, error: ProtocolError) -> None:
+        """A Submit the codec refused (e.g. an unknown or mistyped sampling parameter) is still
+        answered, as a worker answers an impossible one: a 400 to its tokens address."""
+        fields = error.fields or {}
+        request_id, tokens_addr = fields.get("request_id"), fields.get("tokens_addr")
+        if (error.tag == Submit.TAG and isinstance(request_id, str) and isinstance(tokens_addr, str)
+                and tokens_addr.startswith(("ipc://", "tcp://"))):
+            await self._send_error(tokens_addr, request_id, 400, error.reason)
+
+    async def _on_finish_choice(self, identity: bytes, msg: FinishChoice) -> None:
+        entry = self.requests.get(msg.request_id)
+        instance = self.registry.get(entry.instance_id) if entry is not None else None
+        if instance is not None:
+            await bus.send(self.backend, msg, identity=instance.identity)
+
+    async def _on_status_query(self, identity: bytes, msg: StatusQuery) -> None:
+        reply = StatusReply(instances=self.registry.describe(), scheduler=self.status_summary())
+        await bus.send(self.frontend, reply, identity=identity)
+
+    async def _on_flip_request(self, identity: bytes, msg: FlipRequest) -> None:
+        await self.flip(msg.instance_id, msg.role, "operator")
+
+    async def _on_gateway_hello(self, identity: bytes, msg: GatewayHello) -> None:
+        logger.info("gateway %s connected (tokens at %s)", msg.gateway_id, msg.tokens_addr)
+        self.gateways[msg.gateway_id] = (identity, msg.tokens_addr)
 
     async def _on_submit(self, identity: bytes, msg: Submit) -> None:
         if not msg.tokens_addr.startswith(("ipc://", "tcp://")):
@@ -230,10 +252,9 @@ class SchedulerServer:
         if msg.request_id in self.requests:
             await self._send_error(msg.tokens_addr, msg.request_id, 409, f"request id {msg.request_id!r} is in use")
             return
-        n = msg.sampling.get("n", 1)
         instances = self.registry.instances()
         cached = self.kv.cached_tokens(instances, msg.prompt_ids)
-        route = self.router.route(instances, len(msg.prompt_ids), n if isinstance(n, int) else 1, cached)
+        route = self.router.route(instances, len(msg.prompt_ids), msg.sampling.n, cached)
         if route is None:
             await self._send_error(msg.tokens_addr, msg.request_id, 503, "no worker available")
             return
@@ -258,7 +279,7 @@ class SchedulerServer:
         logger.debug("request %s -> %s", msg.request_id, instance.instance_id)
         await bus.send(self.backend, assign, identity=instance.identity)
 
-    async def _on_abort(self, msg: Abort) -> None:
+    async def _on_abort(self, identity: bytes, msg: Abort) -> None:
         entry = self.requests.pop(msg.request_id, None)
         if entry is None:
             # Finished already, or submitted before this scheduler (re)started: a worker may still
@@ -277,53 +298,49 @@ class SchedulerServer:
 
     # ---- backend: workers ---------------------------------------------------------------
 
-    async def _on_backend(self, identity: bytes, msg: Message) -> None:
-        if isinstance(msg, Heartbeat):
-            instance = self.registry.heartbeat(identity, msg)
-            if instance is not None:
-                self.policy.observe_heartbeat(instance.instance_id, instance.role, msg.waiting, msg.running, msg.stats,
-                                              free_pages=msg.free_pages, total_pages=msg.total_pages)
-            else:
-                # Unknown sender (e.g. this scheduler restarted): ask it to register again.
-                await bus.send(
-                    self.backend,
-                    RegisterAck(instance_id=msg.instance_id, accepted=False, reason="not registered; register again"),
-                    identity=identity,
-                )
-        elif isinstance(msg, RequestFinished):
-            entry = self.requests.get(msg.request_id)
-            if entry is not None and entry.instance_id == msg.instance_id:
-                del self.requests[msg.request_id]
-                self.registry.release(msg.instance_id, msg.request_id)
-                self._uncharge(entry)
-                if msg.ttft_s >= 0:
-                    self.policy.observe_ttft(msg.instance_id, entry.prompt_len, entry.queued_prefill_tokens, msg.ttft_s)
-                if msg.tpot_s >= 0:
-                    self.policy.observe_tpot(msg.instance_id, msg.tpot_s)
-        elif isinstance(msg, RequestHandoff):
-            await self._on_handoff(identity, msg)
-        elif isinstance(msg, KvEvent):
-            instance = self.registry.by_identity(identity)
-            if instance is None or instance.instance_id != msg.source or msg.tier != "hbm":
-                logger.debug("dropped a KV event from %r: not a registered worker's own HBM", identity)
-            elif not self.kv.on_worker_event(msg):
-                await bus.send(self.backend, KvSnapshotRequest(source=msg.source), identity=identity)
-        elif isinstance(msg, Register):
-            await self._on_register(identity, msg)
-        elif isinstance(msg, Deregister):
-            instance = self.registry.deregister(identity, msg.instance_id)
-            if instance is not None:
-                logger.info("instance %s deregistered", msg.instance_id)
-                self.policy.forget(msg.instance_id)
-                self.kv.forget(msg.instance_id)
-                await self._fail_requests_of(instance, "worker left")
-        elif isinstance(msg, FlipAck):
-            instance = self.registry.by_identity(identity)
-            if instance is not None and instance.instance_id == msg.instance_id:
-                self.flips.acknowledged(instance, msg)
-            logger.info("instance %s is now %s (flip %d)", msg.instance_id, msg.role, msg.flip_id)
+    async def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
+        instance = self.registry.heartbeat(identity, msg)
+        if instance is not None:
+            self.policy.observe_heartbeat(msg, instance.role)
         else:
-            logger.warning("dropped %s on the backend socket from %r: not a worker message", msg.TAG, identity)
+            # Unknown sender (e.g. this scheduler restarted): ask it to register again.
+            await bus.send(
+                self.backend,
+                RegisterAck(instance_id=msg.instance_id, accepted=False, reason="not registered; register again"),
+                identity=identity,
+            )
+
+    async def _on_request_finished(self, identity: bytes, msg: RequestFinished) -> None:
+        entry = self.requests.get(msg.request_id)
+        if entry is not None and entry.instance_id == msg.instance_id:
+            del self.requests[msg.request_id]
+            self.registry.release(msg.instance_id, msg.request_id)
+            self._uncharge(entry)
+            if msg.ttft_s >= 0:
+                self.policy.observe_ttft(msg.instance_id, entry.prompt_len, entry.queued_prefill_tokens, msg.ttft_s)
+            if msg.tpot_s >= 0:
+                self.policy.observe_tpot(msg.instance_id, msg.tpot_s)
+
+    async def _on_kv_event(self, identity: bytes, msg: KvEvent) -> None:
+        instance = self.registry.by_identity(identity)
+        if instance is None or instance.instance_id != msg.source or msg.tier != "hbm":
+            logger.debug("dropped a KV event from %r: not a registered worker's own HBM", identity)
+        elif not self.kv.on_worker_event(msg):
+            await bus.send(self.backend, KvSnapshotRequest(source=msg.source), identity=identity)
+
+    async def _on_deregister(self, identity: bytes, msg: Deregister) -> None:
+        instance = self.registry.deregister(identity, msg.instance_id)
+        if instance is not None:
+            logger.info("instance %s deregistered", msg.instance_id)
+            self.policy.forget(msg.instance_id)
+            self.kv.forget(msg.instance_id)
+            await self._fail_requests_of(instance, "worker left")
+
+    async def _on_flip_ack(self, identity: bytes, msg: FlipAck) -> None:
+        instance = self.registry.by_identity(identity)
+        if instance is not None and instance.instance_id == msg.instance_id:
+            self.flips.acknowledged(instance, msg)
+        logger.info("instance %s is now %s (flip %d)", msg.instance_id, msg.role, msg.flip_id)
 
     def _uncharge(self, entry: RequestEntry) -> None:
         """Its prefill is done: take its tokens off the queue estimate, unless a heartbeat since
@@ -379,3 +396,23 @@ class SchedulerServer:
         """Tell the owning gateway a request failed; never blocks on a gone gateway."""
         logger.info("request %s failed: %d %s", request_id, code, message)
         await self.pushers.send(tokens_addr, RequestError(request_id=request_id, code=code, message=message))
+
+    # ---- dispatch: exactly what each socket's channel end takes -------------------------
+
+    _ON_FRONTEND: Mapping[type[Message], Handler] = {
+        Submit: _on_submit,
+        Abort: _on_abort,
+        FinishChoice: _on_finish_choice,
+        StatusQuery: _on_status_query,
+        FlipRequest: _on_flip_request,
+        GatewayHello: _on_gateway_hello,
+    }
+    _ON_BACKEND: Mapping[type[Message], Handler] = {
+        Register: _on_register,
+        Heartbeat: _on_heartbeat,
+        Deregister: _on_deregister,
+        RequestFinished: _on_request_finished,
+        RequestHandoff: _on_handoff,
+        FlipAck: _on_flip_ack,
+        KvEvent: _on_kv_event,
+    }

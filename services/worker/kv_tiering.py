@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.kvstore_client import KvStoreClient
-from common.protocol import KvEvent, Message
+from common.protocol import BackendMessage, KvEvent
+from services.worker.engine_api import WorkerEngine
 
 __all__ = ["KvTiering", "DEFAULT_FETCH_TIMEOUT_S"]
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_FETCH_TIMEOUT_S = 0.25
 
 RunOnEngine = Callable[..., Awaitable[Any]]
-SendBackend = Callable[[Message], Awaitable[None]]
+SendBackend = Callable[[BackendMessage], Awaitable[None]]
 
 
 @dataclass
@@ -46,7 +47,7 @@ class _Fetched:
 class KvTiering:
     def __init__(
         self,
-        engine: Any,
+        engine: WorkerEngine,
         run_on_engine: RunOnEngine,
         instance_id: str,
         send_backend: SendBackend,
@@ -75,15 +76,15 @@ class KvTiering:
         if self.client is not None:
             await self.client.start()
         # Hooks fire on the engine thread; they only hand data over to the loop.
-        self.engine.set_kv_event_hook(self._on_event)
+        self.engine.store_hooks.set_kv_event_hook(self._on_event)
         if self.client is not None:
-            self.engine.set_offload_hook(self._on_offload)
+            self.engine.store_hooks.set_offload_hook(self._on_offload)
 
     async def close(self) -> None:
         for task in self._reloading.values():
             task.cancel()
-        self.engine.set_kv_event_hook(None)
-        self.engine.set_offload_hook(None)
+        self.engine.store_hooks.set_kv_event_hook(None)
+        self.engine.store_hooks.set_offload_hook(None)
         if self.client is not None:
             await self.client.close()
 
@@ -137,14 +138,14 @@ class KvTiering:
         if self.client is None:
             return None
         engine = self.engine
-        hashes = engine.prefix_hashes(prompt_ids)  # pure: no engine state
+        hashes = engine.store_hooks.prefix_hashes(prompt_ids)  # pure: no engine state
         # The engine recomputes at least the last prompt token, so a page ending exactly at the
         # prompt's end would never be used.
         usable = min(len(hashes), (len(prompt_ids) - 1) // engine.page_size)
         try:
             # Read off the engine thread: a stale answer only asks the store for a page we have
             # (skipped at insert) or for fewer than we could; both are harmless.
-            local = engine.cached_prefix_pages(prompt_ids)
+            local = engine.store_hooks.cached_prefix_pages(prompt_ids)
         except (KeyError, RuntimeError):
             local = 0
         if local >= usable:
@@ -160,7 +161,7 @@ class KvTiering:
             return {}
         payloads = [payload for _, _, payload in fetched.found]
         try:
-            inserted = self.engine.insert_cached_pages(prompt_ids, fetched.start_page, payloads)
+            inserted = self.engine.store_hooks.insert_cached_pages(prompt_ids, fetched.start_page, payloads)
         except ValueError as exc:
             logger.warning("kvstore blocks for %s were unusable: %s", request_id, exc)
             return {}
@@ -198,7 +199,7 @@ class KvTiering:
     async def send_snapshot(self) -> None:
         """Every hash in the HBM prefix cache, for an index that lost track of this worker."""
         self._events.clear()  # the snapshot supersedes them
-        hashes = await self.run_on_engine(self.engine.cached_hashes)
+        hashes = await self.run_on_engine(self.engine.store_hooks.cached_hashes)
         await self._send_event("snapshot", list(hashes))
 
     async def _send_event(self, kind: str, hashes: list[bytes]) -> None:

@@ -277,12 +277,12 @@ def test_malformed_bus_messages_are_dropped(services: Services, client: BusClien
                 sock.send_multipart(frames)
             sockets[name] = sock
         # Well-formed but out of place: a heartbeat from nobody, a worker message on the frontend.
-        sockets["backend"].send_multipart(encode(Heartbeat(
-            instance_id="ghost", role="decode", waiting=0, running=0, free_pages=0, total_pages=0,
-            prefix_hit_rate=0.0, stats={})))
-        sockets["frontend"].send_multipart(encode(Heartbeat(
-            instance_id="ghost", role="decode", waiting=0, running=0, free_pages=0, total_pages=0,
-            prefix_hit_rate=0.0, stats={})))
+        ghost = Heartbeat(
+            instance_id="ghost", role="decode", waiting=0, running=0, free_pages=0, total_pages=0, used_pages=0,
+            prefix_hit_rate=0.0, queued_prefill_tokens=0, max_num_seqs=0, draining=False, flipping=False,
+            kv_namespace="", prompt_tokens_total=0, generated_tokens_total=0, stats={})
+        sockets["backend"].send_multipart(encode(ghost))
+        sockets["frontend"].send_multipart(encode(ghost))
         # The worker's kv socket answers a transfer it cannot take with a clear refusal.
         sockets["kv"].send_multipart(encode(KvTransferChunk(
             transfer_id="kv1", layer_start=0, num_layers=1, last=True), torch.zeros(4)))

@@ -80,7 +80,10 @@ def test_malformed_bus_messages_are_dropped(server) -> None:
         frontend.send_multipart(encode(Submit(request_id="bad-addr", prompt_ids=[1], sampling={}, gateway_id="x",
                                               tokens_addr="http://nowhere", arrival_time=0.0)))
         frontend.send_multipart(encode(Heartbeat(instance_id="ghost", role="decode", waiting=0, running=0,
-                                                 free_pages=0, total_pages=0, prefix_hit_rate=0.0, stats={})))
+                                                 free_pages=0, total_pages=0, used_pages=0, prefix_hit_rate=0.0,
+                                                 queued_prefill_tokens=0, max_num_seqs=0, draining=False,
+                                                 flipping=False, kv_namespace="", prompt_tokens_total=0,
+                                                 generated_tokens_total=0, stats={})))
         time.sleep(0.5)
     finally:
         ctx.destroy(linger=500)

@@ -300,72 +300,6 @@ def test_prefix_cache_disabled():
     bm.check_integrity()
 
 
-def test_reset_prefix_cache():
-    events = Events()
-    bm = BlockManager(num_pages=6, page_size=PS, on_event=events)
-    for sid, toks in (("a", [1] * 8), ("b", [2] * 5)):
-        bm.admit(sid, toks)
-        run(bm, sid, toks)
-    bm.free("a")
-    bm.reset_prefix_cache()
-    assert bm.num_cached_pages == 0
-    assert bm.lookup_prefix([1] * 8) == 0
-    assert sorted(events.of("evicted")) == sorted(prefix_hashes([1] * 8, PS) + prefix_hashes([2] * 4, PS))
-    bm.check_integrity()
-    bm.free("b")  # b's formerly cached page is now private
-    assert bm.stats()["pages_free"] == 6
-    bm.check_integrity()
-
-
-# ---- fork ------------------------------------------------------------------------------
-
-
-def test_fork_shares_full_pages_and_copies_the_partial_one():
-    bm = BlockManager(num_pages=8, page_size=PS)
-    tokens = list(range(6))
-    bm.admit("a", tokens)
-    run(bm, "a", tokens)
-    src = bm.page_table("a")
-    pairs = bm.fork("a", "a#1")
-    dst = bm.page_table("a#1")
-    assert dst[0] == src[0]
-    assert dst[1] not in src
-    assert pairs == [(src[1], dst[1])]
-    assert bm.num_used_pages == 3
-    bm.check_integrity()
-    # Both branches continue independently.
-    run(bm, "a", tokens + [100, 101])
-    run(bm, "a#1", tokens + [200, 201])
-    assert bm.lookup_prefix(tokens + [100, 101, 0]) == 8
-    assert bm.lookup_prefix(tokens + [200, 201, 0]) == 8
-    bm.free("a")
-    bm.free("a#1")
-    assert bm.num_used_pages == 0
-    bm.check_integrity()
-
-
-def test_fork_on_page_boundary_needs_no_copy():
-    bm = BlockManager(num_pages=4, page_size=PS)
-    tokens = list(range(8))
-    bm.admit("a", tokens)
-    run(bm, "a", tokens)
-    assert bm.fork("a", "b") == []
-    assert bm.page_table("b") == bm.page_table("a")
-    bm.check_integrity()
-
-
-def test_fork_without_a_free_page_changes_nothing():
-    bm = BlockManager(num_pages=2, page_size=PS)
-    tokens = list(range(6))
-    bm.admit("a", tokens)
-    run(bm, "a", tokens)
-    with pytest.raises(NoFreePagesError):
-        bm.fork("a", "b")
-    assert "b" not in bm
-    assert bm.num_used_pages == 2
-    bm.check_integrity()
-
-
 # ---- free, stats, integrity -------------------------------------------------------------
 
 
@@ -517,23 +451,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.tokens)
     @rule(index=st.integers(0, 50))
-    def fork(self, index):
-        src = self._pick(index)
-        done = self.computed[src]
-        if done % PS and self.bm.num_free_pages == 0:
-            with pytest.raises(NoFreePagesError):
-                self.bm.fork(src, self.next_id)
-            return
-        dst = self.next_id
-        self.next_id += 1
-        for s, d in self.bm.fork(src, dst):
-            self.kv[d] = list(self.kv[s])
-        self.tokens[dst] = list(self.tokens[src])
-        self.computed[dst] = done
-        self._assert_kv(dst, done)
-
-    @precondition(lambda self: self.tokens)
-    @rule(index=st.integers(0, 50))
     def finish_or_abort(self, index):
         sid = self._pick(index)
         self.bm.free(sid)
@@ -591,10 +508,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule()
     def free_unknown(self):
         self.bm.free("no-such-sequence")
-
-    @rule()
-    def reset_prefix_cache(self):
-        self.bm.reset_prefix_cache()
 
     @invariant()
     def consistent(self):

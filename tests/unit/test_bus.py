@@ -23,14 +23,20 @@ import zmq.asyncio
 from common import bus
 from common.codec import encode
 from common.protocol import (
+    BACKEND,
+    CONTROL,
+    FRONTEND,
     PROTOCOL_VERSION,
     TOPIC_ALL,
+    Assign,
     Drain,
     KvTransferAck,
     ProtocolError,
     Register,
     RegisterAck,
+    Sampling,
     Shutdown,
+    StatusQuery,
     TokenDelta,
 )
 
@@ -284,6 +290,98 @@ def test_oversize_peer_is_cut_off_and_receiver_serves_the_next(address: str, cap
         run(scenario)
     dropped = [record.getMessage() for record in caplog.records if "exceeds the 1024 limit" in record.getMessage()]
     assert len(dropped) == 1  # only the multi-frame one reached Python; libzmq cut the other
+
+
+# -------------------------------------------------------------------------------- channels
+
+
+def test_a_channel_socket_drops_foreign_messages_and_refuses_to_send_them(
+    ipc_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with zmq_context() as context:
+            scheduler = bus.make_socket(zmq.ROUTER, context=context, channel=BACKEND.binder)
+            worker = bus.make_socket(zmq.DEALER, context=context, routing_id=b"w1", channel=BACKEND.connector)
+            raw = bus.make_socket(zmq.DEALER, context=context, routing_id=b"raw")  # no channel: sends anything
+            endpoint = bus.bind(scheduler, bus.ipc_address("backend", "run1", directory=ipc_dir))
+            bus.connect(worker, endpoint)
+            bus.connect(raw, endpoint)
+
+            await bus.send(raw, Drain(instance_id="w1"))  # a control message on the backend
+            await bus.send(raw, RegisterAck(instance_id="w1", accepted=True))  # for workers, not the scheduler
+            await bus.send(raw, register_msg("raw"))  # after the two drops: same connection, in order
+            await bus.send(worker, register_msg())
+            received = dict([(await recv_within(scheduler))[:2] for _ in range(2)])
+            assert received == {b"raw": register_msg("raw"), b"w1": register_msg()}
+
+            # The sending side refuses what its peer would drop.
+            with pytest.raises(ProtocolError, match="does not travel from the worker on the backend channel"):
+                await bus.send(worker, RegisterAck(instance_id="w1", accepted=True))
+            with pytest.raises(ProtocolError, match="does not travel from the scheduler"):
+                await bus.send(scheduler, register_msg(), identity=b"w1")
+            assign = Assign(request_id="r", prompt_ids=[1], sampling=Sampling(), priority="online", gateway_id="g",
+                            tokens_addr="ipc:///tmp/t", prefill_instance="w1", decode_instance="w1", arrival_time=0.0)
+            await bus.send(scheduler, assign, identity=b"w1")
+            assert (await recv_within(worker))[1] == assign
+            for sock in (scheduler, worker, raw):
+                bus.close(sock)
+
+    with caplog.at_level(logging.WARNING, logger="common.bus"):
+        run(scenario)
+    warnings = [record.getMessage() for record in caplog.records if record.name == "common.bus"]
+    assert len(warnings) == 2 and all("identity=b'raw'" in text for text in warnings)
+    assert "drain is not a worker message (the scheduler's backend socket)" in warnings[0]
+    assert "register_ack is not a worker message" in warnings[1]
+
+
+def test_a_subscriber_takes_only_its_channel(ipc_dir: Path) -> None:
+    async def scenario() -> None:
+        async with zmq_context() as context:
+            pub = bus.make_socket(zmq.PUB, context=context)  # raw: may publish anything
+            sub = bus.make_socket(zmq.SUB, context=context, channel=CONTROL.connector)
+            bus.subscribe(sub, TOPIC_ALL)
+            bus.connect(sub, bus.bind(pub, bus.ipc_address("control", "run1", directory=ipc_dir)))
+
+            async def first() -> tuple:
+                while True:
+                    await bus.send(pub, token_delta(), topic=TOPIC_ALL)  # dropped by the channel
+                    await bus.send(pub, Shutdown(), topic=TOPIC_ALL)
+                    try:
+                        return await asyncio.wait_for(bus.recv(sub), 0.1)
+                    except asyncio.TimeoutError:
+                        continue
+
+            _, msg, _ = await asyncio.wait_for(first(), WAIT_S)
+            assert msg == Shutdown()
+            bus.close(pub)
+            bus.close(sub)
+
+    run(scenario)
+
+
+def test_a_refused_message_of_a_known_type_can_still_be_answered(ipc_dir: Path) -> None:
+    async def scenario() -> None:
+        async with zmq_context() as context:
+            scheduler = bus.make_socket(zmq.ROUTER, context=context, channel=FRONTEND.binder)
+            gateway = bus.make_socket(zmq.DEALER, context=context, routing_id=b"g1")
+            bus.connect(gateway, bus.bind(scheduler, bus.ipc_address("frontend", "run1", directory=ipc_dir)))
+            fields = {"request_id": "r1", "prompt_ids": [1], "sampling": {"no_such_param": 1}, "gateway_id": "g1",
+                      "tokens_addr": "ipc:///tmp/t", "arrival_time": 0.0}
+            await gateway.send_multipart([msgpack.packb({"t": "submit", "v": PROTOCOL_VERSION, "d": fields})])
+            await gateway.send_multipart([b"\xc1 not msgpack"])  # no type known: nothing to answer
+            refused: list = []
+
+            async def answer(peer: bytes | None, error: ProtocolError) -> None:
+                refused.append((peer, error.tag, error.fields, error.reason))
+
+            await gateway.send_multipart(encode(StatusQuery()))
+            _, msg, _ = await asyncio.wait_for(bus.recv(scheduler, on_refused=answer), WAIT_S)
+            assert msg == StatusQuery()
+            assert refused == [(b"g1", "submit", fields, "submit: unexpected field 'no_such_param' in sampling")]
+            bus.close(scheduler)
+            bus.close(gateway)
+
+    run(scenario)
 
 
 # ------------------------------------------------------------------------------- ipc files

@@ -25,13 +25,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-COMPOSE_FILE = REPO / "docker-compose.yml"
+from _deploy_files import COMPOSE_FILE, REPO, SYSTEMD_DIR, UNITS, parse_unit, words
+
 DOCKERFILE = REPO / "Dockerfile"
-SYSTEMD_DIR = REPO / "deploy" / "systemd"
 VENV_PYTHON = "/opt/xllm/.venv/bin/python"
 SERVICES = {"gateway", "scheduler", "worker", "kvstore"}
-UNITS = ["xllm-scheduler.service", "xllm-gateway.service", "xllm-kvstore.service", "xllm-worker@.service"]
 HARDENING = {
     "NoNewPrivileges": "yes",
     "ProtectSystem": "strict",
@@ -184,39 +182,18 @@ def test_compose_structure():
 # ------------------------------------------------------------------------------- systemd
 
 
-def _parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
-    """Sections -> key -> every value given (systemd allows repeated keys)."""
-    sections: dict[str, dict[str, list[str]]] = {}
-    current = None
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
-            continue
-        assert current is not None, f"{path.name}: {line!r} outside a section"
-        key, _, value = line.partition("=")
-        current.setdefault(key.strip(), []).append(value.strip())
-    return sections
-
-
-def _words(values: list[str]) -> list[str]:
-    return [w for v in values for w in v.split()]
-
-
 @pytest.mark.parametrize("unit", UNITS)
 def test_unit_structure(unit):
-    sections = _parse_unit(SYSTEMD_DIR / unit)
+    sections = parse_unit(SYSTEMD_DIR / unit)
     svc = sections["Service"]
     assert svc["Restart"] == ["on-failure"]
     assert svc.get("RestartSec")
     for key, value in HARDENING.items():
         assert svc.get(key) == [value], f"{unit}: {key}={value} missing"
     assert svc.get("User") == ["xllm"] or svc.get("DynamicUser") == ["yes"]
-    assert "/run/xllm" in _words(svc.get("ReadWritePaths", []))
+    assert "/run/xllm" in words(svc.get("ReadWritePaths", []))
     assert "-/etc/xllm/xllm.env" in svc["EnvironmentFile"]
-    assert "PartOf" in sections["Unit"] and "xllm.target" in _words(sections["Unit"]["PartOf"])
+    assert "PartOf" in sections["Unit"] and "xllm.target" in words(sections["Unit"]["PartOf"])
     assert sections["Install"]["WantedBy"] == ["xllm.target"]
 
     (exec_start,) = svc["ExecStart"]
@@ -227,17 +204,17 @@ def test_unit_structure(unit):
     assert _service_exists(module), f"{unit} starts {module}, which is not in the repo"
     if unit == "xllm-worker@.service":  # the role comes from the (per-instance) environment
         assert argv[argv.index("--role") + 1] == "${XLLM_WORKER_ROLE}"
-        assert "XLLM_WORKER_ROLE=mixed" in _words(svc["Environment"])
+        assert "XLLM_WORKER_ROLE=mixed" in words(svc["Environment"])
         assert svc["EnvironmentFile"] == ["-/etc/xllm/xllm.env", "-/etc/xllm/worker-%i.env"]
         assert argv[argv.index("--instance-id") + 1] == "worker-%i"
     if unit == "xllm-kvstore.service":
         assert argv[argv.index("--dir") + 1] == "/var/lib/xllm/kvstore"
-        assert "/var/lib/xllm/kvstore" in _words(svc["ReadWritePaths"])
+        assert "/var/lib/xllm/kvstore" in words(svc["ReadWritePaths"])
 
 
 def test_target_groups_every_unit():
-    target = _parse_unit(SYSTEMD_DIR / "xllm.target")
-    wants = _words(target["Unit"]["Wants"])
+    target = parse_unit(SYSTEMD_DIR / "xllm.target")
+    wants = words(target["Unit"]["Wants"])
     for unit in UNITS:
         if "@" in unit:
             assert any(w.startswith(unit.replace("@.service", "@")) for w in wants), unit
@@ -313,7 +290,7 @@ def _flags_by_module() -> dict[str, set[str]]:
     for svc in yaml.safe_load(COMPOSE_FILE.read_text())["services"].values():
         add(svc["command"][0], [str(a) for a in svc["command"][1:]])
     for unit in UNITS:
-        argv = _parse_unit(SYSTEMD_DIR / unit)["Service"]["ExecStart"][0].split()
+        argv = parse_unit(SYSTEMD_DIR / unit)["Service"]["ExecStart"][0].split()
         add(argv[2], argv[3:])
     return found
 

@@ -16,7 +16,7 @@ NS = "model|float32|4"
 def worker(instance_id: str) -> Instance:
     return Instance(instance_id=instance_id, identity=instance_id.encode(), role="mixed", kv_addr="", num_pages=64,
                     page_size=PAGE, model="m", max_model_len=4096, registered_at=0.0, last_heartbeat=0.0,
-                    stats={"kv_namespace": NS})
+                    kv_namespace=NS)
 
 
 def test_cached_tokens_follow_worker_events_and_keep_the_last_token_uncached() -> None:
@@ -47,5 +47,5 @@ def test_a_gap_asks_for_a_snapshot_and_forget_drops_a_worker() -> None:
 def test_workers_without_a_known_layout_are_left_out() -> None:
     kv = KvAwareness(zmq.asyncio.Context.instance())
     unknown = worker("x")
-    unknown.stats = {}
+    unknown.kv_namespace = ""
     assert kv.cached_tokens([unknown], list(range(20))) == {}

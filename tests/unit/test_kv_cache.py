@@ -3,7 +3,6 @@ import torch
 
 from common.engine.kv_cache import (
     allocate_kv_caches,
-    copy_kv_pages,
     default_kv_budget,
     kv_page_bytes,
     num_pages_for_budget,
@@ -116,16 +115,3 @@ def test_allocate_works_with_attention_kernel():
     ).transpose(0, 1)
     torch.testing.assert_close(out, ref)
 
-
-def test_copy_kv_pages_copies_k_and_v_in_every_layer():
-    caches = allocate_kv_caches(4, 2, 1, 2, 2, torch.float32)
-    for layer, cache in enumerate(caches):
-        cache.copy_(torch.randn_like(cache) + layer)
-    before = [c.clone() for c in caches]
-    copy_kv_pages(caches, [(1, 3), (0, 2)])
-    for cache, old in zip(caches, before):
-        assert torch.equal(cache[:, :, 3], old[:, :, 1])
-        assert torch.equal(cache[:, :, 2], old[:, :, 0])
-        assert torch.equal(cache[:, :, :2], old[:, :, :2])
-    copy_kv_pages(caches, [])
-    assert torch.equal(caches[0][:, :, 3], before[0][:, :, 1])

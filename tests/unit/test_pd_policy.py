@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from common.protocol import Heartbeat
 from services.scheduler.pd_policy import DynamicPdPolicy, Flip, StaticPolicy, make_policy
 
 TTFT_SLO, TPOT_SLO = 1.0, 0.1
@@ -38,10 +39,12 @@ class W:
 
 def beat(policy, workers: dict[str, W]) -> None:
     for iid, w in workers.items():
-        policy.observe_heartbeat(iid, w.role, w.waiting, w.running, {
-            "queued_prefill_tokens": w.queued, "prompt_tokens_total": w.prompt_total,
-            "generated_tokens_total": w.gen_total, "max_num_seqs": w.max_num_seqs, "flipping": w.flipping,
-        }, free_pages=w.free_pages, total_pages=w.total_pages)
+        policy.observe_heartbeat(Heartbeat(
+            instance_id=iid, role=w.role, waiting=w.waiting, running=w.running, free_pages=w.free_pages,
+            total_pages=w.total_pages, used_pages=w.total_pages - w.free_pages, prefix_hit_rate=0.0,
+            queued_prefill_tokens=w.queued, max_num_seqs=w.max_num_seqs, draining=False, flipping=w.flipping,
+            kv_namespace="", prompt_tokens_total=w.prompt_total, generated_tokens_total=w.gen_total, stats={},
+        ), w.role)
 
 
 def make(clock: FakeClock, **kw) -> DynamicPdPolicy:

@@ -7,6 +7,7 @@ import types
 import typing
 
 import msgpack
+import msgspec
 import pytest
 import torch
 import zmq
@@ -15,14 +16,23 @@ from hypothesis import strategies as st
 
 from common import protocol
 from common.codec import DTYPES, check_fields, decode, encode
+from common.engine.sampling_params import SamplingParams
 from common.protocol import (
+    BACKEND,
+    CHANNELS,
+    CONTROL,
+    FRONTEND,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    TOKENS,
+    BackendMessage,
+    FinishChoice,
     Heartbeat,
     KvTransferAck,
     KvTransferChunk,
     Message,
     ProtocolError,
+    Sampling,
     Submit,
     TokenDelta,
 )
@@ -46,7 +56,17 @@ _JSONISH = st.recursive(
 )
 
 
+def fields_of(cls: type) -> tuple[msgspec.structs.FieldInfo, ...]:
+    return msgspec.structs.fields(cls)
+
+
+def is_record(annotation: typing.Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)
+
+
 def strategy_for(annotation: typing.Any) -> st.SearchStrategy:
+    if is_record(annotation):
+        return message_strategy(annotation)
     if annotation in _SCALAR_STRATEGIES:
         return _SCALAR_STRATEGIES[annotation]
     if annotation is list:
@@ -63,17 +83,16 @@ def strategy_for(annotation: typing.Any) -> st.SearchStrategy:
     raise AssertionError(f"no strategy for {annotation!r}")
 
 
-def message_strategy(cls: type[Message]) -> st.SearchStrategy:
-    hints = typing.get_type_hints(cls)
-    return st.builds(
-        cls, **{f.name: strategy_for(hints[f.name]) for f in dataclasses.fields(cls)}
-    )
+def message_strategy(cls: type[msgspec.Struct]) -> st.SearchStrategy:
+    return st.builds(cls, **{f.name: strategy_for(f.type) for f in fields_of(cls)})
 
 
 _SIMPLE_VALUES = {int: 7, float: 0.5, str: "abc", bool: True, bytes: b"\x00\xff", list: [1, "x"], dict: {"k": [1, 2]}}
 
 
 def simple_value(annotation: typing.Any) -> typing.Any:
+    if is_record(annotation):
+        return example(annotation)
     if annotation in _SIMPLE_VALUES:
         return _SIMPLE_VALUES[annotation]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -86,9 +105,8 @@ def simple_value(annotation: typing.Any) -> typing.Any:
     raise AssertionError(f"no example for {annotation!r}")
 
 
-def example(cls: type[Message]) -> Message:
-    hints = typing.get_type_hints(cls)
-    return cls(**{f.name: simple_value(hints[f.name]) for f in dataclasses.fields(cls)})
+def example(cls: type[msgspec.Struct]) -> typing.Any:
+    return cls(**{f.name: simple_value(f.type) for f in fields_of(cls)})
 
 
 def envelope(tag: str, fields: dict, **extra: typing.Any) -> bytes:
@@ -122,7 +140,7 @@ def test_registry_covers_the_designed_messages() -> None:
     assert expected <= {cls.__name__ for cls in ALL_CLASSES}
     for tag, cls in MESSAGE_TYPES.items():
         assert cls.TAG == tag
-        assert dataclasses.is_dataclass(cls) and hasattr(cls, "__slots__")
+        assert issubclass(cls, msgspec.Struct) and hasattr(cls, "__slots__")
         assert not hasattr(example(cls), "__dict__")  # slots: no per-instance dict
 
 
@@ -138,7 +156,6 @@ def test_messages_are_keyword_only_and_defaults_apply() -> None:
 
 
 def test_register_rejects_a_reused_tag() -> None:
-    @dataclasses.dataclass(kw_only=True, slots=True)
     class Impostor(Message):
         TAG: typing.ClassVar[str] = "submit"
 
@@ -227,7 +244,6 @@ def test_encode_refuses_what_cannot_travel() -> None:
     with pytest.raises(ProtocolError, match="exceeds"):
         encode(ack, torch.zeros(1000), max_bytes=1000)
 
-    @dataclasses.dataclass(kw_only=True, slots=True)
     class Unregistered(Message):
         TAG: typing.ClassVar[str] = "unregistered-test"
 
@@ -238,7 +254,7 @@ def test_encode_refuses_what_cannot_travel() -> None:
 def test_check_fields_catches_a_mistyped_message_before_sending() -> None:
     check_fields(example(Heartbeat))
     with pytest.raises(ProtocolError, match="free_pages"):
-        check_fields(dataclasses.replace(example(Heartbeat), free_pages="many"))
+        check_fields(msgspec.structs.replace(example(Heartbeat), free_pages="many"))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -264,7 +280,7 @@ _BAD_INPUTS: dict[str, tuple[list, str]] = {
     "bool is not int": ([envelope("drain", {"instance_id": True})], "'instance_id' has the wrong type: expected str"),
     "bool in int list": ([envelope("submit", submit_fields(prompt_ids=[1, True]))], "expected list[int]"),
     "str for float": ([envelope("submit", submit_fields(arrival_time="now"))], "'arrival_time' has the wrong type: expected float"),
-    "None for required": ([envelope("submit", submit_fields(sampling=None))], "'sampling' has the wrong type: expected dict"),
+    "None for required": ([envelope("submit", submit_fields(sampling=None))], "'sampling' has the wrong type: expected Sampling"),
     "int for optional list": (
         [envelope("token_delta", dict(request_id="r", index=0, token_ids=[1], logprobs=5, finish_reason=None, num_prompt_tokens=1, num_output_tokens=1))],
         "'logprobs' has the wrong type: expected list | None",
@@ -339,7 +355,7 @@ def test_fuzz_random_msgpack_only_raises_protocol_error(value: typing.Any, extra
     _decode_or_protocol_error([msgpack.packb(value), *extra])
 
 
-_FIELD_NAMES = sorted({f.name for cls in ALL_CLASSES for f in dataclasses.fields(cls)})
+_FIELD_NAMES = sorted({f.name for cls in ALL_CLASSES for f in fields_of(cls)})
 
 
 @_FUZZ
@@ -356,6 +372,90 @@ def test_fuzz_envelopes_with_random_fields_only_raise_protocol_error(
     if metas is not None:
         header["x"] = metas
     _decode_or_protocol_error([msgpack.packb(header), *extra])
+
+
+# --------------------------------------------------------------------------- typed records
+
+
+def test_sampling_record_mirrors_sampling_params() -> None:
+    # Same fields, order and defaults: the gateway builds the record from SamplingParams and a
+    # worker turns it back, so the two must not drift apart.
+    assert list(Sampling().to_dict()) == [f.name for f in dataclasses.fields(SamplingParams)]
+    assert Sampling().to_dict() == SamplingParams().to_dict()
+    params = SamplingParams(temperature=0.2, stop=["x"], stop_token_ids=[7], seed=3, max_tokens=None, logprobs=2)
+    record, _ = decode(encode(Submit(**submit_fields(sampling=Sampling(**params.to_dict())))))
+    assert SamplingParams.from_dict(record.sampling.to_dict()) == params
+
+
+def test_nested_record_fields_are_validated_at_decode() -> None:
+    cases = {
+        "temperature": ({"temperature": "hot"}, "field 'sampling.temperature' has the wrong type: expected float"),
+        "stop": ({"stop": ["ok", 3]}, "field 'sampling.stop' has the wrong type: expected list[str]"),
+        "misspelt": ({"tempertaure": 0.5}, "unexpected field 'tempertaure' in sampling"),
+        "non-string key": ({1: 0.5}, "unexpected field (not a string) in sampling"),
+    }
+    for name, (sampling, reason) in cases.items():
+        with pytest.raises(ProtocolError) as info:
+            decode([envelope("submit", submit_fields(sampling=sampling))])
+        assert reason in info.value.reason, name
+    msg, _ = decode([envelope("submit", submit_fields(sampling={"temperature": 1, "n": 2}))])
+    assert msg.sampling == Sampling(temperature=1.0, n=2) and type(msg.sampling.temperature) is float
+
+
+def test_heartbeat_routing_fields_are_typed() -> None:
+    beat = example(Heartbeat)
+    fields = msgspec.structs.asdict(beat)
+    for name in ("draining", "flipping", "queued_prefill_tokens", "max_num_seqs", "kv_namespace", "used_pages"):
+        wrong = {**fields, name: [1]}
+        with pytest.raises(ProtocolError, match=f"'{name}' has the wrong type"):
+            decode([envelope("heartbeat", wrong)])
+        missing = {key: value for key, value in fields.items() if key != name}
+        with pytest.raises(ProtocolError, match=f"missing required field\\(s\\) {name}"):
+            decode([envelope("heartbeat", missing)])
+
+
+# -------------------------------------------------------------------------------- channels
+
+
+def test_every_message_travels_on_a_channel_of_its_base_class() -> None:
+    for cls in ALL_CLASSES:
+        channels = [channel for channel in CHANNELS.values() if cls in channel.messages()]
+        assert channels, cls.__name__
+        assert all(issubclass(cls, channel.base) for channel in channels), cls.__name__
+    # One class on two channels, in different directions.
+    assert FinishChoice in FRONTEND.binder.inbound and FinishChoice in BACKEND.connector.inbound
+    assert FinishChoice not in FRONTEND.connector.inbound and FinishChoice not in BACKEND.binder.inbound
+    assert Heartbeat in BACKEND.binder.inbound and Heartbeat in BACKEND.connector.outbound
+    assert not CONTROL.binder.inbound  # orders only: nothing travels back on the PUB
+
+
+def test_a_channel_end_refuses_what_does_not_travel_to_it() -> None:
+    frames = encode(example(Heartbeat))
+    assert type(decode(frames, accept=BACKEND.binder)[0]) is Heartbeat
+    with pytest.raises(ProtocolError) as info:
+        decode(frames, accept=FRONTEND.binder)
+    assert info.value.reason == "heartbeat is not a gateway message (the scheduler's frontend socket)"
+    with pytest.raises(ProtocolError, match="is not a scheduler message"):
+        decode(frames, accept=BACKEND.connector)  # what the worker's end of the backend takes
+    delta = encode(example(TokenDelta))
+    assert type(decode(delta, accept=TOKENS.binder)[0]) is TokenDelta
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        decode([envelope("launch_missiles", {})], accept=TOKENS.binder)
+
+
+def test_channel_declarations_are_checked() -> None:
+    with pytest.raises(TypeError, match="derive it from FrontendMessage"):
+        @FRONTEND.carries(to="scheduler")
+        class Stray(BackendMessage):
+            TAG: typing.ClassVar[str] = "stray-test"
+    with pytest.raises(ValueError, match="no end 'worker'"):
+        FRONTEND.carries(to="worker")
+    assert "stray-test" not in FRONTEND.binder.inbound_tags
+
+
+def test_package_exports_every_registered_message() -> None:
+    assert {cls.__name__ for cls in MESSAGE_TYPES.values()} <= set(protocol.__all__)
+    assert all(hasattr(protocol, name) for name in protocol.__all__)
 
 
 def test_dtype_table_names_match_torch() -> None:

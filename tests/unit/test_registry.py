@@ -21,9 +21,12 @@ def register_msg(instance_id: str = "w0", num_pages: int = 50, role: str = "deco
                     num_pages=num_pages, page_size=16, model="m", max_model_len=2048)
 
 
-def heartbeat_msg(instance_id: str = "w0", waiting: int = 0, running: int = 0, free: int = 50, **stats) -> Heartbeat:
-    return Heartbeat(instance_id=instance_id, role="decode", waiting=waiting, running=running, free_pages=free,
-                     total_pages=50, prefix_hit_rate=0.25, stats={"used_pages": 50 - free, **stats})
+def heartbeat_msg(instance_id: str = "w0", waiting: int = 0, running: int = 0, free: int = 50, **fields) -> Heartbeat:
+    values = dict(instance_id=instance_id, role="decode", waiting=waiting, running=running, free_pages=free,
+                  total_pages=50, used_pages=50 - free, prefix_hit_rate=0.25, queued_prefill_tokens=0,
+                  max_num_seqs=0, draining=False, flipping=False, kv_namespace="", prompt_tokens_total=0,
+                  generated_tokens_total=0, stats={})
+    return Heartbeat(**{**values, **fields})
 
 
 @pytest.fixture

@@ -1,30 +1,41 @@
-"""Service addresses, config files under flags, and the launcher's command lines."""
+"""Service addresses, config files under flags, settings declared once, and the launcher's command lines."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from xllm.cli import add_engine_arguments
-from xllm.launcher import add_serve_arguments, build_specs, engine_flags, worker_threads
+from common.engine.config import EngineConfig, add_engine_arguments, engine_config_from_args
 from common.service_config import (
     ServiceAddresses,
+    ServiceConfig,
     add_service_arguments,
     addresses_from_args,
     load_config_file,
     parse_args_with_config,
 )
+from common.settings import Section, SettingsParser, from_namespace, setting, settings_of, to_argv
 from common.bus import advertised_address
+from services.gateway.config import GatewayConfig
+from services.gateway.config import build_parser as gateway_parser
+from services.kvstore.config import KvStoreConfig
+from services.kvstore.config import build_parser as kvstore_parser
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.config import build_parser as scheduler_parser
+from services.worker.config import WorkerConfig
+from services.worker.config import build_parser as worker_parser
+from xllm.serve import add_serve_arguments, build_specs, worker_threads
 
 
-def service_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svc")
+def service_parser() -> SettingsParser:
+    parser = SettingsParser(prog="svc")
     add_engine_arguments(parser)
     add_service_arguments(parser)
-    parser.add_argument("--heartbeat-timeout", type=float, default=3.0)
+    parser.add_settings(SchedulerConfig, only=("heartbeat_timeout",))
     return parser
 
 
@@ -89,10 +100,15 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    parser = SettingsParser()
     add_engine_arguments(parser)
     add_serve_arguments(parser)
     return parser.parse_args(list(argv))
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """The engine flags a worker is given (the launcher sets --threads itself)."""
+    return to_argv(replace(engine_config_from_args(args), num_threads=None))
 
 
 def test_engine_flags_are_forwarded_only_when_set() -> None:
@@ -100,6 +116,7 @@ def test_engine_flags_are_forwarded_only_when_set() -> None:
     forwarded = engine_flags(serve_args("--kv-cache-memory", "64MiB", "--no-prefix-cache", "--max-num-seqs", "4",
                                         "--threads", "3"))
     assert forwarded == ["--kv-cache-memory", "64MiB", "--max-num-seqs", "4", "--no-prefix-cache"]
+    assert engine_config_from_args(serve_args("--threads", "3")) == EngineConfig(num_threads=3)
 
 
 def test_worker_threads_split_the_cpus() -> None:
@@ -129,3 +146,109 @@ def test_advertised_address() -> None:
     assert advertised_address("tcp://10.0.0.5:5561") == "tcp://10.0.0.5:5561"
     assert advertised_address("tcp://0.0.0.0:5561", "worker-3") == "tcp://worker-3:5561"
     assert not advertised_address("tcp://0.0.0.0:5561").startswith("tcp://0.0.0.0")
+
+
+# ------------------------------------------------------------------ settings declared once
+
+def test_flags_come_from_the_dataclass() -> None:
+    by_name = {s.name: s for s in settings_of(EngineConfig)}
+    assert [s.name for s in settings_of(EngineConfig)] == [
+        "model", "dtype", "kv_dtype", "page_size", "kv_cache_memory", "kv_cache_fraction", "max_num_seqs",
+        "max_num_batched_tokens", "max_model_len", "enable_prefix_cache", "device", "num_threads"]
+    assert (by_name["num_threads"].flag, by_name["num_threads"].parse) == ("--threads", int)
+    assert (by_name["enable_prefix_cache"].flag, by_name["enable_prefix_cache"].kind) == ("--no-prefix-cache",
+                                                                                          "switch_off")
+    assert by_name["kv_cache_fraction"].parse is float and by_name["kv_cache_memory"].parse is str
+    # Today's spellings keep working, and each lands on the dataclass field.
+    args = service_parser().parse_args(["--threads", "2", "--no-prefix-cache", "--page-size", "32"])
+    config = engine_config_from_args(args)
+    assert (config.num_threads, config.enable_prefix_cache, config.page_size) == (2, False, 32)
+    store = from_namespace(KvStoreConfig, kvstore_parser().parse_args(
+        ["--dir", "/d", "--dram-bytes", "2GiB", "--no-sync", "--namespace", "a", "--namespace", "b"]))
+    assert (store.dram_bytes, store.no_sync, store.namespace) == (2 << 30, True, ["a", "b"])
+    assert from_namespace(SchedulerConfig, scheduler_parser().parse_args(["--kvstore"])).kvstore is True
+
+
+def test_a_bool_defaulting_to_true_needs_its_off_flag() -> None:
+    @dataclass
+    class Bad:
+        on: bool = setting(True, "x")
+
+    with pytest.raises(TypeError, match="turns it off"):
+        settings_of(Bad)
+
+
+@pytest.mark.parametrize("key", ["threads", "--threads", "num_threads", "num-threads"])
+def test_config_keys_are_flags_or_fields(tmp_path: Path, key: str) -> None:
+    config = tmp_path / "svc.json"
+    config.write_text(f'{{"{key}": 3}}')
+    assert parse_args_with_config(service_parser(), ["--config", str(config)]).num_threads == 3
+
+
+def test_a_required_setting_may_come_from_the_config_file(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args_with_config(kvstore_parser(), [])
+    assert "--dir" in capsys.readouterr().err
+    config = tmp_path / "kv.toml"
+    config.write_text('dir = "/data"\ndram-bytes = "2GiB"\nno_sync = true\nnamespace = "tenant"\n')
+    store = from_namespace(KvStoreConfig, parse_args_with_config(kvstore_parser(), ["--config", str(config)]))
+    assert (store.dir, store.dram_bytes, store.no_sync, store.namespace) == ("/data", 2 << 30, True, ["tenant"])
+    config.write_text('dram_bytes = "lots"\n')
+    with pytest.raises(SystemExit):
+        parse_args_with_config(kvstore_parser(), ["--config", str(config), "--dir", "/d"])
+    assert "dram_bytes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", [
+    EngineConfig(model="/m", page_size=32, kv_cache_memory="1GiB", enable_prefix_cache=False, num_threads=2),
+    ServiceConfig(run_dir="/r", frontend_addr="tcp://h:1", curve_dir="/k", log_level="INFO"),
+    SchedulerConfig(pd_policy="dynamic", ttft_slo_ms=500.0, kvstore=True, kvstore_events_addr="tcp://k:2"),
+    WorkerConfig(instance_id="w", role="prefill", heartbeat_interval=0.25, kvstore=True),
+    GatewayConfig(host="0.0.0.0", port=9000, api_key="k", max_queue=4, max_model_len=128),
+    KvStoreConfig(dir="/d", dram_bytes=1 << 20, no_sync=True, namespace=["a", "b"]),
+])
+def test_to_argv_parses_back_to_the_config(config) -> None:
+    parser = SettingsParser()
+    parser.add_settings(type(config))
+    argv = to_argv(config)
+    assert from_namespace(type(config), parser.parse_args(argv)) == config
+    assert to_argv(type(config)()) == []  # defaults are never spelt out
+
+
+def _child_configs(argv: list[str]) -> dict[type, object]:
+    """Parse a child's command line with the child's own parser, as the child will."""
+    module, flags = argv[2], argv[3:]
+    parser = {"services.scheduler": scheduler_parser, "services.gateway": gateway_parser,
+              "services.kvstore": kvstore_parser, "services.decode": lambda: worker_parser("decode"),
+              "services.prefill": lambda: worker_parser("prefill")}[module]()
+    args = parser.parse_args(flags)
+    classes = (ServiceConfig, SchedulerConfig, WorkerConfig, GatewayConfig, KvStoreConfig, EngineConfig)
+    # The classes whose settings this child's parser holds (the gateway has no EngineConfig).
+    held = {dest for _, _, dest in parser.settings()}
+    return {cls: from_namespace(cls, args) for cls in classes
+            if {dest for _, _, dest in Section(cls).entries()} <= held}
+
+
+def test_children_parse_what_the_launcher_meant(tmp_path: Path) -> None:
+    args = serve_args("--prefill-workers", "1", "--decode-workers", "1", "--pd-policy", "dynamic",
+                      "--ttft-slo-ms", "900", "--kvstore-dir", "kv", "--kvstore-dram", "2GiB",
+                      "--kvstore-timeout", "0.5", "--kv-transfer-timeout", "3", "--host", "0.0.0.0",
+                      "--max-queue", "8", "--model", "/m.gguf", "--page-size", "32", "--threads", "2")
+    specs = {spec.name: _child_configs(spec.argv) for spec in build_specs(args, tmp_path, "INFO")}
+    assert list(specs) == ["kvstore", "scheduler", "prefill-0", "decode-0", "gateway"]
+    for configs in specs.values():
+        assert configs[ServiceConfig] == ServiceConfig(run_dir=str(tmp_path), log_level="INFO")
+    assert specs["kvstore"][KvStoreConfig] == KvStoreConfig(dir=str(Path("kv").absolute()), dram_bytes=2 << 30)
+    assert specs["scheduler"][SchedulerConfig] == SchedulerConfig(pd_policy="dynamic", ttft_slo_ms=900.0, kvstore=True)
+    for name, role in (("prefill-0", "prefill"), ("decode-0", "decode")):
+        assert specs[name][WorkerConfig] == WorkerConfig(instance_id=name, role=role, kv_transfer_timeout=3.0,
+                                                         kvstore=True, kvstore_timeout=0.5)
+        assert specs[name][EngineConfig] == EngineConfig(model="/m.gguf", page_size=32, num_threads=2)
+    assert specs["gateway"][GatewayConfig] == GatewayConfig(host="0.0.0.0", max_queue=8, model="/m.gguf")
+
+
+def test_no_module_reads_argparse_internals() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for path in [*root.joinpath("common").rglob("*.py"), *root.joinpath("xllm").rglob("*.py"),
+                 *root.joinpath("services").rglob("*.py")]:
+        assert "._actions" not in path.read_text(), path

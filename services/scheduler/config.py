@@ -1,0 +1,42 @@
+"""The scheduler's settings: its flags, config-file keys and `xllm serve`'s P/D flags come from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.service_config import add_service_arguments
+from common.settings import SettingsParser, setting
+from services.scheduler.pd_policy import POLICIES, PdPolicy, make_policy
+from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S
+
+__all__ = ["SchedulerConfig", "build_parser"]
+
+
+@dataclass
+class SchedulerConfig:
+    heartbeat_timeout: float = setting(DEFAULT_HEARTBEAT_TIMEOUT_S,
+                                       "seconds without a heartbeat before an instance is declared dead")
+    pd_policy: str = setting("static", "static: roles stay as started; dynamic: flip prefill/decode workers "
+                                       "to meet the SLOs", choices=tuple(POLICIES))
+    ttft_slo_ms: float = setting(2000.0, "time-to-first-token target (ms) of --pd-policy")
+    tpot_slo_ms: float = setting(200.0, "time-per-output-token target (ms) of --pd-policy")
+    policy_interval: float = setting(0.5, "seconds between PD policy decisions")
+    kvstore: bool = setting(False, "follow the kvstore of this --run-dir (its DRAM/SSD blocks count for routing)")
+    kvstore_addr: str | None = setting(None, "the kvstore's ROUTER address (implies --kvstore)")
+    kvstore_events_addr: str | None = setting(None, "the kvstore's event PUB address")
+
+    def problems(self) -> list[str]:
+        """What makes this configuration unusable, as flag-named messages."""
+        return [f"--{name.replace('_', '-')} must be > 0"
+                for name in ("heartbeat_timeout", "ttft_slo_ms", "tpot_slo_ms", "policy_interval")
+                if getattr(self, name) <= 0]
+
+    def make_policy(self) -> PdPolicy:
+        return make_policy(self.pd_policy, self.ttft_slo_ms / 1000.0, self.tpot_slo_ms / 1000.0)
+
+
+def build_parser() -> SettingsParser:
+    parser = SettingsParser(prog="python -m services.scheduler", description="xllm global scheduler")
+    add_service_arguments(parser)
+    parser.add_settings(SchedulerConfig, "scheduler")
+    return parser
