@@ -35,7 +35,6 @@ import logging
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
-from bench.server_proc import add_server_arguments, fmt, stop_server, wait_ready
+from bench.server_proc import add_server_arguments, fmt, running_server
 from bench.stats import distinct_errors, percentile_ms
 
 logger = logging.getLogger(__name__)
@@ -266,40 +265,33 @@ def run_mode(args: argparse.Namespace, mode: str, workload: Workload) -> dict:
     url = f"http://127.0.0.1:{args.port}"
     tmp = tempfile.mkdtemp(prefix="xllm-bench-kv-") if mode == "tiers-on" else None
     argv = serve_argv(args, mode, args.port, tmp)
-    print(f"[{mode}] starting: {' '.join(argv[1:])}", flush=True)
-    log = open(args.server_log, "ab") if args.server_log else subprocess.DEVNULL
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if args.server_log else None,
-                            start_new_session=True)
     try:
-        wait_ready(proc, url, args.startup_timeout)
-        deadline = time.monotonic() + 60
-        while len(worker_stats(url)) < args.workers:  # every worker registered
-            if time.monotonic() > deadline:
-                raise RuntimeError("workers did not register within 60 s")
-            time.sleep(0.5)
-        _warm_up(url, args.max_tokens)
-        before = _settle(url, 1)
-        done_before = sum(int(s.get("requests_total", 0)) for s in before.values())
-        print(f"[{mode}] ready; {len(workload.requests)} requests in {len(workload.rounds)} rounds, "
-              f"concurrency {args.concurrency}", flush=True)
-        results, wall = asyncio.run(run_workload(url, workload, concurrency=args.concurrency,
-                                                 max_tokens=args.max_tokens, timeout=args.timeout))
-        after = _settle(url, done_before + len(results))
-        pages = sorted({int(s.get("num_pages", 0)) for s in after.values()})
-        extra = {
-            "worker_pages": pages,
-            "kv_offloaded_blocks": _counter_delta(before, after, "kv_offloaded_blocks"),
-            "kv_reloaded_blocks": _counter_delta(before, after, "kv_reloaded_blocks"),
-        }
-        if mode == "tiers-on":
-            store = _get_json(url + "/status").get("scheduler", {}).get("kvstore") or {}
-            extra["kvstore"] = {k: store.get(k) for k in ("dram_blocks", "dram_bytes", "ssd_blocks", "ssd_bytes",
-                                                          "corrupt_entries", "writebehind_dropped") if k in store}
-        return summarize_mode(results, hit_deltas(before, after), wall, extra)
+        with running_server(argv, url, args, mode):
+            deadline = time.monotonic() + 60
+            while len(worker_stats(url)) < args.workers:  # every worker registered
+                if time.monotonic() > deadline:
+                    raise RuntimeError("workers did not register within 60 s")
+                time.sleep(0.5)
+            _warm_up(url, args.max_tokens)
+            before = _settle(url, 1)
+            done_before = sum(int(s.get("requests_total", 0)) for s in before.values())
+            print(f"[{mode}] ready; {len(workload.requests)} requests in {len(workload.rounds)} rounds, "
+                  f"concurrency {args.concurrency}", flush=True)
+            results, wall = asyncio.run(run_workload(url, workload, concurrency=args.concurrency,
+                                                     max_tokens=args.max_tokens, timeout=args.timeout))
+            after = _settle(url, done_before + len(results))
+            pages = sorted({int(s.get("num_pages", 0)) for s in after.values()})
+            extra = {
+                "worker_pages": pages,
+                "kv_offloaded_blocks": _counter_delta(before, after, "kv_offloaded_blocks"),
+                "kv_reloaded_blocks": _counter_delta(before, after, "kv_reloaded_blocks"),
+            }
+            if mode == "tiers-on":
+                store = _get_json(url + "/status").get("scheduler", {}).get("kvstore") or {}
+                extra["kvstore"] = {k: store.get(k) for k in ("dram_blocks", "dram_bytes", "ssd_blocks", "ssd_bytes",
+                                                              "corrupt_entries", "writebehind_dropped") if k in store}
+            return summarize_mode(results, hit_deltas(before, after), wall, extra)
     finally:
-        stop_server(proc)
-        if log is not subprocess.DEVNULL:
-            log.close()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
-from bench.server_proc import add_server_arguments, fmt, stop_server, wait_ready
+from bench.server_proc import add_server_arguments, fmt, running_server
 from bench.stats import distinct_errors, percentile_ms
 
 logger = logging.getLogger(__name__)
@@ -225,19 +224,10 @@ def _run_one_policy(args: argparse.Namespace, policy: str, workload: list[Arriva
     port = args.port
     url = f"http://127.0.0.1:{port}"
     argv = serve_argv(args, policy, port)
-    print(f"[{policy}] starting: {' '.join(argv[1:])}", flush=True)
-    log = open(args.server_log, "ab") if args.server_log else subprocess.DEVNULL
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if args.server_log else None,
-                            start_new_session=True)
-    try:
-        wait_ready(proc, url, args.startup_timeout)
+    with running_server(argv, url, args, policy):
         print(f"[{policy}] ready; sending {len(workload)} requests over "
               f"{sum(p.duration_s for p in phases):g} s", flush=True)
         outcomes, flips, wall = asyncio.run(run_workload(url, workload, timeout=args.timeout, drain_s=args.drain_s))
-    finally:
-        stop_server(proc)
-        if log is not subprocess.DEVNULL:
-            log.close()
     return summarize_run(outcomes, phases, flips, wall, args.ttft_slo_ms / 1000, args.tpot_slo_ms / 1000)
 
 

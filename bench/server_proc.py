@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -10,8 +11,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
-__all__ = ["add_server_arguments", "wait_ready", "stop_server", "fmt"]
+__all__ = ["add_server_arguments", "running_server", "wait_ready", "stop_server", "fmt"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,28 @@ def add_server_arguments(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per request")
     p.add_argument("--serve-arg", action="append", help="extra flags for xllm serve (repeatable, split on spaces)")
     p.add_argument("--server-log", default=None, help="append the servers' output here (default: discard)")
+
+
+@contextlib.contextmanager
+def running_server(argv: list[str], url: str, args: argparse.Namespace, label: str) -> Iterator[subprocess.Popen]:
+    """Start `xllm serve` (``argv``), wait until ``url`` is healthy, stop it on the way out.
+
+    Its output goes to ``--server-log`` when given (else it is discarded); it runs in its own
+    session so stopping it reaches every child it started.
+    """
+    print(f"[{label}] starting: {' '.join(argv[1:])}", flush=True)
+    log = open(args.server_log, "ab") if args.server_log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if args.server_log else None,
+                                start_new_session=True)
+        try:
+            wait_ready(proc, url, args.startup_timeout)
+            yield proc
+        finally:
+            stop_server(proc)
+    finally:
+        if log is not subprocess.DEVNULL:
+            log.close()
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:

@@ -95,31 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     offline.add_arguments(off)
     off.set_defaults(func=_cmd_bench_offline)
-    from bench import serve as bench_serve
+    from bench import kv as bench_kv, pd as bench_pd, quality as bench_quality, serve as bench_serve
 
-    online = bench_sub.add_parser("serve", help="load generator against an OpenAI-compatible server "
-                                                "(TTFT, TPOT, end-to-end, tokens/s over a concurrency sweep)")
-    bench_serve.add_arguments(online)
-    online.set_defaults(func=bench_serve.run)
-    from bench import pd as bench_pd
-
-    pd = bench_sub.add_parser("pd", help="static vs dynamic prefill/decode under a workload that shifts from "
-                                         "prompt-heavy to decode-heavy (SLO attainment, tok/s, flips)")
-    bench_pd.add_arguments(pd)
-    pd.set_defaults(func=bench_pd.run)
-    from bench import kv as bench_kv
-
-    kv = bench_sub.add_parser("kv", help="tiered KV storage on vs off under multi-turn chats and shared system "
-                                         "prompts (TTFT, prefix hit rate per tier, throughput)")
-    bench_kv.add_arguments(kv)
-    kv.set_defaults(func=bench_kv.run)
-
-    from bench import quality as bench_quality
-
-    quality = bench_sub.add_parser("quality", help="accuracy of the bf16 / int8 / W8A8 paths against fp32 "
-                                                   "(perplexity, top-1 agreement, KL) on a text file")
-    bench_quality.add_arguments(quality)
-    quality.set_defaults(func=bench_quality.run)
+    for name, module, summary in (
+        ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
+                               "tokens/s over a concurrency sweep)"),
+        ("pd", bench_pd, "static vs dynamic prefill/decode under a workload that shifts from prompt-heavy to "
+                         "decode-heavy (SLO attainment, tok/s, flips)"),
+        ("kv", bench_kv, "tiered KV storage on vs off under multi-turn chats and shared system prompts (TTFT, "
+                         "prefix hit rate per tier, throughput)"),
+        ("quality", bench_quality, "accuracy of the bf16 / int8 / W8A8 paths against fp32 (perplexity, top-1 "
+                                   "agreement, KL) on a text file"),
+    ):
+        command = bench_sub.add_parser(name, help=summary)
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
 
     keys = sub.add_parser("keys", help="create CurveZMQ keys for tcp deployments")
     keys.add_argument("directory", help="where to write the certificates")

@@ -7,8 +7,9 @@ socket is bound to its channel end, so a handler table by message type (`_ON_FRO
 `_ON_BACKEND`) covers everything that can arrive; the bus drops the rest (a Submit it refuses is
 still answered with a 400).
 
-A request's entry follows it from its prefill worker to the decode worker that took its KV over
-(RequestHandoff), so aborts and failure handling always reach the worker that holds it. The PD
+The request table (`request_table`) follows each request from its prefill worker to the decode
+worker that took its KV over (RequestHandoff), so aborts and failure handling always reach the
+worker that holds it. The PD
 policy (`pd_policy`) sees every heartbeat and latency report and decides role flips on a timer.
 Errors about a request (no worker, worker died) go to the owning gateway's tokens socket, the
 same place workers send theirs, so a gateway has one source of per-request results.
@@ -18,10 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -56,37 +55,22 @@ from common.protocol import (
     StatusReply,
     Submit,
 )
-from common.service_config import ServiceAddresses
 from common.gateway_push import GatewayPushers
-from services.scheduler.kv_awareness import KvAwareness
+from common.service_config import ServiceAddresses
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.kv_awareness import KvAwareness
 from services.scheduler.pd_policy import PdPolicy
 from services.scheduler.registry import Instance, RegisterOutcome, Registry
+from services.scheduler.request_table import RequestTable
 from services.scheduler.role_flips import RoleFlips
 from services.scheduler.router import Router
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SchedulerServer", "RequestEntry"]
+__all__ = ["SchedulerServer"]
 
 # A handler of one message type: (server, sender identity, message).
 Handler = Callable[[Any, bytes, Any], Awaitable[None]]
-
-@dataclass
-class RequestEntry:
-    request_id: str
-    gateway_identity: bytes
-    gateway_id: str
-    tokens_addr: str
-    instance_id: str  # the worker holding the request now
-    submitted_at: float
-    prompt_len: int = 0
-    queued_prefill_tokens: int = 0  # on its prefill instance when it was routed (TTFT predictor input)
-    decode_candidates: list[str] = field(default_factory=list)  # until handed over
-    # Prompt tokens charged to the prefill instance's queue estimate until its next heartbeat.
-    charge: int = 0
-    charged_at_heartbeat: int = 0
-    prefill_instance: str = ""
 
 
 class SchedulerServer:
@@ -109,7 +93,7 @@ class SchedulerServer:
         self.policy_interval_s = config.policy_interval
         self.flips = RoleFlips(self.registry, self._publish, self.policy.note_flip)
         self.reap_interval_s = reap_interval_s
-        self.requests: dict[str, RequestEntry] = {}
+        self.requests = RequestTable(self.registry)
         self.gateways: dict[str, tuple[bytes, str]] = {}  # gateway_id -> (identity, tokens_addr)
         self._context = context or zmq.asyncio.Context.instance()
         self.kv = kv or KvAwareness(self._context)
@@ -259,6 +243,11 @@ class SchedulerServer:
             await self._send_error(msg.tokens_addr, msg.request_id, 503, "no worker available")
             return
         instance = route.prefill
+        self.requests.add(
+            instance, request_id=msg.request_id, gateway_identity=identity, gateway_id=msg.gateway_id,
+            tokens_addr=msg.tokens_addr, prompt_len=len(msg.prompt_ids),
+            cached_tokens=cached.get(instance.instance_id, 0), decode_candidates=[d.instance_id for d in route.decode],
+        )
         assign = Assign(
             request_id=msg.request_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling, priority=msg.priority,
             gateway_id=msg.gateway_id, tokens_addr=msg.tokens_addr, prefill_instance=instance.instance_id,
@@ -266,28 +255,17 @@ class SchedulerServer:
             arrival_time=msg.arrival_time,
             decode_candidates=[[d.instance_id, d.kv_addr] for d in route.decode],
         )
-        self.requests[msg.request_id] = RequestEntry(
-            msg.request_id, identity, msg.gateway_id, msg.tokens_addr, instance.instance_id, time.monotonic(),
-            prompt_len=len(msg.prompt_ids), queued_prefill_tokens=instance.queued_prefill_tokens,
-            decode_candidates=[d.instance_id for d in route.decode],
-            # Only what it must compute: a cached prefix costs the instance nothing.
-            charge=len(msg.prompt_ids) - cached.get(instance.instance_id, 0),
-            charged_at_heartbeat=instance.heartbeats, prefill_instance=instance.instance_id,
-        )
-        self.registry.assign(instance.instance_id, msg.request_id)
-        instance.prefill_tokens_since_heartbeat += self.requests[msg.request_id].charge
         logger.debug("request %s -> %s", msg.request_id, instance.instance_id)
         await bus.send(self.backend, assign, identity=instance.identity)
 
     async def _on_abort(self, identity: bytes, msg: Abort) -> None:
-        entry = self.requests.pop(msg.request_id, None)
+        entry = self.requests.abort(msg.request_id)
         if entry is None:
             # Finished already, or submitted before this scheduler (re)started: a worker may still
             # hold it, and an unknown id is a no-op for a worker, so ask every one of them.
             for instance in self.registry.instances():
                 await bus.send(self.backend, AbortRequest(request_id=msg.request_id), identity=instance.identity)
             return
-        self.registry.release(entry.instance_id, msg.request_id)
         # Mid hand-off the KV may already sit on a decode candidate: tell each of them too (an
         # unknown id is a no-op for a worker).
         for instance_id in dict.fromkeys([entry.instance_id, *entry.decode_candidates]):
@@ -311,11 +289,8 @@ class SchedulerServer:
             )
 
     async def _on_request_finished(self, identity: bytes, msg: RequestFinished) -> None:
-        entry = self.requests.get(msg.request_id)
-        if entry is not None and entry.instance_id == msg.instance_id:
-            del self.requests[msg.request_id]
-            self.registry.release(msg.instance_id, msg.request_id)
-            self._uncharge(entry)
+        entry = self.requests.finish(msg.request_id, msg.instance_id)
+        if entry is not None:
             if msg.ttft_s >= 0:
                 self.policy.observe_ttft(msg.instance_id, entry.prompt_len, entry.queued_prefill_tokens, msg.ttft_s)
             if msg.tpot_s >= 0:
@@ -342,14 +317,6 @@ class SchedulerServer:
             self.flips.acknowledged(instance, msg)
         logger.info("instance %s is now %s (flip %d)", msg.instance_id, msg.role, msg.flip_id)
 
-    def _uncharge(self, entry: RequestEntry) -> None:
-        """Its prefill is done: take its tokens off the queue estimate, unless a heartbeat since
-        the assignment already replaced the estimate with the instance's own count."""
-        instance = self.registry.get(entry.prefill_instance)
-        if instance is not None and instance.heartbeats == entry.charged_at_heartbeat and entry.charge:
-            instance.prefill_tokens_since_heartbeat = max(0, instance.prefill_tokens_since_heartbeat - entry.charge)
-            entry.charge = 0
-
     async def _on_handoff(self, identity: bytes, msg: RequestHandoff) -> None:
         """A decode worker took a request's KV: it holds the request from now on."""
         entry = self.requests.get(msg.request_id)
@@ -361,11 +328,7 @@ class SchedulerServer:
             logger.info("request %s landed on %s after it ended: aborting it there", msg.request_id, msg.to_instance)
             await bus.send(self.backend, AbortRequest(request_id=msg.request_id), identity=identity)
             return
-        self.registry.release(entry.instance_id, msg.request_id)
-        self._uncharge(entry)
-        entry.instance_id = msg.to_instance
-        entry.decode_candidates = []
-        self.registry.assign(msg.to_instance, msg.request_id)
+        self.requests.hand_over(entry, msg.to_instance)
         if msg.ttft_s >= 0:
             self.policy.observe_ttft(msg.from_instance, entry.prompt_len, entry.queued_prefill_tokens, msg.ttft_s)
 
@@ -382,13 +345,8 @@ class SchedulerServer:
         await bus.send(self.backend, RegisterAck(instance_id=msg.instance_id, accepted=True), identity=identity)
 
     async def _fail_requests_of(self, instance: Instance, reason: str) -> None:
-        for request_id in sorted(instance.inflight):
-            entry = self.requests.get(request_id)
-            if entry is None or entry.instance_id != instance.instance_id:
-                continue
-            del self.requests[request_id]
-            await self._send_error(entry.tokens_addr, request_id, 503, f"{reason} ({instance.instance_id})")
-        instance.inflight.clear()
+        for entry in self.requests.take_requests_of(instance):
+            await self._send_error(entry.tokens_addr, entry.request_id, 503, f"{reason} ({instance.instance_id})")
 
     # ---- to gateways --------------------------------------------------------------------
 
