@@ -31,6 +31,8 @@ import zmq.asyncio
 
 from common import bus
 from common.aio import run_until_stopped
+from common.gateway_push import GatewayPushers
+from common.kvstore_client import KvStoreClient
 from common.protocol import BACKEND, CONTROL, KV, TOPIC_ALL, BackendMessage, Deregister
 from common.service_config import ServiceAddresses
 from services.decode.kv_receiver import KvReceiver
@@ -40,7 +42,6 @@ from services.worker.inbox import EngineWork, Inbox
 from services.worker.kv_tiering import KvTiering
 from services.worker.load_report import LoadReport
 from services.worker.request_book import RequestBook
-from common.gateway_push import GatewayPushers
 from services.worker.role_state import ROLES, RoleState
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class Worker:
         context: zmq.asyncio.Context | None = None,
         executor: ThreadPoolExecutor | None = None,
         transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
-        kvstore: Any = None,
+        kvstore: KvStoreClient | None = None,
     ) -> None:
         self.engine = engine
         self.addresses = addresses
