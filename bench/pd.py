@@ -1,18 +1,25 @@
-"""`xllm bench pd`: static vs dynamic prefill/decode under a workload whose mix shifts mid-run.
+"""`xllm bench pd`: mixed workers vs static vs dynamic prefill/decode, under a load calibrated to
+this machine, over several seeds.
 
-For each policy the bench starts the whole system itself (`xllm serve --prefill-workers P
---decode-workers D --pd-policy NAME --ttft-slo-ms X --tpot-slo-ms Y --port N`), waits for
-`/health`, sends the same seeded open-loop workload and stops it again:
+1. Calibration (`bench.pd_calibrate`): a one-worker server at the threads each worker of the
+   P/D layout gets measures one worker's prefill and decode capacity; the prompt-heavy arrival
+   rate is `--prefill-factor` × one prefill worker's capacity, the decode-heavy one
+   `--decode-factor` × one decode worker's (`--rate1/--rate2` override either, and skip the
+   calibration when both are given).
+2. For every seed, and for every policy in turn on that seed, the bench starts the whole system
+   (`xllm serve --workers P+D` for `mixed`: chunked prefill beside decode on every worker, no
+   P/D; `--prefill-workers P --decode-workers D --pd-policy static|dynamic` for the others),
+   waits until every worker of the layout serves (per `/status`), sends the seed's open-loop
+   workload (`bench.pd_workload`: `shifting` = prompt-heavy then decode-heavy; `steady` = both
+   mixed all along) while polling `/status` for the scheduler's flips, refused hand-offs and
+   TTFT predictor error, and stops it. Seeds go round the policies so that a machine whose speed
+   drifts during the bench treats every policy alike.
+3. The report (`bench.pd_report`): each policy's mean and spread of SLO attainment over the
+   seeds, overall and per phase, every seed's numbers, and a diagnosis of each dynamic seed that
+   flipped nothing and of seeds of one policy far apart.
 
-* phase 1, prompt-heavy: long prompts, short outputs, Poisson arrivals at `--rate1` req/s;
-* phase 2, decode-heavy: short prompts, long outputs, at `--rate2` req/s.
-
-Each request streams; TTFT = time to the first streamed token, TPOT = (last − first) /
-(tokens − 1). A request *attains* the SLO when it completed, its TTFT ≤ the TTFT SLO and its TPOT
-≤ the TPOT SLO (a failed request is a miss). Reported per policy and per phase: attainment %,
-p50/p90 TTFT and TPOT, output tokens/s, and the role flips seen by polling `GET /status`.
-
-With `--url` nothing is started: the workload runs once against that server (a smoke run).
+With `--url` nothing is started: the workload runs once (the first seed) against that server,
+calibrated against it unless both rates are given (a smoke run).
 """
 
 from __future__ import annotations
@@ -20,199 +27,59 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
 
 import aiohttp
 
-from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
+from bench.client import BenchError, base_url
+from bench.pd_calibrate import (CalibrationPlan, calibrate, calibrate_url, calibrated_rates, engine_max_batch,
+                                layout_threads)
+from bench.pd_report import DIVERGENCE_PTS, aggregate_policy, compare_policies, error_entry, print_table, seed_entry
+from bench.pd_status import wait_for_layout
+from bench.pd_workload import (WORKLOADS, Arrival, Phase, RunRecord, build_phases, make_workload, run_workload,
+                               summarize_run)
 from bench.server_proc import add_server_arguments, fmt, running_server
-from bench.stats import distinct_errors, percentile_ms
 
-logger = logging.getLogger(__name__)
+__all__ = ["POLICIES", "add_arguments", "run", "smoke", "serve_argv", "phases_from_args", "parse_seeds", "measure",
+           "rates_from_calibration"]
 
-__all__ = ["Phase", "Arrival", "Outcome", "add_arguments", "run", "make_workload", "attains", "summarize_phase",
-           "summarize_run", "count_flips", "run_workload", "smoke", "serve_argv", "print_table", "phases_from_args"]
-
-
-@dataclass
-class Phase:
-    name: str
-    duration_s: float
-    rate: float  # requests per second (Poisson)
-    prompt_len: int
-    output_len: int
+POLICIES = ("mixed", "static", "dynamic")
 
 
-@dataclass
-class Arrival:
-    t: float  # seconds after the start of the run
-    phase: int
-    prompt_ids: list[int]
-    max_tokens: int
-
-
-@dataclass
-class Outcome:
-    arrival: Arrival
-    result: RequestResult = field(default_factory=RequestResult)
-    finished_at: float = 0.0  # seconds after the start of the run
-
-
-def make_workload(phases: list[Phase], seed: int = 0, vocab_size: int = 10_000) -> list[Arrival]:
-    """Seeded Poisson arrivals, phase after phase; fresh random prompts (no prefix-cache hits)."""
-    rng = random.Random(seed)
-    out: list[Arrival] = []
-    start = 0.0
-    for index, ph in enumerate(phases):
-        t = start
-        while ph.rate > 0:
-            t += rng.expovariate(ph.rate)
-            if t >= start + ph.duration_s:
-                break
-            prompt = [rng.randrange(100, max(101, vocab_size)) for _ in range(ph.prompt_len)]
-            out.append(Arrival(t, index, prompt, ph.output_len))
-        start += ph.duration_s
-    return out
-
-
-def attains(r: RequestResult, ttft_slo_s: float, tpot_slo_s: float) -> bool:
-    """Completed, TTFT within its SLO and TPOT within its SLO (a 1-token answer has no TPOT)."""
-    if not r.ok or r.ttft > ttft_slo_s:
-        return False
-    tpot = r.tpot
-    return tpot is None or tpot <= tpot_slo_s
-
-
-def summarize_phase(name: str, outcomes: list[Outcome], ttft_slo_s: float, tpot_slo_s: float) -> dict:
-    """Attainment, latency percentiles and output tok/s (over first arrival → last finish)."""
-    ok = [o.result for o in outcomes if o.result.ok]
-    ttfts = [r.ttft for r in ok]
-    tpots = [r.tpot for r in ok if r.tpot is not None]
-    span = (max(o.finished_at for o in outcomes) - min(o.arrival.t for o in outcomes)) if outcomes else 0.0
-    out_tokens = sum(r.output_tokens for r in ok)
-    met = sum(attains(o.result, ttft_slo_s, tpot_slo_s) for o in outcomes)
-    return {
-        "phase": name, "requests": len(outcomes), "completed": len(ok), "failed": len(outcomes) - len(ok),
-        "slo_attainment_pct": 100.0 * met / len(outcomes) if outcomes else None,
-        "ttft_attainment_pct": 100.0 * sum(r.ttft <= ttft_slo_s for r in ok) / len(outcomes) if outcomes else None,
-        "tpot_attainment_pct": (100.0 * sum(t <= tpot_slo_s for t in tpots) / len(tpots)) if tpots else None,
-        "ttft_ms": {"p50": percentile_ms(ttfts, 0.5), "p90": percentile_ms(ttfts, 0.9)},
-        "tpot_ms": {"p50": percentile_ms(tpots, 0.5), "p90": percentile_ms(tpots, 0.9)},
-        "output_tokens": out_tokens, "span_s": span,
-        "output_tok_per_s": out_tokens / span if span > 0 else None,
-        "errors": distinct_errors(o.result for o in outcomes),
-    }
-
-
-def count_flips(snapshots: list[tuple[float, dict[str, str]]]) -> list[dict]:
-    """Role changes between consecutive `/status` snapshots (time, {instance id: role})."""
-    events: list[dict] = []
-    last: dict[str, str] = {}
-    for t, roles in snapshots:
-        for iid, role in roles.items():
-            if iid in last and last[iid] != role:
-                events.append({"t": round(t, 2), "instance": iid, "from": last[iid], "to": role})
-            last[iid] = role
-    return events
-
-
-async def _poll_status(session: aiohttp.ClientSession, url: str, t0: float, out: list, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            async with session.get(url + "/status", timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                doc = await resp.json()
-            roles = {str(i.get("id")): str(i.get("role")) for i in doc.get("instances") or [] if isinstance(i, dict)}
-            out.append((time.perf_counter() - t0, roles))
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
-            pass  # a missed poll only delays when a flip is seen
-        try:
-            await asyncio.wait_for(stop.wait(), 0.5)
-        except asyncio.TimeoutError:
-            pass
-
-
-async def run_workload(url: str, workload: list[Arrival], *, model: str | None = None, timeout: float = 120.0,
-                       warmup: int = 2, drain_s: float = 30.0) -> tuple[list[Outcome], list[dict], float]:
-    """Send `workload` open-loop; returns (outcomes, flip events from /status, wall seconds).
-
-    Requests still running `drain_s` after the last arrival are cancelled and count as failed,
-    so a hopelessly overloaded run still ends in bounded time.
-    """
-    base = base_url(url)
-    root = base[: -len("/v1")]
-    endpoint = base + "/completions"
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        model = model or await discover_model(session, base)
-
-        def body(a: Arrival) -> dict:
-            return {"model": model, "prompt": a.prompt_ids, "max_tokens": a.max_tokens, "temperature": 0.0,
-                    "ignore_eos": True, "min_tokens": a.max_tokens, "stream": True,
-                    "stream_options": {"include_usage": True}}
-
-        for i in range(warmup):  # load paths, compile, fill allocator caches: not measured
-            r = await stream_request(session, endpoint, body(Arrival(0, 0, [100 + i] * 16, 4)), chat=False,
-                                     timeout=timeout)
-            if not r.ok:
-                logger.warning("warm-up request failed: %s", r.error)
-        outcomes = [Outcome(a) for a in workload]
-        snapshots: list[tuple[float, dict[str, str]]] = []
-        stop = asyncio.Event()
-        t0 = time.perf_counter()
-        poller = asyncio.create_task(_poll_status(session, root, t0, snapshots, stop))
-
-        async def one(o: Outcome) -> None:
-            o.result = await stream_request(session, endpoint, body(o.arrival), chat=False, timeout=timeout)
-            o.finished_at = time.perf_counter() - t0
-
-        tasks = []
-        for o in outcomes:
-            delay = o.arrival.t - (time.perf_counter() - t0)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(o)))
-        done, pending = await asyncio.wait(tasks, timeout=drain_s) if tasks else (set(), set())
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for o in outcomes:
-            if not o.result.ok and not o.result.error and o.finished_at == 0.0:
-                o.result.error = f"still running {drain_s:g} s after the last arrival"
-                o.finished_at = time.perf_counter() - t0
-        wall = time.perf_counter() - t0
-        stop.set()
-        await poller
-    return outcomes, count_flips(snapshots), wall
-
-
-def summarize_run(outcomes: list[Outcome], phases: list[Phase], flips: list[dict], wall: float,
-                  ttft_slo_s: float, tpot_slo_s: float) -> dict:
-    per_phase = [summarize_phase(ph.name, [o for o in outcomes if o.arrival.phase == i], ttft_slo_s, tpot_slo_s)
-                 for i, ph in enumerate(phases)]
-    return {"overall": summarize_phase("all", outcomes, ttft_slo_s, tpot_slo_s), "phases": per_phase,
-            "flips": len(flips), "flip_events": flips, "wall_s": wall}
+async def measure(url: str, workload: list[Arrival], *, expected_workers: int | None, layout_timeout_s: float,
+                  timeout: float = 120.0, warmup: int = 2, drain_s: float = 30.0) -> tuple[RunRecord, dict]:
+    """Wait until the whole layout serves, then run `workload`: (the run, the layout seen at its start)."""
+    root = base_url(url)[: -len("/v1")]
+    async with aiohttp.ClientSession() as session:
+        layout = await wait_for_layout(session, root, expected=expected_workers, timeout_s=layout_timeout_s)
+    record = await run_workload(url, workload, timeout=timeout, warmup=warmup, drain_s=drain_s)
+    return record, layout
 
 
 async def smoke(url: str, seconds: float = 4.0, rate: float = 1.0, ttft_slo_ms: float = 5000,
                 tpot_slo_ms: float = 500) -> dict:
     """A short two-phase run against a running server: checks the whole path end to end in seconds."""
     phases = [Phase("prompt-heavy", seconds / 2, rate, 128, 4), Phase("decode-heavy", seconds / 2, rate, 16, 16)]
-    outcomes, flips, wall = await run_workload(url, make_workload(phases, seed=1), warmup=1, drain_s=60)
-    return summarize_run(outcomes, phases, flips, wall, ttft_slo_ms / 1000, tpot_slo_ms / 1000)
+    record = await run_workload(url, make_workload(phases, seed=1), warmup=1, drain_s=60)
+    return summarize_run(record, phases, ttft_slo_ms / 1000, tpot_slo_ms / 1000)
 
 
 # ------------------------------------------------------------------------------ the servers
 
 
 def serve_argv(args: argparse.Namespace, policy: str, port: int) -> list[str]:
-    """The `xllm serve` command line of one policy's run."""
-    argv = [sys.executable, "-m", "xllm.cli", "serve", "--port", str(port),
-            "--prefill-workers", str(args.prefill_workers), "--decode-workers", str(args.decode_workers),
-            "--pd-policy", policy, "--ttft-slo-ms", f"{args.ttft_slo_ms:g}", "--tpot-slo-ms", f"{args.tpot_slo_ms:g}"]
+    """The `xllm serve` command line of one policy's run: P+D mixed workers for `mixed`, else the
+    P/D layout under that policy; every worker at the threads the calibration measured with."""
+    argv = [sys.executable, "-m", "xllm.cli", "serve", "--port", str(port)]
+    if policy == "mixed":
+        argv += ["--workers", str(args.prefill_workers + args.decode_workers)]
+    else:
+        argv += ["--prefill-workers", str(args.prefill_workers), "--decode-workers", str(args.decode_workers),
+                 "--pd-policy", policy]
+    argv += ["--threads", str(layout_threads(args)),
+             "--ttft-slo-ms", f"{args.ttft_slo_ms:g}", "--tpot-slo-ms", f"{args.tpot_slo_ms:g}"]
     if args.model:
         argv += ["--model", args.model]
     for extra in args.serve_arg or []:
@@ -220,95 +87,197 @@ def serve_argv(args: argparse.Namespace, policy: str, port: int) -> list[str]:
     return argv
 
 
-def _run_one_policy(args: argparse.Namespace, policy: str, workload: list[Arrival], phases: list[Phase]) -> dict:
-    port = args.port
-    url = f"http://127.0.0.1:{port}"
-    argv = serve_argv(args, policy, port)
-    with running_server(argv, url, args, policy):
-        print(f"[{policy}] ready; sending {len(workload)} requests over "
-              f"{sum(p.duration_s for p in phases):g} s", flush=True)
-        outcomes, flips, wall = asyncio.run(run_workload(url, workload, timeout=args.timeout, drain_s=args.drain_s))
-    return summarize_run(outcomes, phases, flips, wall, args.ttft_slo_ms / 1000, args.tpot_slo_ms / 1000)
+def _run_seed(args: argparse.Namespace, policy: str, seed: int, phases: list[Phase]) -> dict:
+    """One policy on one seed, on a server of its own; an entry with `error` when it could not run."""
+    url = f"http://127.0.0.1:{args.port}"
+    workload = make_workload(phases, seed)
+    try:
+        with running_server(serve_argv(args, policy, args.port), url, args, f"{policy} seed {seed}"):
+            print(f"[{policy} seed {seed}] serving; waiting for all {args.prefill_workers + args.decode_workers} "
+                  f"workers, then {len(workload)} requests over {_duration(phases):g} s", flush=True)
+            record, layout = asyncio.run(measure(
+                url, workload, expected_workers=args.prefill_workers + args.decode_workers,
+                layout_timeout_s=args.layout_timeout, timeout=args.timeout, drain_s=args.drain_s))
+    except (BenchError, RuntimeError, OSError) as exc:
+        print(f"[{policy} seed {seed}] no result: {exc}", file=sys.stderr, flush=True)
+        return error_entry(seed, str(exc))
+    summary = summarize_run(record, phases, args.ttft_slo_ms / 1000, args.tpot_slo_ms / 1000)
+    entry = seed_entry(seed, {**summary, "layout": layout})
+    print(f"[{policy} seed {seed}] SLO attainment {fmt(entry['slo_attainment_pct'], '.1f')} %, "
+          f"{entry['flips']} flip(s), {summary['overall']['failed']} failed", flush=True)
+    return entry
+
+
+def _duration(phases: list[Phase]) -> float:
+    end = latest = 0.0
+    for ph in phases:
+        end = (ph.start_s if ph.start_s is not None else end) + ph.duration_s
+        latest = max(latest, end)
+    return latest
 
 
 # ------------------------------------------------------------------------------ the command
 
 
-def print_table(runs: dict[str, dict]) -> None:
-    print(f"{'policy':<9}{'phase':<14}{'req':>5}{'ok':>5}{'SLO%':>7}{'TTFT p50/p90 ms':>18}"
-          f"{'TPOT p50/p90 ms':>17}{'out tok/s':>11}{'flips':>7}")
-    for policy, run_ in runs.items():
-        for i, s in enumerate([*run_["phases"], run_["overall"]]):
-            flips = str(run_["flips"]) if i == len(run_["phases"]) else ""
-            print(f"{policy:<9}{s['phase']:<14}{s['requests']:>5}{s['completed']:>5}"
-                  f"{fmt(s['slo_attainment_pct'], '.1f'):>7}"
-                  f"{fmt(s['ttft_ms']['p50']) + '/' + fmt(s['ttft_ms']['p90']):>18}"
-                  f"{fmt(s['tpot_ms']['p50']) + '/' + fmt(s['tpot_ms']['p90']):>17}"
-                  f"{fmt(s['output_tok_per_s'], '.1f'):>11}{flips:>7}")
-            for err in s["errors"] if i == len(run_["phases"]) else []:
-                print(f"    error: {err}", file=sys.stderr)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model for xllm serve (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--policies", default="static,dynamic", help="comma-separated, run in this order")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, of mixed, static, dynamic")
+    p.add_argument("--workload", choices=WORKLOADS, default="shifting",
+                   help="shifting: prompt-heavy then decode-heavy; steady: both classes at half rate all along")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated workload seeds (each policy runs each)")
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=2,
                    help="default 2: with 1P+1D no flip is allowed (never zero workers of a role)")
     p.add_argument("--ttft-slo-ms", type=float, default=3000.0)
     p.add_argument("--tpot-slo-ms", type=float, default=200.0)
     p.add_argument("--phase-s", type=float, default=25.0, help="seconds of each phase (max 300)")
-    p.add_argument("--rate1", type=float, default=1.0, help="req/s in the prompt-heavy phase")
+    p.add_argument("--rate1", type=float, default=None,
+                   help="req/s of the prompt-heavy requests (default: calibrated, see --prefill-factor)")
+    p.add_argument("--prefill-factor", type=float, default=1.3,
+                   help="prompt-heavy load as a multiple of one prefill worker's measured capacity")
     p.add_argument("--prompt-len1", type=int, default=512)
     p.add_argument("--output-len1", type=int, default=4)
-    p.add_argument("--rate2", type=float, default=1.0, help="req/s in the decode-heavy phase")
+    p.add_argument("--rate2", type=float, default=None,
+                   help="req/s of the decode-heavy requests (default: calibrated, see --decode-factor)")
+    p.add_argument("--decode-factor", type=float, default=1.3,
+                   help="decode-heavy load as a multiple of one decode worker's measured capacity")
     p.add_argument("--prompt-len2", type=int, default=32)
     p.add_argument("--output-len2", type=int, default=64)
+    p.add_argument("--calib-batch", type=int, default=None,
+                   help="measure decode at this batch (default: the largest of 1, 2, 4, ... whose TPOT meets the SLO)")
+    p.add_argument("--calib-max-batch", type=int, default=None,
+                   help="the largest batch the decode sweep tries (default: the workers' --max-num-seqs)")
     p.add_argument("--drain-s", type=float, default=15.0, help="max wait after the last arrival (max 300)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout-timeout", type=float, default=180.0,
+                   help="seconds to wait, once the server answers, for every worker of the layout")
+    p.add_argument("--divergence-pts", type=float, default=DIVERGENCE_PTS,
+                   help="explain two seeds of one policy further apart than this (attainment points)")
     add_server_arguments(p, port=8017)
     p.add_argument("--url", default=None, help="run once against this running server instead of starting any")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
 
 
-def phases_from_args(args: argparse.Namespace) -> list[Phase]:
-    return [Phase("prompt-heavy", args.phase_s, args.rate1, args.prompt_len1, args.output_len1),
-            Phase("decode-heavy", args.phase_s, args.rate2, args.prompt_len2, args.output_len2)]
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2` → [0, 1, 2]; ValueError for an empty list, a repeat or a non-integer."""
+    seeds = [int(s) for s in text.split(",") if s.strip()]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError("--seeds takes distinct comma-separated integers")
+    return seeds
+
+
+def phases_from_args(args: argparse.Namespace, rate1: float | None = None, rate2: float | None = None) -> list[Phase]:
+    """The workload's phases at the given rates (default: `--rate1/--rate2`)."""
+    return build_phases(args.workload, args.phase_s, rate1 if rate1 is not None else args.rate1,
+                        rate2 if rate2 is not None else args.rate2, args.prompt_len1, args.output_len1,
+                        args.prompt_len2, args.output_len2)
+
+
+def rates_from_calibration(args: argparse.Namespace, calibration: dict | None) -> dict:
+    """Each phase's req/s: `--rate1/--rate2` where given, else from the measured capacities."""
+    calibrated = (None, None)
+    if calibration is not None:
+        calibrated = calibrated_rates(calibration["prefill"]["tok_per_s"], calibration["decode"]["tok_per_s"],
+                                      args.prompt_len1, args.output_len2, args.prefill_factor, args.decode_factor)
+    return {"prompt-heavy": args.rate1 if args.rate1 is not None else calibrated[0],
+            "decode-heavy": args.rate2 if args.rate2 is not None else calibrated[1],
+            "calibrated": {"prompt-heavy": calibrated[0], "decode-heavy": calibrated[1]},
+            "overridden": {"rate1": args.rate1 is not None, "rate2": args.rate2 is not None}}
+
+
+def _problems(args: argparse.Namespace) -> list[str]:
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    problems = []
+    if not 0 < args.phase_s <= 300 or not 0 < args.drain_s <= 300:
+        problems.append("--phase-s and --drain-s must be in (0, 300]")
+    if not policies or any(p not in POLICIES for p in policies):
+        problems.append("--policies takes mixed, static and/or dynamic")
+    try:
+        parse_seeds(args.seeds)
+    except ValueError:
+        problems.append("--seeds takes distinct comma-separated integers")
+    if args.prefill_workers < 1 or args.decode_workers < 1:
+        problems.append("--prefill-workers and --decode-workers must be >= 1")
+    if min(args.prefill_factor, args.decode_factor) <= 0 or any(
+            r is not None and r <= 0 for r in (args.rate1, args.rate2)):
+        problems.append("the factors and rates must be > 0")
+    if any(b is not None and b < 1 for b in (args.calib_batch, args.calib_max_batch)):
+        problems.append("--calib-batch and --calib-max-batch must be >= 1")
+    return problems
+
+
+def _plan(args: argparse.Namespace) -> CalibrationPlan:
+    return CalibrationPlan(prefill_prompt_len=args.prompt_len1, decode_prompt_len=args.prompt_len2,
+                           decode_output_len=args.output_len2, tpot_slo_s=args.tpot_slo_ms / 1000,
+                           max_batch=args.calib_max_batch or engine_max_batch(args.serve_arg),
+                           batch=args.calib_batch, timeout=args.timeout,
+                           layout_timeout_s=args.layout_timeout)
+
+
+def _calibration(args: argparse.Namespace) -> dict | None:
+    if args.rate1 is not None and args.rate2 is not None:
+        return None
+    print("calibration: measuring one worker's prefill and decode capacity", flush=True)
+    measured = asyncio.run(calibrate_url(args.url, _plan(args))) if args.url else calibrate(args, _plan(args))
+    print(f"calibration: prefill {measured['prefill']['tok_per_s']:.0f} tok/s, decode "
+          f"{measured['decode']['tok_per_s']:.0f} tok/s at batch {measured['decode']['batch']} "
+          f"(TPOT {measured['decode']['tpot_ms']:.0f} ms), in {measured['wall_s']:.0f} s", flush=True)
+    return measured
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0 < args.phase_s <= 300 or not 0 < args.drain_s <= 300:
-        print("xllm bench pd: --phase-s and --drain-s must be in (0, 300]", file=sys.stderr)
+    problems = _problems(args)
+    if problems:
+        print(f"xllm bench pd: {problems[0]}", file=sys.stderr)
         return 2
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    if not policies or any(p not in ("static", "dynamic") for p in policies):
-        print("xllm bench pd: --policies takes static and/or dynamic", file=sys.stderr)
-        return 2
-    phases = phases_from_args(args)
-    workload = make_workload(phases, args.seed)
-    runs: dict[str, dict] = {}
+    seeds = parse_seeds(args.seeds)
+    workers = args.prefill_workers + args.decode_workers
     try:
-        if args.url:
-            outcomes, flips, wall = asyncio.run(run_workload(args.url, workload, timeout=args.timeout,
-                                                             drain_s=args.drain_s))
-            runs["external"] = summarize_run(outcomes, phases, flips, wall, args.ttft_slo_ms / 1000,
-                                             args.tpot_slo_ms / 1000)
-        else:
-            for policy in policies:
-                runs[policy] = _run_one_policy(args, policy, workload, phases)
+        calibration = _calibration(args)
     except (BenchError, RuntimeError, OSError) as exc:
-        print(f"xllm bench pd: {exc}", file=sys.stderr)
+        print(f"xllm bench pd: calibration failed: {exc}", file=sys.stderr)
         return 1
-    print_table(runs)
+    rates = rates_from_calibration(args, calibration)
+    phases = phases_from_args(args, rates["prompt-heavy"], rates["decode-heavy"])
+    print(f"load: prompt-heavy {rates['prompt-heavy']:.3g} req/s, decode-heavy {rates['decode-heavy']:.3g} req/s "
+          f"({args.workload}); seeds {seeds}", flush=True)
+    entries: dict[str, list[dict]] = {}
+    if args.url:  # a smoke run: once, on the first seed, against what is there
+        try:
+            record, layout = asyncio.run(measure(args.url, make_workload(phases, seeds[0]), expected_workers=None,
+                                                 layout_timeout_s=args.layout_timeout, timeout=args.timeout,
+                                                 drain_s=args.drain_s))
+        except (BenchError, RuntimeError, OSError) as exc:
+            print(f"xllm bench pd: {exc}", file=sys.stderr)
+            return 1
+        summary = summarize_run(record, phases, args.ttft_slo_ms / 1000, args.tpot_slo_ms / 1000)
+        entries["external"] = [seed_entry(seeds[0], {**summary, "layout": layout})]
+    else:
+        print(f"{len(seeds) * len(policies)} runs of {_duration(phases):g} s of load each, every one on a fresh "
+              f"server (start-up, then up to {args.drain_s:g} s of drain)", flush=True)
+        for seed in seeds:
+            for policy in policies:
+                entries.setdefault(policy, []).append(_run_seed(args, policy, seed, phases))
+    runs = {policy: aggregate_policy(policy, e, divergence_pts=args.divergence_pts) for policy, e in entries.items()}
+    for policy, r in runs.items():  # what was measured, as a user would start it
+        r["serve"] = args.url if args.url else " ".join(["xllm", *serve_argv(args, policy, args.port)[3:]])
+    comparisons = compare_policies(runs)
+    print_table(runs, comparisons)
+    if calibration is not None:
+        calibration = {**calibration, "factors": {"prefill": args.prefill_factor, "decode": args.decode_factor}}
     doc = {
         "benchmark": "pd", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model or "default",
-        "layout": f"{args.prefill_workers}P+{args.decode_workers}D",
+        "layout": f"{args.prefill_workers}P+{args.decode_workers}D", "workers": workers,
+        "threads_per_worker": None if args.url else layout_threads(args), "workload": args.workload,
         "slo": {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms},
-        "phases": [vars(p) for p in phases], "seed": args.seed, "cpu_count": os.cpu_count(), "runs": runs,
+        "calibration": {**(calibration or {"skipped": "--rate1 and --rate2 given"}), "rates": rates},
+        "phases": [ph.as_dict() for ph in phases], "seeds": seeds[:1] if args.url else seeds, "cpu_count": os.cpu_count(),
+        "runs": runs, "comparisons": comparisons,
+        "diagnosis": [line for r in runs.values() for line in r["diagnosis"]],
     }
     if args.json_path:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
         with open(args.json_path, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"results written to {args.json_path}")
-    return 0 if any(r["overall"]["completed"] for r in runs.values()) else 1
+    return 0 if all(r["overall"].get("completed") for r in runs.values()) else 1

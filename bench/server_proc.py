@@ -35,6 +35,8 @@ def running_server(argv: list[str], url: str, args: argparse.Namespace, label: s
     session so stopping it reaches every child it started.
     """
     print(f"[{label}] starting: {' '.join(argv[1:])}", flush=True)
+    if args.server_log:
+        os.makedirs(os.path.dirname(os.path.abspath(args.server_log)), exist_ok=True)
     log = open(args.server_log, "ab") if args.server_log else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if args.server_log else None,

@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
                                "tokens/s over a concurrency sweep)"),
-        ("pd", bench_pd, "static vs dynamic prefill/decode under a workload that shifts from prompt-heavy to "
-                         "decode-heavy (SLO attainment, tok/s, flips)"),
+        ("pd", bench_pd, "mixed workers vs static vs dynamic prefill/decode under a load calibrated to this "
+                         "machine, over several seeds (SLO attainment mean and spread, flips, predictor error)"),
         ("kv", bench_kv, "tiered KV storage on vs off under multi-turn chats and shared system prompts (TTFT, "
                          "prefix hit rate per tier, throughput)"),
         ("quality", bench_quality, "accuracy of the bf16 / int8 / W8A8 paths against fp32 (perplexity, top-1 "

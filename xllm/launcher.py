@@ -15,6 +15,7 @@ not even a SIGKILLed launcher leaves orphans.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -88,7 +89,8 @@ class Launcher:
         self.health_url = health_url
         self.stop_timeout_s = stop_timeout_s
         self.poll_interval_s = poll_interval_s
-        self.ready = False
+        self.serving = False  # /health answered 200: some worker serves
+        self.ready = False  # and every worker the scheduler expects is up
         self.exit_code = 0
         self._stop_signal: int | None = None
 
@@ -131,7 +133,7 @@ class Launcher:
             self._stop_signal = self._stop_signal or _SELF_STOP
             return
         child.failures = 0 if lived >= _STABLE_AFTER_S else child.failures + 1
-        if not self.ready and child.failures >= _MAX_STARTUP_FAILURES:
+        if not self.serving and child.failures >= _MAX_STARTUP_FAILURES:
             # Never served yet and keeps dying (a bad model path, a taken port): give up loudly.
             logger.error("%s failed %d times in a row before the server became ready: stopping",
                          child.spec.name, child.failures)
@@ -152,9 +154,11 @@ class Launcher:
             return
         try:
             with urllib.request.urlopen(self.health_url, timeout=0.5) as response:
-                self.ready = response.status == 200
+                self.serving = self.serving or response.status == 200
+                body = response.read()
         except (urllib.error.URLError, OSError, ValueError):
             return
+        self.ready = self.serving and _all_workers_up(body)
         if self.ready:
             base = self.health_url.rsplit("/health", 1)[0]
             print(f"xllm: ready at {base}", flush=True)
@@ -216,6 +220,21 @@ class Launcher:
                 path.unlink()
             except OSError:
                 pass
+
+
+def _all_workers_up(body: bytes) -> bool:
+    """Whether a 200 `/health` body says every expected worker is up (true when it names no
+    expected count: a gateway or scheduler that does not report one has nothing to wait for)."""
+    try:
+        health = json.loads(body)
+    except ValueError:
+        return True
+    if not isinstance(health, dict):
+        return True
+    up, expected = health.get("workers_up"), health.get("workers_expected")
+    if not isinstance(expected, int) or isinstance(expected, bool):
+        return True
+    return isinstance(up, int) and up >= expected
 
 
 def _kill_group(pgid: int, sig: int) -> None:

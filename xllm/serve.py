@@ -112,9 +112,10 @@ def build_specs(args: argparse.Namespace, run_dir: Path, log_level: str) -> list
     if kvstore:
         store = KVSTORE.from_namespace(args, dir=str(Path(serve.kvstore_dir).absolute()))
         specs.append(_child("kvstore", "services.kvstore", bus, to_argv(store)))
-    scheduler = SCHEDULER.from_namespace(args, kvstore=kvstore)
-    specs.append(_child("scheduler", "services.scheduler", bus, to_argv(scheduler)))
     roles = worker_roles(serve)
+    # The scheduler reports how many of these are up: `xllm: ready` waits for all of them.
+    scheduler = SCHEDULER.from_namespace(args, kvstore=kvstore, expected_workers=len(roles))
+    specs.append(_child("scheduler", "services.scheduler", bus, to_argv(scheduler)))
     engine = ENGINE.from_namespace(args)
     engine = replace(engine, num_threads=worker_threads(engine.num_threads, len(roles)))
     for instance_id, role in roles:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from common.protocol.base import Channel, Message, register
+from common.protocol.base import Channel, Message, Record, register
 from common.protocol.sampling import Sampling
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Heartbeat",
     "Deregister",
     "Assign",
+    "DecodeCandidate",
     "AbortRequest",
     "RequestFinished",
     "RequestHandoff",
@@ -46,6 +47,9 @@ class Register(BackendMessage):
     page_size: int
     model: str
     max_model_len: int
+    # The last role flip this worker applied (0: none): a restarted scheduler numbers its next
+    # flips above it, so a worker's flip ids only grow (decode candidates are judged by them).
+    flip_id: int = 0
 
 
 @register
@@ -84,6 +88,9 @@ class Heartbeat(BackendMessage):
     prompt_tokens_total: int
     generated_tokens_total: int
     stats: dict
+    # The last role flip this worker applied (0: none): `role` is its answer to that order, so
+    # a heartbeat sent before the worker saw a newer order cannot be taken for its answer.
+    flip_id: int = 0
 
 
 @register
@@ -91,6 +98,16 @@ class Heartbeat(BackendMessage):
 class Deregister(BackendMessage):
     TAG: ClassVar[str] = "deregister"
     instance_id: str
+
+
+class DecodeCandidate(Record):
+    """A decode worker a prefill worker may hand a sequence's KV to, as the scheduler named it."""
+
+    instance_id: str
+    kv_addr: str
+    # The worker's flip generation (the id of the last role flip it acknowledged) when it was
+    # named: a promise made then is kept even if the worker flipped out of the decode role since.
+    flip_id: int = 0
 
 
 @register
@@ -106,9 +123,9 @@ class Assign(BackendMessage):
     prefill_instance: str
     decode_instance: str
     arrival_time: float
-    # P/D disaggregation: decode workers to hand the KV to after prefill, best first, as
-    # [instance_id, kv_addr] pairs. Empty: the assigned worker serves the whole request.
-    decode_candidates: list[list[str]] = []
+    # P/D disaggregation: decode workers to hand the KV to after prefill, best first. Empty: the
+    # assigned worker serves the whole request.
+    decode_candidates: list[DecodeCandidate] = []
 
 
 @register

@@ -58,6 +58,9 @@ class KvTransferBegin(KvMessage):
     ttft_s: float = -1.0
     # The per-request sampler RNG state (seeded requests), so decode continues the same stream.
     generator_state: bytes | None = None
+    # The receiver's flip generation when the scheduler named it as a decode candidate
+    # (`DecodeCandidate.flip_id`); None: not named by the scheduler, its current role decides.
+    candidate_flip_id: int | None = None
 
 
 @register

@@ -10,15 +10,22 @@
 Writing all layers in one engine call at the end, rather than one call per chunk, keeps a
 transfer from waiting behind one decode step per layer. A transfer that stalls (the prefill
 worker died) is cancelled after the timeout, so reserved pages never leak.
+
+Whether the worker takes decode work is its call (`admission`): a draining worker refuses, one in
+the decode or mixed role accepts, and one that flipped out of the decode role still accepts a
+sequence whose candidate was named before that flip. Refusals are counted by reason
+(`kv_handoffs_refused_<reason>` in the stats, on the status page): one for the role means the
+scheduler named a worker that had already left the decode role.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import zmq.asyncio
@@ -36,11 +43,24 @@ from common.protocol import (
 )
 from services.worker.engine_api import WorkerEngine
 
-__all__ = ["KvReceiver"]
+__all__ = ["KvReceiver", "Admission", "REFUSAL_REASONS"]
 
 logger = logging.getLogger(__name__)
 
 RunOnEngine = Callable[..., Awaitable[Any]]
+
+# Why an incoming transfer is refused; each has its counter, `kv_handoffs_refused_<reason>`.
+REFUSAL_REASONS = ("role", "draining", "no_pages", "layout", "other")
+
+
+class Admission(NamedTuple):
+    """The worker's answer to an incoming sequence: take it or not, and why."""
+
+    ok: bool
+    # Refused: one of REFUSAL_REASONS. Taken: "role" (it takes decode work) or "promised" (it
+    # flipped out of the decode role after the scheduler named it: the hand-off is honoured).
+    reason: str
+    message: str = ""
 
 
 @dataclass
@@ -56,18 +76,20 @@ class KvReceiver:
         self,
         engine: WorkerEngine,
         run_on_engine: RunOnEngine,
-        refusal: Callable[[], str | None],
+        admission: Callable[[KvTransferBegin], Admission],
         on_committed: Callable[[KvTransferBegin], Awaitable[None]],
         timeout_s: float,
     ) -> None:
         self.engine = engine
         self.run_on_engine = run_on_engine
-        self.refusal = refusal  # why this worker takes no decode work now, or None
+        self.admission = admission  # whether this worker takes a sequence's KV now
         self.on_committed = on_committed
         self.timeout_s = timeout_s
         self._incoming: dict[str, _Incoming] = {}
         self.received_ok = 0
         self.refused = 0
+        self.refused_by_reason: Counter[str] = Counter()
+        self.honoured_after_flip = 0  # taken although the worker left the decode role since
         self.cancelled = 0
         self.bytes_received = 0
 
@@ -76,6 +98,8 @@ class KvReceiver:
             "kv_incoming": len(self._incoming),
             "kv_received_ok": self.received_ok,
             "kv_refused": self.refused,
+            **{f"kv_handoffs_refused_{reason}": self.refused_by_reason[reason] for reason in REFUSAL_REASONS},
+            "kv_handoffs_honoured_after_flip": self.honoured_after_flip,
             "kv_cancelled": self.cancelled,
             "kv_bytes_received": self.bytes_received,
         }
@@ -86,11 +110,13 @@ class KvReceiver:
         await self._HANDLERS[type(msg)](self, sock, identity, msg, tensors)
 
     async def _on_begin(self, sock: zmq.asyncio.Socket, identity: bytes, msg: KvTransferBegin, tensors: list) -> None:
-        reason = await self._begin(identity, msg)
-        if reason is not None:
+        refusal = await self._begin(identity, msg)
+        if refusal is not None:
             self.refused += 1
-            logger.info("refused KV of %s from %s: %s", msg.request_id, msg.source_instance, reason)
-        await bus.send(sock, KvTransferReady(transfer_id=msg.transfer_id, ok=reason is None, reason=reason or ""),
+            self.refused_by_reason[refusal.reason] += 1
+            logger.info("refused KV of %s from %s: %s", msg.request_id, msg.source_instance, refusal.message)
+        await bus.send(sock, KvTransferReady(transfer_id=msg.transfer_id, ok=refusal is None,
+                                             reason=refusal.message if refusal is not None else ""),
                        identity=identity)
 
     async def _on_chunk(self, sock: zmq.asyncio.Socket, identity: bytes, msg: KvTransferChunk, tensors: list) -> None:
@@ -104,17 +130,19 @@ class KvReceiver:
         if incoming is not None and incoming.identity == identity:
             await self._cancel(msg.transfer_id, f"cancelled by the sender: {msg.reason}")
 
-    async def _begin(self, identity: bytes, msg: KvTransferBegin) -> str | None:
-        refusal = self.refusal()
-        if refusal is not None:
-            return refusal
+    async def _begin(self, identity: bytes, msg: KvTransferBegin) -> Admission | None:
+        """Reserve pages for the transfer; the refusal when it is not taken."""
+        admission = self.admission(msg)
+        if not admission.ok:
+            return admission
         engine = self.engine
         if msg.namespace != engine.kv_namespace:
-            return f"KV layout {msg.namespace!r} differs from this worker's {engine.kv_namespace!r}"
+            return Admission(False, "layout",
+                             f"KV layout {msg.namespace!r} differs from this worker's {engine.kv_namespace!r}")
         if msg.num_layers != engine.num_layers or msg.page_size != engine.page_size:
-            return "layer count or page size differs from this worker's"
+            return Admission(False, "layout", "layer count or page size differs from this worker's")
         if msg.transfer_id in self._incoming:
-            return f"transfer id {msg.transfer_id!r} is in use"
+            return Admission(False, "other", f"transfer id {msg.transfer_id!r} is in use")
         try:
             params = SamplingParams.from_dict(msg.sampling.to_dict())
             await self.run_on_engine(
@@ -125,10 +153,14 @@ class KvReceiver:
                 )
             )
         except NoFreePagesError:
-            return "no free KV pages"
+            return Admission(False, "no_pages", "no free KV pages")
         except (ValueError, TypeError, KeyError) as exc:
-            return str(exc)
+            return Admission(False, "other", str(exc))
         self._incoming[msg.transfer_id] = _Incoming(identity, msg, time.monotonic() + self.timeout_s)
+        if admission.reason == "promised":
+            self.honoured_after_flip += 1
+            logger.info("took KV of %s in after a flip: named as a decode candidate before it",
+                        msg.request_id)
         return None
 
     async def _chunk(self, identity: bytes, msg: KvTransferChunk, tensors: list) -> str | None:

@@ -7,6 +7,7 @@ the scheduler's StatusReply.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -62,6 +63,14 @@ class GatewayMetrics:
         self.worker_role = Gauge("xllm_worker_role", "1 for a worker's current role, 0 for the others",
                                  ["instance", "role"], registry=registry)
         self.pd_flips = Gauge("xllm_pd_flips", "Role flips the scheduler ordered", registry=registry)
+        self.ttft_mdape = Gauge("xllm_ttft_predictor_mdape_pct",
+                                "Median absolute percentage error of the scheduler's TTFT predictions against "
+                                "measured TTFT, over its recent window (NaN: nothing scored yet)", registry=registry)
+        self.ttft_mdape_samples = Gauge("xllm_ttft_predictor_samples",
+                                        "Measured TTFTs the predictor error is computed over", registry=registry)
+        self.ttft_unpredicted = Gauge("xllm_ttft_predictor_unpredicted",
+                                      "Measured TTFTs not scored: the predictor had too few points to predict",
+                                      registry=registry)
         self.prefix_hit_tokens = Gauge("xllm_prefix_hit_tokens",
                                        "Prompt tokens served from cached KV instead of computed, by tier "
                                        "(hbm: a worker's own pages; dram / ssd: reloaded from the kvstore)",
@@ -125,6 +134,13 @@ class GatewayMetrics:
 
     def update_scheduler(self, info: dict[str, Any]) -> None:
         self.pd_flips.set(_number(info.get("flips_total")))
+        policy = info.get("policy")
+        predictor = policy.get("ttft_predictor") if isinstance(policy, dict) else None
+        if isinstance(predictor, dict):
+            # NaN, not 0, while nothing was scored: 0 % would read as a perfect predictor.
+            self.ttft_mdape.set(_number(predictor.get("mdape_pct"), math.nan))
+            self.ttft_mdape_samples.set(_number(predictor.get("samples")))
+            self.ttft_unpredicted.set(_number(predictor.get("unpredicted")))
         store = info.get("kvstore")
         if isinstance(store, dict) and store:
             for tier in ("dram", "ssd"):

@@ -31,9 +31,17 @@ def _model_card(request: web.Request) -> dict:
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    """200 once one worker can serve (load balancers and a single worker rely on that); the body
+    says how many of the workers the scheduler expects are up, for whoever waits on the whole
+    layout (`xllm serve`'s "ready" line, benchmarks)."""
     client = request.app[CTX_KEY].client
     if client.ready:
-        return json_response({"status": "ok"})
+        workers = client.scheduler_info.get("workers")
+        if isinstance(workers, dict):
+            up, expected = workers.get("up"), workers.get("expected")
+        else:  # a scheduler that does not report it: count the ready instances
+            up, expected = sum(1 for inst in client.instances if instance_ready(inst)), None
+        return json_response({"status": "ok", "workers_up": up, "workers_expected": expected})
     reason = "no worker is ready" if client.scheduler_alive else "the scheduler is not reachable"
     raise APIError(503, reason, code="service_unavailable", headers={"Retry-After": "1"})
 

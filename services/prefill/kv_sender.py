@@ -32,6 +32,7 @@ from common import bus
 from common.codec import DTYPES
 from common.protocol import (
     KV,
+    DecodeCandidate,
     KvTransferAck,
     KvTransferBegin,
     KvTransferCancel,
@@ -61,7 +62,7 @@ class HandoffRequest:
     priority: str
     tokens_addr: str
     arrival_time: float
-    candidates: list[list[str]]  # [instance_id, kv_addr], best first
+    candidates: list[DecodeCandidate]  # best first
     ttft_s: float = -1.0
 
 
@@ -151,12 +152,13 @@ class KvSender:
         sequence was resumed here (or the request went away meanwhile)."""
         self.in_flight += 1
         try:
-            for instance_id, address in request.candidates:
+            for candidate in request.candidates:
+                instance_id = candidate.instance_id
                 if not self.engine.handoff.is_held(request.request_id):
                     return None  # aborted while we were trying
                 started = time.perf_counter()
                 try:
-                    ok, reason = await self._transfer(request, address)
+                    ok, reason = await self._transfer(request, candidate)
                 except (zmq.ZMQError, ValueError, KeyError) as exc:
                     ok, reason = False, f"{type(exc).__name__}: {exc}"
                 if ok:
@@ -182,7 +184,8 @@ class KvSender:
         finally:
             self.in_flight -= 1
 
-    async def _transfer(self, request: HandoffRequest, address: str) -> tuple[bool, str]:
+    async def _transfer(self, request: HandoffRequest, candidate: DecodeCandidate) -> tuple[bool, str]:
+        address = candidate.kv_addr
         export = await self.run_on_engine(self.engine.handoff.export_kv, request.request_id)
         transfer_id = f"{self.instance_id}:{next(self._ids)}:{uuid.uuid4().hex[:6]}"
         peer = self._peer(address)
@@ -194,6 +197,8 @@ class KvSender:
             page_size=int(self.engine.page_size), dtype=_DTYPE_NAMES.get(self.engine.kv_dtype, str(self.engine.kv_dtype)),
             namespace=self.engine.kv_namespace, num_cached_tokens=int(export.num_cached_tokens),
             ttft_s=request.ttft_s, generator_state=export.generator_state,
+            # The promise the scheduler made: the peer honours it even if it flipped since.
+            candidate_flip_id=candidate.flip_id,
         )
         ready = await self._ask(peer, begin, KvTransferReady.TAG, transfer_id, address)
         if ready is None:

@@ -24,12 +24,17 @@ class SchedulerConfig:
     kvstore: bool = setting(False, "follow the kvstore of this --run-dir (its DRAM/SSD blocks count for routing)")
     kvstore_addr: str | None = setting(None, "the kvstore's ROUTER address (implies --kvstore)")
     kvstore_events_addr: str | None = setting(None, "the kvstore's event PUB address")
+    expected_workers: int | None = setting(
+        None, "workers this layout starts (xllm serve sets it): /health and /status report how many of them are up")
 
     def problems(self) -> list[str]:
         """What makes this configuration unusable, as flag-named messages."""
-        return [f"--{name.replace('_', '-')} must be > 0"
-                for name in ("heartbeat_timeout", "ttft_slo_ms", "tpot_slo_ms", "policy_interval")
-                if getattr(self, name) <= 0]
+        problems = [f"--{name.replace('_', '-')} must be > 0"
+                    for name in ("heartbeat_timeout", "ttft_slo_ms", "tpot_slo_ms", "policy_interval")
+                    if getattr(self, name) <= 0]
+        if self.expected_workers is not None and self.expected_workers < 0:
+            problems.append("--expected-workers must be >= 0")
+        return problems
 
     def make_policy(self) -> PdPolicy:
         return make_policy(self.pd_policy, self.ttft_slo_ms / 1000.0, self.tpot_slo_ms / 1000.0)

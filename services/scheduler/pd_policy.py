@@ -2,6 +2,7 @@
 
 Pure (no sockets, injectable clock): the scheduler feeds it heartbeats and per-request latencies,
 calls `decide()` every 0.5-1 s, sends the returned flips and reports them with `note_flip()`.
+What the policies observe (windows, TTFT models, the models' measured error) is `pd_observations`.
 
 Signals, and why
 ----------------
@@ -44,21 +45,25 @@ Rules
   work); if a role is empty anyway (a start-up layout), a worker of a side with ≥ 2 moves to it.
 * The candidate is the least loaded: the decode with fewest running sequences, the prefill
   with the fewest queued prefill tokens. Mixed workers never take part.
+* Every flip carries the predicted TTFT behind it and the predictor's recent MdAPE (in its
+  reason and in `recent_decisions`); one made while that error exceeds the hysteresis gap
+  (1 − low/high water) is marked SUSPECT, so a flip on a bad model shows in /status.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from common.protocol import Heartbeat
-from services.scheduler.metrics_window import RateWindow, SampleWindow, percentile
-from services.scheduler.ttft_predictor import TtftPredictor
+from services.scheduler.metrics_window import percentile
+from services.scheduler.pd_observations import InstanceState, PdObservations
+from services.scheduler.ttft_predictor import DEFAULT_ACCURACY_WINDOW_S
 
 __all__ = ["Flip", "PdPolicy", "StaticPolicy", "DynamicPdPolicy", "make_policy", "POLICIES"]
 
@@ -66,7 +71,6 @@ logger = logging.getLogger(__name__)
 
 PREFILL, DECODE = "prefill", "decode"
 _PD_ROLES = (PREFILL, DECODE)
-_DEFAULT_PROMPT_LEN = 256  # typical prompt before any was seen
 
 
 @dataclass
@@ -74,6 +78,10 @@ class Flip:
     instance_id: str
     role: str
     reason: str
+    # The predicted TTFT that motivated the flip (None: no prediction did) and how wrong the
+    # predictor has recently been, so a flip made on a bad model can be told apart afterwards.
+    predicted_ttft_s: float | None = None
+    predictor_mdape_pct: float | None = None
 
 
 class PdPolicy(Protocol):
@@ -84,150 +92,17 @@ class PdPolicy(Protocol):
     def decide(self) -> list[Flip]: ...
     def note_flip(self, instance_id: str, role: str) -> None: ...
     def predict_ttft(self, instance_id: str, prompt_len: int) -> float: ...
+    def snapshot(self) -> dict: ...
 
 
-@dataclass
-class _Instance:
-    instance_id: str
-    role: str
-    window_s: float
-    clock: Callable[[], float]
-    waiting: int = 0
-    running: int = 0
-    queued_prefill_tokens: int = 0
-    max_num_seqs: int = 1
-    free_pages: int = 0
-    total_pages: int = 0
-    flipping: bool = False
-    last_seen: float = -math.inf
-    last_flip_at: float = -math.inf
-    pending_role: str | None = None
-    pending_since: float = -math.inf
-    ttft: SampleWindow = field(init=False)
-    tpot: SampleWindow = field(init=False)
-    prompt_rate: RateWindow = field(init=False)
-    gen_rate: RateWindow = field(init=False)
-    predictor: TtftPredictor = field(default_factory=TtftPredictor)
-
-    def __post_init__(self) -> None:
-        self.ttft = SampleWindow(self.window_s, self.clock)
-        self.tpot = SampleWindow(self.window_s, self.clock)
-        self.prompt_rate = RateWindow(self.window_s, self.clock)
-        self.gen_rate = RateWindow(self.window_s, self.clock)
-
-
-class StaticPolicy:
-    """Never flips; keeps the windows and the TTFT model so routing can still use them."""
+class StaticPolicy(PdObservations):
+    """Never flips; keeps the windows and the TTFT model so routing (and /status) can still use them."""
 
     name = "static"
-
-    def __init__(self, ttft_slo_s: float, tpot_slo_s: float, *, window_s: float = 15.0,
-                 stale_s: float = 3.0, pending_timeout_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if ttft_slo_s <= 0 or tpot_slo_s <= 0:
-            raise ValueError("SLOs must be > 0")
-        self.ttft_slo_s, self.tpot_slo_s = ttft_slo_s, tpot_slo_s
-        self.window_s, self.stale_s, self.pending_timeout_s = window_s, stale_s, pending_timeout_s
-        self.clock = clock
-        self.instances: dict[str, _Instance] = {}
-        self.global_predictor = TtftPredictor()
-        self.prompt_lens = SampleWindow(window_s, clock)
-        self.flips_total = 0
-        self.last_reason = "no decision yet"
-        self.last_flip_at = -math.inf
-        # Observed latencies count from here on (the last flip, or when it settled).
-        self.epoch = -math.inf
-
-    # ---- observations ------------------------------------------------------------------
-
-    def _get(self, instance_id: str, role: str = "") -> _Instance:
-        inst = self.instances.get(instance_id)
-        if inst is None:
-            inst = self.instances[instance_id] = _Instance(instance_id, role, self.window_s, self.clock)
-        return inst
-
-    def observe_heartbeat(self, beat: Heartbeat, role: str) -> None:
-        """`role`: the instance's role as the registry has it (the ordered one, while a flip is
-        unacknowledged), which may differ from the one `beat` reports."""
-        now = self.clock()
-        instance_id = beat.instance_id
-        inst = self._get(instance_id, role)
-        inst.last_seen = now
-        inst.waiting, inst.running = max(0, beat.waiting), max(0, beat.running)
-        inst.queued_prefill_tokens = max(0, beat.queued_prefill_tokens)
-        inst.max_num_seqs = max(1, beat.max_num_seqs)
-        inst.free_pages, inst.total_pages = beat.free_pages, beat.total_pages
-        inst.flipping = beat.flipping
-        inst.prompt_rate.observe(beat.prompt_tokens_total, now)
-        inst.gen_rate.observe(beat.generated_tokens_total, now)
-        if inst.pending_role is None:
-            inst.role = role
-        elif role == inst.pending_role and not inst.flipping:
-            logger.info("flip of %s to %s settled", instance_id, role)
-            inst.pending_role, inst.role = None, role
-            self.epoch = now
-        elif now - inst.pending_since > self.pending_timeout_s:
-            # The worker never confirmed: believe what it says it is.
-            logger.warning("flip of %s to %s not confirmed after %.0f s; it reports %s",
-                           instance_id, inst.pending_role, self.pending_timeout_s, role)
-            inst.pending_role, inst.role = None, role
-            self.epoch = now
-        # else: a heartbeat sent before the flip arrived; keep the role we ordered.
-
-    def observe_ttft(self, instance_id: str, prompt_len: int, queued_prefill_tokens: int, ttft_s: float) -> None:
-        if not math.isfinite(ttft_s) or ttft_s < 0:
-            return
-        inst = self._get(instance_id)
-        inst.ttft.add(ttft_s)
-        tokens = max(0, queued_prefill_tokens) + max(0, prompt_len)
-        inst.predictor.observe(tokens, ttft_s)
-        self.global_predictor.observe(tokens, ttft_s)
-        if prompt_len > 0:
-            self.prompt_lens.add(prompt_len)
-
-    def observe_tpot(self, instance_id: str, tpot_s: float) -> None:
-        if math.isfinite(tpot_s) and tpot_s >= 0:
-            self._get(instance_id).tpot.add(tpot_s)
-
-    def forget(self, instance_id: str) -> None:
-        self.instances.pop(instance_id, None)
-
-    def note_flip(self, instance_id: str, role: str) -> None:
-        now = self.clock()
-        inst = self._get(instance_id, role)
-        inst.pending_role, inst.pending_since, inst.last_flip_at, inst.role = role, now, now, role
-        self.last_flip_at = self.epoch = now
-        self.flips_total += 1
-
-    # ---- predictions -------------------------------------------------------------------
-
-    def _predictor(self, inst: _Instance | None) -> TtftPredictor:
-        return inst.predictor if inst is not None and inst.predictor.fitted else self.global_predictor
-
-    def predict_ttft(self, instance_id: str, prompt_len: int, queued_prefill_tokens: int | None = None) -> float:
-        """Expected TTFT (s) of a `prompt_len` prompt sent to `instance_id` now."""
-        inst = self.instances.get(instance_id)
-        queued = queued_prefill_tokens if queued_prefill_tokens is not None else (
-            inst.queued_prefill_tokens if inst is not None else 0)
-        return self._predictor(inst).predict(queued, prompt_len)
-
-    def typical_prompt_len(self) -> int:
-        lens = self.prompt_lens.values()
-        return int(statistics.median(lens)) if lens else _DEFAULT_PROMPT_LEN
-
-    def live(self) -> list[_Instance]:
-        now = self.clock()
-        return [i for i in self.instances.values() if now - i.last_seen <= self.stale_s]
 
     def decide(self) -> list[Flip]:
         self.last_reason = "static policy"
         return []
-
-    def snapshot(self) -> dict:
-        """For /status: what the policy believes and why it did (not) flip last time."""
-        return {"policy": self.name, "flips": self.flips_total, "last_reason": self.last_reason,
-                "ttft_slo_s": self.ttft_slo_s, "tpot_slo_s": self.tpot_slo_s,
-                "roles": {i.instance_id: i.role for i in self.instances.values()}}
 
 
 @dataclass
@@ -235,6 +110,8 @@ class _Pressure:
     now: float  # pressure with the current workers (1.0 = at the SLO)
     without_one: float  # the same with one worker of this side gone (inf: cannot lose one)
     detail: str
+    predicted_s: float | None = None  # TTFT predicted for a typical prompt now
+    predicted_without_s: float | None = None  # the same with the leaving worker's queue spread
 
 
 class DynamicPdPolicy(StaticPolicy):
@@ -246,9 +123,10 @@ class DynamicPdPolicy(StaticPolicy):
                  cooldown_s: float = 5.0, sustain_s: float = 1.5, window_s: float = 15.0,
                  high_water: float = 1.0, low_water: float = 0.6, saturation: float = 0.9,
                  prefill_busy_limit: float = 0.8, min_observed: int = 3, stale_s: float = 3.0,
-                 pending_timeout_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 pending_timeout_s: float = 30.0, accuracy_window_s: float = DEFAULT_ACCURACY_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(ttft_slo_s, tpot_slo_s, window_s=window_s, stale_s=stale_s,
-                         pending_timeout_s=pending_timeout_s, clock=clock)
+                         pending_timeout_s=pending_timeout_s, accuracy_window_s=accuracy_window_s, clock=clock)
         if not 0 < low_water < high_water:
             raise ValueError("need 0 < low_water < high_water")
         self.min_dwell_s, self.cooldown_s, self.sustain_s = min_dwell_s, cooldown_s, sustain_s
@@ -257,22 +135,26 @@ class DynamicPdPolicy(StaticPolicy):
         self.min_observed = min_observed
         self._since: dict[str, float] = {}  # direction -> when its condition started holding
         self.last_pressure: dict[str, float] = {}
+        self.decisions: deque[tuple[float, dict]] = deque(maxlen=8)  # (clock time, record)
+        # A predictor whose typical error exceeds the gap between the water marks (40 % with
+        # the defaults) could have put the same load on either side of the hysteresis band.
+        self.suspect_mdape_pct = 100.0 * (1.0 - low_water / high_water)
 
     # ---- pressures ---------------------------------------------------------------------
 
-    def _observed_ratio(self, insts: list[_Instance], which: str, slo: float) -> float | None:
+    def _observed_ratio(self, insts: list[InstanceState], which: str, slo: float) -> float | None:
         samples = [v for i in insts for v in getattr(i, which).values(since=self.epoch)]
         if len(samples) < self.min_observed:
             return None
         return percentile(sorted(samples), 0.9) / slo
 
-    def _prefill_pressure(self, prefills: list[_Instance], leaving: _Instance | None) -> _Pressure:
+    def _prefill_pressure(self, prefills: list[InstanceState], leaving: InstanceState | None) -> _Pressure:
         typical = self.typical_prompt_len()
         pred = min(self._predictor(i).predict(i.queued_prefill_tokens, typical) for i in prefills)
         obs = self._observed_ratio(prefills, "ttft", self.ttft_slo_s)
         now = max(pred / self.ttft_slo_s, obs or 0.0)
         if leaving is None or len(prefills) < 2:
-            return _Pressure(now, math.inf, f"pred {pred:.3f}s obs_p90/slo {obs}")
+            return _Pressure(now, math.inf, f"pred {pred:.3f}s obs_p90/slo {obs}", pred)
         rest = [i for i in prefills if i is not leaving]
         share = leaving.queued_prefill_tokens / len(rest)
         pred1 = min(self._predictor(i).predict(i.queued_prefill_tokens + share, typical) for i in rest)
@@ -282,7 +164,7 @@ class DynamicPdPolicy(StaticPolicy):
         floor = min(self._predictor(i).predict(0, typical) for i in rest)
         headroom = self.ttft_slo_s - floor
         if headroom <= 0:
-            return _Pressure(now, math.inf, f"pred {pred:.3f}s, bare prefill {floor:.3f}s over the SLO")
+            return _Pressure(now, math.inf, f"pred {pred:.3f}s, bare prefill {floor:.3f}s over the SLO", pred, pred1)
         worst = max(pred1, (obs or 0.0) * self.ttft_slo_s)
         without = max(0.0, worst - floor) / headroom
         # Busy fraction = prompt tokens/s × seconds per token; the same work on one worker fewer
@@ -291,9 +173,10 @@ class DynamicPdPolicy(StaticPolicy):
         busy1 = busy / len(rest)
         if busy1 >= self.prefill_busy_limit:
             without = max(without, busy1 / self.prefill_busy_limit)
-        return _Pressure(now, without, f"pred {pred:.3f}s floor {floor:.3f}s busy {busy:.2f} obs_p90/slo {obs}")
+        return _Pressure(now, without, f"pred {pred:.3f}s floor {floor:.3f}s busy {busy:.2f} obs_p90/slo {obs}",
+                         pred, pred1)
 
-    def _decode_pressure(self, decodes: list[_Instance], leaving: _Instance | None) -> _Pressure:
+    def _decode_pressure(self, decodes: list[InstanceState], leaving: InstanceState | None) -> _Pressure:
         obs = self._observed_ratio(decodes, "tpot", self.tpot_slo_s)
         load = sum(i.running + i.waiting for i in decodes)
         seats = sum(i.max_num_seqs for i in decodes)
@@ -313,7 +196,7 @@ class DynamicPdPolicy(StaticPolicy):
 
     # ---- the decision ------------------------------------------------------------------
 
-    def _eligible(self, insts: list[_Instance], now: float) -> list[_Instance]:
+    def _eligible(self, insts: list[InstanceState], now: float) -> list[InstanceState]:
         return [i for i in insts if now - i.last_flip_at >= self.min_dwell_s]
 
     def _sustained(self, direction: str, holds: bool, now: float) -> bool:
@@ -327,11 +210,27 @@ class DynamicPdPolicy(StaticPolicy):
         self.last_reason = reason
         return []
 
-    def _flip(self, inst: _Instance, role: str, reason: str) -> list[Flip]:
+    def _flip(self, inst: InstanceState, role: str, reason: str, predicted_s: float | None = None) -> list[Flip]:
         self._since.clear()
+        mdape, samples = self.accuracy.window_stats()
+        suspect = mdape is None or mdape > self.suspect_mdape_pct
+        if predicted_s is None:
+            basis = "no TTFT prediction involved"
+        else:
+            basis = f"decided on predicted TTFT {predicted_s * 1000:.0f} ms"
+        quality = (f"predictor MdAPE {mdape:.1f} % over {samples}" if mdape is not None
+                   else "predictor MdAPE unknown (no scored sample)")
+        if predicted_s is not None and suspect:
+            quality += ": SUSPECT prediction"
+        reason = f"{reason}; {basis}, {quality}"
         self.last_reason = f"flip {inst.instance_id} -> {role}: {reason}"
         logger.info("dynamic PD: %s", self.last_reason)
-        return [Flip(inst.instance_id, role, reason)]
+        self.decisions.append((self.clock(), {
+            "instance": inst.instance_id, "role": role, "reason": reason,
+            "predicted_ttft_ms": None if predicted_s is None else round(predicted_s * 1000, 1),
+            "predictor_mdape_pct": None if mdape is None else round(mdape, 2), "predictor_samples": samples,
+            "suspect_prediction": predicted_s is not None and suspect}))
+        return [Flip(inst.instance_id, role, reason, predicted_s, mdape)]
 
     def decide(self) -> list[Flip]:
         now = self.clock()
@@ -365,10 +264,11 @@ class DynamicPdPolicy(StaticPolicy):
         to_decode = d.now >= self.high_water and p.without_one < self.low_water
         if self._sustained(PREFILL, to_prefill, now):
             return self._flip(give_d[0], PREFILL, f"TTFT pressure {p.now:.2f} ({p.detail}); decode slack "
-                                                  f"{d.without_one:.2f} without it")
+                                                  f"{d.without_one:.2f} without it", p.predicted_s)
         if self._sustained(DECODE, to_decode, now):
+            # The prediction that allowed it: TTFT on the prefill workers that stay.
             return self._flip(give_p[0], DECODE, f"TPOT pressure {d.now:.2f} ({d.detail}); prefill slack "
-                                                 f"{p.without_one:.2f} without it")
+                                                 f"{p.without_one:.2f} without it", p.predicted_without_s)
         if to_prefill or to_decode:
             return self._hold("pressure not sustained yet")
         if p.now >= self.high_water and d.now >= self.high_water:
@@ -379,7 +279,9 @@ class DynamicPdPolicy(StaticPolicy):
         return self._hold(f"within SLOs (TTFT {p.now:.2f}, TPOT {d.now:.2f})")
 
     def snapshot(self) -> dict:
-        return {**super().snapshot(), "pressure": dict(self.last_pressure)}
+        now = self.clock()
+        recent = [{**record, "age_s": round(now - at, 1)} for at, record in self.decisions]
+        return {**super().snapshot(), "pressure": dict(self.last_pressure), "recent_decisions": recent}
 
 
 POLICIES = {"static": StaticPolicy, "dynamic": DynamicPdPolicy}

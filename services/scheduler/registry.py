@@ -4,6 +4,10 @@ Pure bookkeeping (no sockets, an injectable clock) so the policy is unit-testabl
 is identified by its `instance_id`; the bus identity of its DEALER is unique per process
 incarnation, which tells a worker that re-sends Register (same identity: nothing lost) from a
 restarted worker under the same id (new identity: the old incarnation's requests are gone).
+
+An instance's role is what the worker itself said it is (Register, FlipAck, heartbeat); a flip the
+scheduler ordered and the worker has not answered is `pending_role`, never mixed up with it, so
+the router can offer the instance for neither role while the flip is in flight.
 """
 
 from __future__ import annotations
@@ -15,17 +19,18 @@ from enum import Enum
 
 from common.protocol import Heartbeat, Register
 
-__all__ = ["Instance", "Registry", "RegisterOutcome", "DEFAULT_HEARTBEAT_TIMEOUT_S"]
+__all__ = ["Instance", "Registry", "RegisterOutcome", "DEFAULT_HEARTBEAT_TIMEOUT_S", "WORKER_ROLES"]
 
 # An instance silent for this long is dead (heartbeats come every 0.5 s).
 DEFAULT_HEARTBEAT_TIMEOUT_S = 3.0
+WORKER_ROLES = ("prefill", "decode", "mixed")
 
 
 @dataclass
 class Instance:
     instance_id: str
     identity: bytes
-    role: str
+    role: str  # as the worker last acknowledged or reported it
     kv_addr: str
     num_pages: int
     page_size: int
@@ -54,9 +59,14 @@ class Instance:
     heartbeats: int = 0
     # Prompt tokens routed here for prefill since the last heartbeat (not in its report yet).
     prefill_tokens_since_heartbeat: int = 0
-    # A flip the scheduler ordered and the worker has not acknowledged: heartbeats sent before
-    # the worker saw it still carry the old role and must not undo it.
+    # A flip the scheduler ordered and the worker has not acknowledged (its id and role): until
+    # the FlipAck (or a heartbeat answering that id) the instance is offered for neither role,
+    # and heartbeats sent before the worker saw the order cannot undo it.
     pending_flip: int | None = None
+    pending_role: str | None = None
+    # The last flip the worker acknowledged (0: none), its "flip generation": a decode candidate
+    # carries it, so the worker can tell a hand-off promised before its latest flip.
+    flip_id: int = 0
 
     @property
     def queued_prefill_tokens(self) -> int:
@@ -68,6 +78,27 @@ class Instance:
         return self.max_num_seqs if self.max_num_seqs > 0 else 1
 
     @property
+    def ordered_role(self) -> str:
+        """The role the scheduler means it to have: the pending one while a flip is in flight."""
+        return self.pending_role if self.pending_role is not None else self.role
+
+    def offers(self, role: str) -> bool:
+        """Whether new work of `role` may be routed here: it acknowledged that role, no flip is
+        in flight (nor is it draining)."""
+        return not self.draining and self.pending_role is None and self.role == role
+
+    def acknowledge(self, flip_id: int, role: str) -> bool:
+        """The worker answered flip `flip_id` with `role` (a FlipAck, or a heartbeat carrying it);
+        True when that settles the pending flip. An answer older than one already seen is ignored."""
+        if flip_id < self.flip_id:
+            return False
+        self.flip_id, self.role = flip_id, role
+        if self.pending_flip is not None and flip_id >= self.pending_flip:
+            self.pending_flip = self.pending_role = None
+            return True
+        return False
+
+    @property
     def load(self) -> int:
         reported = self.waiting + self.running
         return max(reported, len(self.inflight))
@@ -76,9 +107,13 @@ class Instance:
         """One entry of a StatusReply (plain msgpack-able values)."""
         return {
             "id": self.instance_id,
-            "role": self.role,
+            "role": self.role,  # acknowledged by the worker
+            # "flipping": ordered into `pending_role` and not acknowledged yet (no new work is
+            # routed here meanwhile), or acknowledged with no work of the new role started yet.
             "state": "draining" if self.draining else ("flipping" if self.pending_flip is not None
                                                         or self.flipping else "ready"),
+            "pending_role": self.pending_role,
+            "flip_id": self.flip_id,
             "ready": not self.draining,  # registered means the engine is loaded
             "waiting": self.waiting,
             "running": self.running,
@@ -138,7 +173,8 @@ class Registry:
         now = self.clock()
         old = self._instances.get(msg.instance_id)
         if old is not None and old.identity == identity:
-            old.role, old.kv_addr, old.model = msg.role, msg.kv_addr, msg.model
+            old.kv_addr, old.model = msg.kv_addr, msg.model
+            old.acknowledge(msg.flip_id, msg.role)
             old.num_pages, old.page_size, old.max_model_len = msg.num_pages, msg.page_size, msg.max_model_len
             old.last_heartbeat = now
             return RegisterOutcome.REFRESHED, old, None
@@ -152,7 +188,7 @@ class Registry:
             instance_id=msg.instance_id, identity=identity, role=msg.role, kv_addr=msg.kv_addr,
             num_pages=msg.num_pages, page_size=msg.page_size, model=msg.model,
             max_model_len=msg.max_model_len, registered_at=now, last_heartbeat=now,
-            free_pages=msg.num_pages, total_pages=msg.num_pages,
+            free_pages=msg.num_pages, total_pages=msg.num_pages, flip_id=msg.flip_id,
         )
         self._instances[msg.instance_id] = instance
         self._by_identity[identity] = msg.instance_id
@@ -167,8 +203,9 @@ class Registry:
             return None
         instance.last_heartbeat = self.clock()
         instance.heartbeats += 1
-        if instance.pending_flip is None:
-            instance.role = msg.role
+        # The heartbeat answers the flips up to its flip_id: one sent before the worker saw the
+        # pending order carries an older id and leaves the order pending.
+        instance.acknowledge(msg.flip_id, msg.role)
         instance.prefill_tokens_since_heartbeat = 0
         instance.waiting, instance.running = msg.waiting, msg.running
         instance.free_pages, instance.total_pages, instance.used_pages = msg.free_pages, msg.total_pages, msg.used_pages
@@ -213,6 +250,17 @@ class Registry:
         instance = self._instances.get(instance_id)
         if instance is not None:
             instance.inflight.discard(request_id)
+
+    def workers(self, expected: int | None) -> dict:
+        """How much of the layout serves: `/health`, `xllm serve`'s "ready" line and benchmarks
+        wait on `up` reaching `expected` (None: no count was configured, nothing to wait for)."""
+        # Up: registered (its engine is loaded), not draining, no flip in flight, i.e. new work
+        # of the role it acknowledged may be routed to it now. Not up: not registered yet, gone
+        # (left, or silent past the heartbeat timeout: removed), draining, or mid-flip.
+        up = [i for i in self._instances.values()
+              if i.role in WORKER_ROLES and not i.draining and i.pending_role is None]
+        return {"expected": expected, "up": len(up),
+                "by_role": {role: sum(1 for i in up if i.role == role) for role in WORKER_ROLES}}
 
     def describe(self) -> list[dict]:
         now = self.clock()

@@ -12,6 +12,12 @@ report), paired with up to three decode candidates ranked by batch load and free
 prefill worker tries them in order. A mixed worker, when present and less loaded, takes the
 request whole; so do requests with n > 1, and every request when either pool is empty.
 
+Role flips: an instance is offered for the role its worker acknowledged, and for no role while a
+flip ordered to it is unacknowledged (`Instance.offers`); its old role's pool loses it the moment
+the flip is ordered, so no new Assign names it as a decode candidate it will refuse. Only when
+every live instance is mid-flip does a request go (whole) to one of them: a flip never turns a
+servable request into a 503.
+
 KV-aware routing: when some candidate holds part of the prompt's prefix (in its HBM pages, or
 the kvstore holds it and any worker can reload it), candidates are ranked by cost = prompt
 tokens left to compute + queued prefill tokens + a per-sequence charge for the batch already
@@ -77,9 +83,11 @@ class Router:
         live = [i for i in live if i.max_model_len > prompt_len] or live
         if not live:
             return None
-        prefill = [i for i in live if i.role == "prefill"]
-        decode = [i for i in live if i.role == "decode"]
-        mixed = [i for i in live if i.role == "mixed"]
+        # Mid-flip instances serve nothing new, unless nothing else is left (then whole).
+        settled = [i for i in live if i.pending_role is None] or live
+        prefill = [i for i in settled if i.offers("prefill")]
+        decode = [i for i in settled if i.offers("decode")]
+        mixed = [i for i in settled if i.offers("mixed")]
         kv_aware = bool(cached) and any(cached.values())
         pick_prefill = (lambda i: kv_cost(i, prompt_len, cached)) if kv_aware else prefill_key
         pick_whole = (lambda i: kv_cost(i, prompt_len, cached)) if kv_aware else load_key
@@ -91,4 +99,4 @@ class Router:
                     return Route(best_mixed)
             ranked = sorted(decode, key=lambda i: decode_key(i, prompt_len))
             return Route(chosen, ranked[:MAX_DECODE_CANDIDATES])
-        return Route(min(mixed or live, key=pick_whole))
+        return Route(min(mixed or settled, key=pick_whole))

@@ -35,6 +35,7 @@ from common.protocol import (
     Abort,
     AbortRequest,
     Assign,
+    DecodeCandidate,
     Deregister,
     FinishChoice,
     FlipAck,
@@ -91,6 +92,7 @@ class SchedulerServer:
         self.policy = policy or config.make_policy()
         self.policy_name = config.pd_policy
         self.policy_interval_s = config.policy_interval
+        self.expected_workers = config.expected_workers
         self.flips = RoleFlips(self.registry, self._publish, self.policy.note_flip)
         self.reap_interval_s = reap_interval_s
         self.requests = RequestTable(self.registry)
@@ -193,6 +195,7 @@ class SchedulerServer:
         return {
             "pd_policy": self.policy_name,
             "pools": dict(pools),
+            "workers": self.registry.workers(self.expected_workers),
             **self.flips.summary(),
             "requests": len(self.requests),
             "policy": self.policy.snapshot() if hasattr(self.policy, "snapshot") else {},
@@ -253,7 +256,8 @@ class SchedulerServer:
             gateway_id=msg.gateway_id, tokens_addr=msg.tokens_addr, prefill_instance=instance.instance_id,
             decode_instance=route.decode[0].instance_id if route.decode else instance.instance_id,
             arrival_time=msg.arrival_time,
-            decode_candidates=[[d.instance_id, d.kv_addr] for d in route.decode],
+            decode_candidates=[DecodeCandidate(instance_id=d.instance_id, kv_addr=d.kv_addr, flip_id=d.flip_id)
+                               for d in route.decode],
         )
         logger.debug("request %s -> %s", msg.request_id, instance.instance_id)
         await bus.send(self.backend, assign, identity=instance.identity)
@@ -279,7 +283,8 @@ class SchedulerServer:
     async def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
         instance = self.registry.heartbeat(identity, msg)
         if instance is not None:
-            self.policy.observe_heartbeat(msg, instance.role)
+            # The policy's role of record is the one it ordered, while the worker has not answered.
+            self.policy.observe_heartbeat(msg, instance.ordered_role)
         else:
             # Unknown sender (e.g. this scheduler restarted): ask it to register again.
             await bus.send(

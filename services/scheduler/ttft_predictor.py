@@ -12,14 +12,25 @@ The fit is recursive least squares with exponential forgetting (factor λ: old s
 cores). Tokens are scaled to thousands to keep the 2×2 covariance well conditioned. Until
 `min_samples` observations arrived the prior (a0, b0) is used as is; predictions are clamped
 so a noisy fit never predicts a negative time nor a negative cost per token.
+
+`PredictionAccuracy` is the model's scorecard: each measured TTFT is compared with what the
+model predicted for the same inputs *before* the model learns from it (scored after, a sample
+would flatter the fit it just moved), and the median absolute percentage error (MdAPE) of the
+recent ones is reported. The median, because one request stuck behind a hiccup would own a mean.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
+import time
+from collections.abc import Callable
 
-__all__ = ["TtftPredictor", "DEFAULT_PRIOR_A_S", "DEFAULT_PRIOR_B_S_PER_TOKEN"]
+from services.scheduler.metrics_window import SampleWindow
+
+__all__ = ["TtftPredictor", "PredictionAccuracy", "DEFAULT_PRIOR_A_S", "DEFAULT_PRIOR_B_S_PER_TOKEN",
+           "DEFAULT_ACCURACY_WINDOW_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +41,11 @@ _SCALE = 1000.0  # tokens per regression unit
 # Covariance bound: without fresh excitation (the same x again and again), forgetting makes P
 # grow without limit ("windup") and one outlier would then throw the fit anywhere.
 _MAX_P_TRACE = 1e4
+# Long enough for a median over a few dozen requests at a couple per second; the policy's 15 s
+# latency window would leave a handful.
+DEFAULT_ACCURACY_WINDOW_S = 60.0
+# Scored samples kept for the since-start figure: a whole benchmark run at a few requests/s.
+_HISTORY = 4096
 
 
 class TtftPredictor:
@@ -97,3 +113,74 @@ class TtftPredictor:
     def seconds_per_token(self) -> float:
         """The fitted marginal cost of one prompt token (never negative)."""
         return max(0.0, self.coefficients[1])
+
+
+def _mdape(window: SampleWindow) -> tuple[float | None, int]:
+    values = window.values()
+    return (statistics.median(values) if values else None), len(values)
+
+
+class PredictionAccuracy:
+    """Absolute percentage errors of TTFT predictions, overall and per instance.
+
+    `mdape_pct()` is over the last `window_s` seconds; `since_start` over the last `history`
+    scored samples whatever their age (a benchmark run's figure). A sample with no prediction
+    behind it (the model had too few points and would only have echoed its prior) or with a
+    measured TTFT of zero (no percentage of zero exists) is counted in `unpredicted` instead.
+    """
+
+    def __init__(self, window_s: float = DEFAULT_ACCURACY_WINDOW_S, clock: Callable[[], float] = time.monotonic,
+                 history: int = _HISTORY) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self._recent = SampleWindow(window_s, clock)
+        self._since_start = SampleWindow(math.inf, clock, max_samples=history)
+        self._per_instance: dict[str, SampleWindow] = {}
+        self.scored_total = 0
+        self.unpredicted = 0
+
+    def score(self, instance_id: str, predicted_s: float | None, measured_s: float) -> float | None:
+        """Record one measurement against its prediction; the APE in % (None: not scored)."""
+        if predicted_s is None or not math.isfinite(predicted_s) or not measured_s > 0 or not math.isfinite(measured_s):
+            self.unpredicted += 1
+            return None
+        ape = abs(predicted_s - measured_s) / measured_s * 100.0
+        self._recent.add(ape)
+        self._since_start.add(ape)
+        window = self._per_instance.get(instance_id)
+        if window is None:
+            window = self._per_instance[instance_id] = SampleWindow(self.window_s, self.clock, max_samples=1024)
+        window.add(ape)
+        self.scored_total += 1
+        return ape
+
+    def mdape_pct(self, instance_id: str | None = None) -> float | None:
+        """Median APE (%) over the window, overall or of one instance; None without samples."""
+        return self.window_stats(instance_id)[0]
+
+    def window_stats(self, instance_id: str | None = None) -> tuple[float | None, int]:
+        """(MdAPE %, samples) over the window, overall or of one instance."""
+        if instance_id is None:
+            return _mdape(self._recent)
+        window = self._per_instance.get(instance_id)
+        return _mdape(window) if window is not None else (None, 0)
+
+    def forget(self, instance_id: str) -> None:
+        self._per_instance.pop(instance_id, None)
+
+    def snapshot(self) -> dict:
+        mdape, samples = self.window_stats()
+        run_mdape, run_samples = _mdape(self._since_start)
+        per_instance = {}
+        for instance_id in sorted(self._per_instance):
+            inst_mdape, inst_samples = self.window_stats(instance_id)
+            if inst_samples:
+                per_instance[instance_id] = {"mdape_pct": _round(inst_mdape), "samples": inst_samples}
+        return {"mdape_pct": _round(mdape), "samples": samples, "unpredicted": self.unpredicted,
+                "window_s": self.window_s, "scored_total": self.scored_total,
+                "since_start": {"mdape_pct": _round(run_mdape), "samples": run_samples},
+                "per_instance": per_instance}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

@@ -98,6 +98,7 @@ class LoadReport:
         return Register(
             instance_id=worker.instance_id, role=worker.role, kv_addr=worker.kv_addr, num_pages=int(engine.num_pages),
             page_size=int(engine.page_size), model=str(engine.model_path), max_model_len=int(engine.max_model_len),
+            flip_id=worker.roles.last_flip_id,
         )
 
     def heartbeat_message(self) -> Heartbeat:
@@ -114,7 +115,7 @@ class LoadReport:
             kv_namespace=str(worker.engine.kv_namespace),
             prompt_tokens_total=_int(stats, "prompt_tokens_total"),
             generated_tokens_total=_int(stats, "generated_tokens_total"),
-            stats=stats,
+            stats=stats, flip_id=worker.roles.last_flip_id,
         )
 
     async def beat(self) -> None:

@@ -105,7 +105,7 @@ class RequestBook:
                 handoff = HandoffRequest(
                     request_id=msg.request_id, sampling=msg.sampling, priority=msg.priority,
                     tokens_addr=msg.tokens_addr, arrival_time=msg.arrival_time,
-                    candidates=[list(c[:2]) for c in msg.decode_candidates if len(c) >= 2],
+                    candidates=list(msg.decode_candidates),
                 )
 
             def add() -> tuple[list, dict[str, int]]:

@@ -5,6 +5,10 @@ turned prefill finishes its running decodes while it already prefills. The time 
 message to the first piece of work in the new role (a prefill for `prefill`, a sequence whose
 KV landed for `decode`, either for `mixed`) is the flip latency, reported in heartbeats and
 exported in `/metrics`.
+
+A flip never breaks a promise already made either: a hand-off whose decode candidate was named
+before the latest flip (its `flip_id`, the generation the scheduler knew, is older) is still taken
+in after a flip out of the decode role (`named_before_latest_flip`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class RoleState:
         self.role = role
         self.clock = clock
         self.flips_total = 0
-        self.last_flip_id = -1
+        self.last_flip_id = 0  # flip ids start at 1 and grow (services/scheduler/role_flips.py)
         self.last_flip_latency_s = -1.0
         self._flipped_at: float | None = None  # set until the first work in the new role
 
@@ -51,6 +55,11 @@ class RoleState:
 
     def takes_decode_work(self) -> bool:
         return self.role in ("decode", "mixed")
+
+    def named_before_latest_flip(self, flip_id: int | None) -> bool:
+        """Whether something named at flip generation `flip_id` predates the latest flip applied
+        here (None: not named by the scheduler at all, so not a promise)."""
+        return flip_id is not None and flip_id < self.last_flip_id
 
     def started(self, kind: str) -> None:
         """Work of `kind` ("prefill" or "decode") began here; closes a pending flip's clock."""

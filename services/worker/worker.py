@@ -9,8 +9,9 @@ end, so it only ever receives messages meant for a worker there.
 
 Roles are a policy over one engine (DESIGN.md §1): an Assign that names decode candidates is
 prefilled here and its KV handed over; one without is served whole. A role flip changes which
-work the scheduler sends and which KV this worker accepts, never what is already running. The
-requests themselves, from admission to RequestFinished, are kept by `request_book`.
+work the scheduler sends and which KV this worker accepts next, never what is already running
+nor a hand-off promised before it (`_decode_admission`). The requests themselves, from
+admission to RequestFinished, are kept by `request_book`.
 
 The engine is not thread-safe and its step is blocking CPU work, so every engine call (step,
 add, abort, KV export/import, stats) runs on the one engine thread, one at a time, while the
@@ -33,9 +34,9 @@ from common import bus
 from common.aio import run_until_stopped
 from common.gateway_push import GatewayPushers
 from common.kvstore_client import KvStoreClient
-from common.protocol import BACKEND, CONTROL, KV, TOPIC_ALL, BackendMessage, Deregister
+from common.protocol import BACKEND, CONTROL, KV, TOPIC_ALL, BackendMessage, Deregister, KvTransferBegin
 from common.service_config import ServiceAddresses
-from services.decode.kv_receiver import KvReceiver
+from services.decode.kv_receiver import Admission, KvReceiver
 from services.prefill.kv_sender import DEFAULT_TRANSFER_TIMEOUT_S, KvSender
 from services.worker.engine_api import WorkerEngine
 from services.worker.inbox import EngineWork, Inbox
@@ -93,7 +94,7 @@ class Worker:
         self.sender = KvSender(engine, self._on_engine, instance_id, self._context, transfer_timeout_s)
         # A reservation outlives the sender's own timeouts many times over: under load the sender
         # may wait behind long steps to gather the layers, and expiring early fails the transfer.
-        self.receiver = KvReceiver(engine, self._on_engine, self._decode_refusal, self.book.on_kv_landed,
+        self.receiver = KvReceiver(engine, self._on_engine, self._decode_admission, self.book.on_kv_landed,
                                    max(30.0, 6 * transfer_timeout_s))
         self.tiering = KvTiering(engine, self._on_engine, instance_id, self._send_backend, kvstore)
 
@@ -228,12 +229,16 @@ class Worker:
         self._pending.append(msg)
         self._wake.set()
 
-    def _decode_refusal(self) -> str | None:
+    def _decode_admission(self, begin: KvTransferBegin) -> Admission:
+        """Whether to take a sequence's KV in: the role decides what is taken next, never a
+        promise already made (a candidate named before the latest flip is honoured)."""
         if self.draining:
-            return f"worker {self.instance_id} is draining"
-        if not self.roles.takes_decode_work():
-            return f"worker {self.instance_id} is in the {self.role} role"
-        return None
+            return Admission(False, "draining", f"worker {self.instance_id} is draining")
+        if self.roles.takes_decode_work():
+            return Admission(True, "role")
+        if self.roles.named_before_latest_flip(begin.candidate_flip_id):
+            return Admission(True, "promised")
+        return Admission(False, "role", f"worker {self.instance_id} is in the {self.role} role")
 
     async def _send_backend(self, msg: BackendMessage) -> None:
         if self.backend is not None:

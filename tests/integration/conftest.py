@@ -183,7 +183,7 @@ def _kill_quietly(proc: psutil.Process) -> None:
 def start_server(
     workers: int = 1, extra_args: tuple[str, ...] = (), timeout_s: float = STARTUP_TIMEOUT_S
 ) -> XllmServer:
-    """Launch `xllm serve` and wait until `GET /health` is 200."""
+    """Launch `xllm serve` and wait until `GET /health` is 200 with every worker it starts up."""
     # Short path: ipc socket paths are limited to 107 bytes.
     run_dir = Path(tempfile.mkdtemp(prefix="xsrv-", dir="/tmp"))
     log_path = run_dir / "serve.log"  # removed with the run dir when the server stops cleanly
@@ -203,9 +203,11 @@ def start_server(
         server.children()
         try:
             with urllib.request.urlopen(server.base_url + "/health", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
+                health = json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError):
             return False
+        expected = health.get("workers_expected")
+        return expected is None or health.get("workers_up", 0) >= expected
 
     try:
         wait_until(healthy, timeout_s, "xllm serve to become healthy", interval_s=0.5)

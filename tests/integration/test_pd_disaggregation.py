@@ -173,7 +173,12 @@ def test_flip_under_load_loses_nothing(pd_server) -> None:
     # New work flows the other way now, and both flips report their latency.
     code, reply = complete(pd_server, PROMPTS[2])
     assert code == 200, reply
-    stats = {i["id"]: i["stats"] for i in pd_server.status()["instances"]}
+    # The roles above are the acknowledged ones (FlipAck); the workers' own counters come with
+    # their next heartbeat.
+    stats = pd_server.wait_until(
+        lambda: (stats := {i["id"]: i["stats"] for i in pd_server.status()["instances"]})
+        and all(stats[i].get("flips_total", 0) >= 1 for i in ("decode-0", "prefill-0")) and stats,
+        10, "both flips in the workers' heartbeats")
     assert stats["decode-0"]["flips_total"] >= 1 and stats["prefill-0"]["flips_total"] >= 1
     pd_server.wait_until(lambda: "xllm_worker_flip_latency_seconds{" in pd_server.request("GET", "/metrics")[1],
                          20, "the flip latency metric")

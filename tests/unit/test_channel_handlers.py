@@ -28,7 +28,7 @@ def _fake_worker(stats: dict) -> SimpleNamespace:
     engine = SimpleNamespace(kv_namespace="m|float32|16", load_stats=lambda: stats, num_pages=64, page_size=16,
                              model_path="m", max_model_len=2048)
     return SimpleNamespace(instance_id="w0", role="decode", kv_addr="ipc:///kv", engine=engine, draining=True,
-                           roles=SimpleNamespace(settling=True))
+                           roles=SimpleNamespace(settling=True, last_flip_id=0))
 
 
 def test_heartbeat_carries_what_the_scheduler_routes_on_as_typed_fields() -> None:

@@ -302,3 +302,92 @@ def test_make_policy() -> None:
         make_policy("magic", 1.0, 0.1)
     with pytest.raises(ValueError):
         make_policy("dynamic", 1.0, 0.1, low_water=1.2)
+
+
+def test_ttft_is_scored_before_the_model_learns_it() -> None:
+    clock = FakeClock()
+    policy = StaticPolicy(TTFT_SLO, TPOT_SLO, clock=clock)
+    for i in range(4):  # the global model needs 4 points: these cannot be scored
+        policy.observe_ttft("p0", 100 + 100 * i, 0, 0.05 + 0.002 * (100 + 100 * i))
+    snap = policy.snapshot()["ttft_predictor"]
+    assert (snap["mdape_pct"], snap["samples"], snap["unpredicted"]) == (None, 0, 4)
+    expected = policy.predict_ttft("p0", 500, queued_prefill_tokens=300)  # what it says before seeing it
+    measured = 1.0
+    policy.observe_ttft("p0", 500, 300, measured)
+    assert policy.predict_ttft("p0", 500, queued_prefill_tokens=300) != pytest.approx(expected)  # it learned
+    snap = policy.snapshot()["ttft_predictor"]
+    assert snap["samples"] == 1 and snap["unpredicted"] == 4
+    assert snap["mdape_pct"] == pytest.approx(abs(expected - measured) / measured * 100, abs=0.01)
+    policy.observe_ttft("p0", 500, 300, -1.0)  # unknown TTFT: not a measurement at all
+    assert policy.snapshot()["ttft_predictor"]["unpredicted"] == 4
+
+
+def test_snapshot_reports_the_predictor_for_both_policies() -> None:
+    for policy in (StaticPolicy(TTFT_SLO, TPOT_SLO, clock=FakeClock()), make(FakeClock())):
+        for i in range(30):
+            tokens = 100 + 50 * i
+            policy.observe_ttft("p0", tokens, 0, 0.02 + 0.001 * tokens)  # the prior, exactly
+        snap = policy.snapshot()["ttft_predictor"]
+        assert {"mdape_pct", "samples", "unpredicted", "model"} <= set(snap)
+        assert snap["mdape_pct"] == pytest.approx(0.0, abs=0.01)
+        assert (snap["samples"], snap["unpredicted"]) == (26, 4)
+        assert snap["model"]["a_s"] == pytest.approx(0.02) and snap["model"]["b_s_per_token"] == pytest.approx(0.001)
+        assert snap["per_instance"]["p0"]["samples"] == 26
+        policy.forget("p0")
+        assert "p0" not in policy.snapshot()["ttft_predictor"]["per_instance"]
+
+
+def test_flip_reason_carries_the_prediction_and_its_error() -> None:
+    clock = FakeClock()
+    policy = make(clock)
+    workers = {"p0": W("prefill"), "d0": W("decode"), "d1": W("decode")}
+    prefill_heavy(workers)
+    flips = run(policy, clock, workers, 10, feed=tpot_feed(0.01))
+    assert len(flips) == 1
+    flip = flips[0]
+    # The prior model: 20 ms + 1 ms/token over 6000 queued + a 256-token typical prompt.
+    assert flip.predicted_ttft_s == pytest.approx(6.276)
+    assert flip.predictor_mdape_pct is None
+    assert "decided on predicted TTFT 6276 ms" in flip.reason
+    assert "MdAPE unknown" in flip.reason and "SUSPECT" in flip.reason  # nothing measured backs it
+    decision = policy.snapshot()["recent_decisions"][-1]
+    assert decision["instance"] == flip.instance_id and decision["role"] == "prefill"
+    assert decision["predicted_ttft_ms"] == pytest.approx(6276.0)
+    assert decision["suspect_prediction"] is True and decision["reason"] == flip.reason
+    assert decision["age_s"] >= 0
+
+
+def test_flip_on_a_good_or_bad_predictor() -> None:
+    for ape, suspect in ((5.0, False), (80.0, True)):
+        clock = FakeClock()
+        policy = make(clock)
+        for _ in range(20):
+            policy.accuracy.score("p0", 1.0 + ape / 100, 1.0)
+        workers = {"p0": W("prefill"), "d0": W("decode"), "d1": W("decode")}
+        prefill_heavy(workers)
+        flips = run(policy, clock, workers, 10, feed=tpot_feed(0.01))
+        assert flips[0].predictor_mdape_pct == pytest.approx(ape)
+        assert f"predictor MdAPE {ape:.1f} % over 20" in flips[0].reason
+        assert ("SUSPECT" in flips[0].reason) is suspect
+        assert policy.snapshot()["recent_decisions"][-1]["suspect_prediction"] is suspect
+
+
+def test_flip_to_decode_carries_the_prediction_for_the_prefills_left() -> None:
+    clock = FakeClock()
+    policy = make(clock)
+    workers = {"p0": W("prefill"), "d0": W("decode"), "d1": W("decode")}
+    prefill_heavy(workers)
+    run(policy, clock, workers, 10, feed=tpot_feed(0.01))
+    decode_heavy(workers)
+    flips = run(policy, clock, workers, 40, feed=tpot_feed(0.15))
+    assert flips[0].role == "decode" and flips[0].predicted_ttft_s is not None
+    assert "decided on predicted TTFT" in flips[0].reason
+    assert [d["role"] for d in policy.snapshot()["recent_decisions"]] == ["prefill", "decode"]
+
+
+def test_refilling_an_empty_role_involves_no_prediction() -> None:
+    clock = FakeClock()
+    policy = make(clock)
+    flips = run(policy, clock, {"d0": W("decode", running=4), "d1": W("decode")}, 5)
+    assert flips[0].predicted_ttft_s is None and "no TTFT prediction involved" in flips[0].reason
+    assert policy.snapshot()["recent_decisions"][-1]["suspect_prediction"] is False

@@ -109,3 +109,43 @@ def test_load_counts_scheduler_inflight_between_heartbeats(registry: Registry) -
     registry.release("w0", "r1")
     registry.release("w0", "unknown")
     assert inst.inflight == {"r2"}
+
+
+# ------------------------------------------------------------------------------ role flips
+
+
+def test_a_heartbeat_sent_before_the_worker_saw_a_flip_does_not_undo_it(registry: Registry) -> None:
+    _, inst, _ = registry.register(b"a", register_msg("w0", role="decode"))
+    inst.pending_role, inst.pending_flip = "prefill", 1  # what RoleFlips.order leaves
+    registry.heartbeat(b"a", heartbeat_msg("w0", role="decode", flip_id=0))  # sent before the order
+    assert inst.role == "decode" and inst.pending_role == "prefill"
+    desc = registry.describe()[0]
+    assert desc["state"] == "flipping" and desc["role"] == "decode" and desc["pending_role"] == "prefill"
+    # A heartbeat that answers the order settles it as a FlipAck would (the ack may be behind).
+    registry.heartbeat(b"a", heartbeat_msg("w0", role="prefill", flip_id=1))
+    assert inst.role == "prefill" and inst.pending_role is None and inst.flip_id == 1
+    assert registry.describe()[0]["state"] == "ready"
+
+
+def test_a_refreshed_registration_keeps_a_pending_flip_and_learns_the_flip_generation(registry: Registry) -> None:
+    _, inst, _ = registry.register(b"a", register_msg("w0", role="decode"))
+    inst.pending_role, inst.pending_flip = "prefill", 1
+    registry.register(b"a", register_msg("w0", role="decode"))  # the same process, a lost RegisterAck
+    assert inst.role == "decode" and inst.pending_role == "prefill" and inst.pending_flip == 1
+    # A worker that applied flips under an earlier scheduler says so when it registers here.
+    _, other, _ = registry.register(b"b", Register(instance_id="w1", role="prefill", kv_addr="ipc:///kv1",
+                                                   num_pages=8, page_size=16, model="m", max_model_len=64,
+                                                   flip_id=12))
+    assert other.flip_id == 12 and other.role == "prefill"
+
+
+def test_workers_up_counts_registered_settled_workers(registry: Registry) -> None:
+    assert registry.workers(3) == {"expected": 3, "up": 0, "by_role": {"prefill": 0, "decode": 0, "mixed": 0}}
+    registry.register(b"p", register_msg("p0", role="prefill"))
+    _, d0, _ = registry.register(b"d0", register_msg("d0", role="decode"))
+    _, d1, _ = registry.register(b"d1", register_msg("d1", role="decode"))
+    assert registry.workers(3)["up"] == 3
+    d0.pending_role, d0.pending_flip = "prefill", 1  # mid-flip: serves no new work now
+    d1.draining = True
+    assert registry.workers(3) == {"expected": 3, "up": 1, "by_role": {"prefill": 1, "decode": 0, "mixed": 0}}
+    assert registry.workers(None)["expected"] is None

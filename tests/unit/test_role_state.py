@@ -56,3 +56,11 @@ def test_a_flip_with_no_new_work_stops_settling_after_a_limit() -> None:
     assert roles.settling
     clock.now += 2.0
     assert not roles.settling and roles.last_flip_latency_s < 0
+
+
+def test_what_was_named_before_the_latest_flip_is_told_apart() -> None:
+    roles = RoleState("decode", Clock())
+    assert not roles.named_before_latest_flip(0)  # no flip yet: nothing predates one
+    roles.flip("prefill", 4)
+    assert roles.named_before_latest_flip(0) and roles.named_before_latest_flip(3)
+    assert not roles.named_before_latest_flip(4) and not roles.named_before_latest_flip(None)

@@ -165,3 +165,63 @@ def test_kv_aware_prefill_choice_in_pd_mode() -> None:
     p1, p2, d = pd("p1", "prefill"), pd("p2", "prefill", queued=100), pd("d", "decode")
     route = Router().route([p1, p2, d], prompt_len=1000, cached={"p2": 960})
     assert route.prefill is p2 and route.decode == [d]
+
+
+# ------------------------------------------------------------ role flips: no stale candidates
+
+
+def flipping(inst: Instance, to: str, flip_id: int = 1) -> Instance:
+    """`inst` ordered into `to` and not acknowledged yet (what RoleFlips.order leaves)."""
+    inst.pending_role, inst.pending_flip = to, flip_id
+    return inst
+
+
+def test_an_instance_ordered_out_of_decode_is_no_longer_a_candidate() -> None:
+    p = pd("p", "prefill", queued=10)
+    d0, d1 = pd("d0", "decode"), pd("d1", "decode", running=3)
+    flipping(d0, "prefill")
+    route = Router().route([p, d0, d1], prompt_len=10)
+    # Not a decode candidate (it would refuse once flipped), not a prefill target either (yet).
+    assert route.prefill is p and route.decode == [d1]
+    # Idle, yet not given prefill work either while the worker has not acknowledged the flip.
+    busy = pd("busy", "prefill", queued=900)
+    assert Router().route([busy, d0, d1], prompt_len=10).prefill is busy
+
+
+def test_the_new_role_is_offered_once_acknowledged_with_the_flip_generation() -> None:
+    p = pd("p", "prefill", queued=500)
+    d0, d1 = pd("d0", "decode"), pd("d1", "decode")
+    flipping(d0, "prefill", flip_id=3)
+    assert Router().route([p, d0, d1], prompt_len=10).prefill is p
+    d0.acknowledge(3, "prefill")
+    route = Router().route([p, d0, d1], prompt_len=10)
+    assert route.prefill is d0 and route.decode == [d1]  # d0 prefills now: less queued than p
+    # And back: named as a decode candidate again only after that flip is acknowledged too; the
+    # candidate carries the generation the worker acknowledged.
+    flipping(d0, "decode", flip_id=5)
+    assert d0 not in Router().route([p, d0, d1], prompt_len=10).decode
+    d0.acknowledge(5, "decode")
+    route = Router().route([p, d0, d1], prompt_len=10)
+    assert d0 in route.decode and d0.flip_id == 5
+
+
+def test_a_one_pool_layout_mid_flip_serves_whole_on_the_settled_side() -> None:
+    # 1P + 1D, the decode worker ordered to prefill: no decode candidate is left, so requests go
+    # whole to the prefill worker rather than name the flipping one.
+    p, d = pd("p", "prefill"), flipping(pd("d", "decode"), "prefill")
+    route = Router().route([p, d], prompt_len=10)
+    assert route.prefill is p and route.decode == []
+
+
+def test_when_every_instance_is_mid_flip_a_request_still_gets_one() -> None:
+    a, b = flipping(pd("a", "decode"), "prefill"), flipping(pd("b", "prefill", running=2), "decode")
+    route = Router().route([a, b], prompt_len=10)
+    assert route is not None and route.prefill is a and route.decode == []  # never a 503 while one lives
+    # Still never a draining one, and a context window that fits still comes first.
+    b.draining = True
+    assert Router().route([a, b], prompt_len=10).prefill is a
+    a.draining = True
+    assert Router().route([a, b], prompt_len=10) is None
+    small, large = flipping(pd("small", "mixed", max_model_len=64), "prefill"), pd("large", "mixed", running=5)
+    flipping(large, "decode")
+    assert Router().route([small, large], prompt_len=100).prefill is large

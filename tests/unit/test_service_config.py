@@ -28,6 +28,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.config import build_parser as scheduler_parser
 from services.worker.config import WorkerConfig
 from services.worker.config import build_parser as worker_parser
+from xllm.launcher import _all_workers_up
 from xllm.serve import add_serve_arguments, build_specs, worker_threads
 
 
@@ -141,6 +142,26 @@ def test_build_specs(tmp_path: Path) -> None:
     assert gateway[gateway.index("--model") + 1] == "/m.gguf"
 
 
+def test_the_scheduler_expects_every_worker_serve_starts(tmp_path: Path) -> None:
+    def expected(*argv: str) -> int | None:
+        scheduler = build_specs(serve_args(*argv), tmp_path, "INFO")[0].argv
+        flags = scheduler_parser().parse_args(scheduler[3:])
+        return from_namespace(SchedulerConfig, flags).expected_workers
+
+    assert expected() == 1
+    assert expected("--prefill-workers", "1", "--decode-workers", "2", "--mixed-workers", "1") == 4
+    assert SchedulerConfig().expected_workers is None  # by hand, compose, systemd: nothing to wait for
+    assert SchedulerConfig(expected_workers=-1).problems() == ["--expected-workers must be >= 0"]
+
+
+def test_the_launcher_is_ready_once_every_expected_worker_is_up() -> None:
+    assert not _all_workers_up(b'{"status": "ok", "workers_up": 1, "workers_expected": 3}')
+    assert _all_workers_up(b'{"status": "ok", "workers_up": 3, "workers_expected": 3}')
+    # Nothing expected (or a gateway that does not say): the first 200 is ready, as before.
+    assert _all_workers_up(b'{"status": "ok", "workers_up": 1, "workers_expected": null}')
+    assert _all_workers_up(b'{"status": "ok"}') and _all_workers_up(b"not json")
+
+
 def test_advertised_address() -> None:
     assert advertised_address("ipc:///run/kv.sock") == "ipc:///run/kv.sock"
     assert advertised_address("tcp://10.0.0.5:5561") == "tcp://10.0.0.5:5561"
@@ -239,7 +260,9 @@ def test_children_parse_what_the_launcher_meant(tmp_path: Path) -> None:
     for configs in specs.values():
         assert configs[ServiceConfig] == ServiceConfig(run_dir=str(tmp_path), log_level="INFO")
     assert specs["kvstore"][KvStoreConfig] == KvStoreConfig(dir=str(Path("kv").absolute()), dram_bytes=2 << 30)
-    assert specs["scheduler"][SchedulerConfig] == SchedulerConfig(pd_policy="dynamic", ttft_slo_ms=900.0, kvstore=True)
+    # expected_workers: the scheduler reports how many of the two workers are up.
+    assert specs["scheduler"][SchedulerConfig] == SchedulerConfig(pd_policy="dynamic", ttft_slo_ms=900.0, kvstore=True,
+                                                                  expected_workers=2)
     for name, role in (("prefill-0", "prefill"), ("decode-0", "decode")):
         assert specs[name][WorkerConfig] == WorkerConfig(instance_id=name, role=role, kv_transfer_timeout=3.0,
                                                          kvstore=True, kvstore_timeout=0.5)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from services.scheduler.ttft_predictor import TtftPredictor
+from services.scheduler.ttft_predictor import PredictionAccuracy, TtftPredictor
 
 
 def test_prior_before_enough_samples() -> None:
@@ -70,3 +70,42 @@ def test_same_input_over_and_over_stays_stable() -> None:
 def test_bad_forgetting() -> None:
     with pytest.raises(ValueError):
         TtftPredictor(forgetting=1.5)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 50.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_accuracy_mdape_of_a_known_sequence() -> None:
+    acc = PredictionAccuracy(window_s=60.0, clock=FakeClock())
+    assert acc.mdape_pct() is None and acc.snapshot()["samples"] == 0
+    # (predicted, measured): APEs 0 %, 100 %, 25 %, 50 %, 10 %; then two that cannot be scored.
+    for pred, meas in ((1.0, 1.0), (2.0, 1.0), (1.5, 2.0), (0.5, 1.0), (1.1, 1.0)):
+        acc.score("p0", pred, meas)
+    assert acc.score("p0", None, 1.0) is None  # no prediction possible yet
+    assert acc.score("p1", 0.3, 0.0) is None  # a zero TTFT has no percentage error
+    assert acc.mdape_pct() == pytest.approx(25.0)
+    snap = acc.snapshot()
+    assert snap["mdape_pct"] == pytest.approx(25.0)
+    assert (snap["samples"], snap["unpredicted"], snap["scored_total"]) == (5, 2, 5)
+    assert snap["per_instance"] == {"p0": {"mdape_pct": pytest.approx(25.0), "samples": 5}}
+    assert snap["since_start"] == {"mdape_pct": pytest.approx(25.0), "samples": 5}
+
+
+def test_accuracy_window_slides_but_since_start_keeps() -> None:
+    clock = FakeClock()
+    acc = PredictionAccuracy(window_s=10.0, clock=clock)
+    for _ in range(3):
+        acc.score("p0", 2.0, 1.0)  # 100 %
+    clock.t += 11
+    assert acc.window_stats() == (None, 0)
+    acc.score("p1", 1.1, 1.0)  # 10 %
+    assert acc.mdape_pct() == pytest.approx(10.0)
+    assert acc.mdape_pct("p0") is None and acc.mdape_pct("p1") == pytest.approx(10.0)
+    assert acc.snapshot()["since_start"] == {"mdape_pct": pytest.approx(100.0), "samples": 4}
+    acc.forget("p1")
+    assert acc.window_stats("p1") == (None, 0) and acc.window_stats() == (pytest.approx(10.0), 1)

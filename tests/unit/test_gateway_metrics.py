@@ -1,0 +1,36 @@
+"""The gateway's Prometheus gauges fed from the scheduler's part of a StatusReply."""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.gateway.metrics import GatewayMetrics
+
+
+def _values(metrics: GatewayMetrics) -> dict[str, float]:
+    text = metrics.render().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels}
+
+
+def test_ttft_predictor_error_becomes_gauges() -> None:
+    metrics = GatewayMetrics("m")
+    metrics.update_scheduler({"flips_total": 2, "policy": {"ttft_predictor": {
+        "mdape_pct": 12.5, "samples": 40, "unpredicted": 4, "model": {"a_s": 0.02, "b_s_per_token": 0.001}}}})
+    values = _values(metrics)
+    assert values["xllm_pd_flips"] == 2
+    assert values["xllm_ttft_predictor_mdape_pct"] == 12.5
+    assert values["xllm_ttft_predictor_samples"] == 40
+    assert values["xllm_ttft_predictor_unpredicted"] == 4
+    # Nothing scored yet: not a perfect 0 %.
+    metrics.update_scheduler({"policy": {"ttft_predictor": {"mdape_pct": None, "samples": 0, "unpredicted": 4}}})
+    assert math.isnan(_values(metrics)["xllm_ttft_predictor_mdape_pct"])
+
+
+def test_a_scheduler_without_a_policy_snapshot_is_fine() -> None:
+    metrics = GatewayMetrics("m")
+    metrics.update_scheduler({"flips_total": 1, "policy": {}})
+    metrics.update_scheduler({"flips_total": 1})
+    assert _values(metrics)["xllm_pd_flips"] == 1
