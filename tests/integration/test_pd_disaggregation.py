@@ -20,10 +20,8 @@ from typing import Any
 import os
 
 import pytest
-import zmq
 
-from common.codec import encode
-from common.protocol import FlipRequest
+from _bus_helpers import order_flip, sse_events
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -52,37 +50,15 @@ def token_count(reply: dict) -> int:
 
 def stream_tokens(server: Any, prompt: str, max_tokens: int) -> tuple[str, int, str | None]:
     """Stream one completion; (text, chunks with text, finish reason) or raises on an error event."""
-    body = json.dumps({"model": server.model_id(), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                       "stream": True, "ignore_eos": True}).encode()
-    req = urllib.request.Request(server.base_url + "/v1/completions", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
+    body = {"model": server.model_id(), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "stream": True, "ignore_eos": True}
     text, chunks, finish = "", 0, None
-    with urllib.request.urlopen(req, timeout=180) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise AssertionError(f"stream error: {event['error']}")
-            choice = event["choices"][0]
-            text += choice.get("text") or ""
-            chunks += 1
-            finish = choice.get("finish_reason") or finish
+    for event in sse_events(server, "/v1/completions", body):
+        choice = event["choices"][0]
+        text += choice.get("text") or ""
+        chunks += 1
+        finish = choice.get("finish_reason") or finish
     return text, chunks, finish
-
-
-def flip(server: Any, instance_id: str, role: str) -> None:
-    """Ask the scheduler for a flip on its frontend socket, as an operator tool would."""
-    ctx = zmq.Context()
-    try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 1000
-        sock.connect(f"ipc://{server.run_dir}/frontend.sock")
-        sock.send_multipart(encode(FlipRequest(instance_id=instance_id, role=role)))
-        sock.close()
-    finally:
-        ctx.term()
 
 
 def roles(server: Any) -> dict[str, str]:
@@ -158,7 +134,7 @@ def _flip_under_load(server: Any, flips: list[tuple[str, str]], gap_s: float, n_
         futures = [pool.submit(stream_tokens, server, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(n_streams)]
         time.sleep(1.0)
         for instance_id, role in flips:
-            flip(server, instance_id, role)
+            order_flip(server, instance_id, role)
             time.sleep(gap_s)
         return [f.result(timeout=300) for f in futures]
 

@@ -9,17 +9,13 @@ any of it, `/health` and `/status` say that all three workers are up.
 
 from __future__ import annotations
 
-import json
 import threading
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-import zmq
 
-from common.codec import encode
-from common.protocol import FlipRequest
+from _bus_helpers import order_flip, sse_events
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -37,40 +33,18 @@ def prompt(i: int) -> str:
 
 def stream(server: Any, text: str, first_decoded: threading.Event) -> tuple[int, int, str | None]:
     """One streaming completion: (chunks with text, completion tokens from usage, finish reason)."""
-    body = json.dumps({"model": server.model_id(), "prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0.0,
-                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
-    req = urllib.request.Request(server.base_url + "/v1/completions", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
+    body = {"model": server.model_id(), "prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     chunks, tokens, finish = 0, -1, None
-    with urllib.request.urlopen(req, timeout=240) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise AssertionError(f"stream error: {event['error']}")
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            for choice in event.get("choices", []):
-                chunks += 1
-                finish = choice.get("finish_reason") or finish
-            if chunks >= 3:  # the first token came from prefill, the next ones from a decode worker
-                first_decoded.set()
+    for event in sse_events(server, "/v1/completions", body, timeout_s=240):
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        for choice in event.get("choices", []):
+            chunks += 1
+            finish = choice.get("finish_reason") or finish
+        if chunks >= 3:  # the first token came from prefill, the next ones from a decode worker
+            first_decoded.set()
     return chunks, tokens, finish
-
-
-def order_flip(server: Any, instance_id: str, role: str) -> None:
-    """Ask the scheduler for a flip on its frontend socket, as an operator tool would."""
-    ctx = zmq.Context()
-    try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 1000
-        sock.connect(f"ipc://{server.run_dir}/frontend.sock")
-        sock.send_multipart(encode(FlipRequest(instance_id=instance_id, role=role)))
-        sock.close()
-    finally:
-        ctx.term()
 
 
 def stats(server: Any) -> dict[str, dict]:
