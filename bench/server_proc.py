@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -52,13 +53,16 @@ def running_server(argv: list[str], url: str, args: argparse.Namespace, label: s
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+    """Until `/health` says every worker `xllm serve` started is up (not just the first one)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"xllm serve exited with status {proc.returncode} before it was ready")
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                if resp.status == 200:
+                health = json.loads(resp.read() or b"{}")
+                expected = health.get("workers_expected")
+                if resp.status == 200 and (expected is None or health.get("workers_up", 0) >= expected):
                     return
         except (urllib.error.URLError, OSError, ValueError):
             pass

@@ -155,14 +155,9 @@ def _untyped_fields(raw: Any) -> dict | None:
 
 
 def _non_string_key(raw: Any) -> str:
-    try:
-        fields = _ANY_DECODER.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError):
-        return "(not a string)"
-    if isinstance(fields, dict):
-        for key in fields:
-            if type(key) is not str:
-                return _short(key)
+    for key in _untyped_fields(raw) or ():
+        if type(key) is not str:
+            return _short(key)
     return "(not a string)"
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "from_namespace",
     "load_config_file",
     "parse_bytes",
+    "parse_memory_size",
     "setting",
     "settings_of",
     "to_argv",
@@ -353,16 +354,54 @@ def _parse_toml(raw: bytes) -> Any:
 
 # ------------------------------------------------------------------------------------ sizes
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+# SI suffixes are powers of 1000 and IEC suffixes powers of 1024, as in Kubernetes; "B" is optional.
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
+}
+
+
+def parse_memory_size(text: str | int) -> int:
+    """Bytes in a size like ``"2GiB"``, ``"512MiB"``, ``"1.5G"`` (SI, 1.5e9) or ``"1000000"``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"memory size must be >= 0, got {text}")
+        return text
+    if not isinstance(text, str):
+        raise ValueError(f"memory size must be a string or int, got {type(text).__name__}")
+    match = _SIZE_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"invalid memory size {text!r}: expected a number with an optional unit "
+            "(B, K/KB, M/MB, G/GB, T/TB, KiB, MiB, GiB, TiB)"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def parse_bytes(text: str) -> int:
-    """`1073741824`, `512MiB`, `4GiB`, `1.5GB` -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
-    if match is None or match.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 4GiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    """`parse_memory_size` as an argparse type: a bad size is a usage error naming the flag."""
+    try:
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_bytes(n: int) -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import torch
+
+from common.settings import parse_memory_size
 
 __all__ = [
     "kv_page_bytes",
@@ -98,48 +99,6 @@ def default_kv_budget(fraction: float = 0.3, device: torch.device | str = "cpu")
     budget = int(free * fraction)
     logger.debug("KV budget %d bytes (%.0f%% of %d free on %s)", budget, fraction * 100, free, device)
     return budget
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-# SI suffixes are powers of 1000 and IEC suffixes powers of 1024, as in Kubernetes; "B" is optional.
-_UNITS: dict[str, int] = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "ki": 2**10,
-    "kib": 2**10,
-    "mi": 2**20,
-    "mib": 2**20,
-    "gi": 2**30,
-    "gib": 2**30,
-    "ti": 2**40,
-    "tib": 2**40,
-}
-
-
-def parse_memory_size(text: str | int) -> int:
-    """Bytes in a size like ``"2GiB"``, ``"512MiB"``, ``"1.5G"`` (SI, 1.5e9) or ``"1000000"``."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError(f"memory size must be >= 0, got {text}")
-        return text
-    if not isinstance(text, str):
-        raise ValueError(f"memory size must be a string or int, got {type(text).__name__}")
-    match = _SIZE_RE.match(text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(
-            f"invalid memory size {text!r}: expected a number with an optional unit "
-            "(B, K/KB, M/MB, G/GB, T/TB, KiB, MiB, GiB, TiB)"
-        )
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def allocate_kv_caches(

@@ -9,10 +9,13 @@ from typing import ClassVar
 
 from common.protocol.base import Channel, Message, register
 
-__all__ = ["ControlMessage", "CONTROL", "TOPIC_ALL", "RoleFlip", "Drain", "Shutdown"]
+__all__ = ["ControlMessage", "CONTROL", "TOPIC_ALL", "WORKER_ROLES", "RoleFlip", "Drain", "Shutdown"]
 
 # The control-channel topic that every worker subscribes to besides its own instance id.
 TOPIC_ALL = b"all"
+
+# The roles a worker can be in: what a RoleFlip (and a Register, Heartbeat, FlipAck) may name.
+WORKER_ROLES = ("mixed", "prefill", "decode")
 
 
 class ControlMessage(Message):

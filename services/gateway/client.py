@@ -122,7 +122,8 @@ class BusClient:
         # scheduler is known to be there, and again whenever it comes back.
         self._tasks = [
             asyncio.create_task(self._receive_loop(self._pull, self._on_result), name="gateway-tokens"),
-            asyncio.create_task(self._receive_loop(self._dealer, self._on_frontend), name="gateway-frontend"),
+            # StatusReply is the only message the frontend channel brings a gateway.
+            asyncio.create_task(self._receive_loop(self._dealer, self._on_status), name="gateway-frontend"),
             asyncio.create_task(self._status_loop(), name="gateway-status"),
         ]
         logger.info("bus client up: frontend=%s tokens=%s id=%s", self.frontend_addr, self.tokens_addr,
@@ -193,7 +194,7 @@ class BusClient:
 
     # ---- loops ----------------------------------------------------------------------------
 
-    async def _receive_loop(self, sock: zmq.asyncio.Socket, handle: Callable[[Message], None]) -> None:
+    async def _receive_loop(self, sock: zmq.asyncio.Socket, handle: Callable[[Any], None]) -> None:
         while True:
             try:
                 # Only messages for this socket's channel end come out (the bus drops the rest).
@@ -214,9 +215,6 @@ class BusClient:
             stream.put(result)
         else:  # late deltas of an aborted or finished request: expected, harmless
             logger.debug("%s for unknown request %s dropped", result.TAG, result.request_id)
-
-    def _on_frontend(self, msg: Message) -> None:
-        self._on_status(cast(StatusReply, msg))  # the frontend channel's only message to a gateway
 
     def _on_status(self, msg: StatusReply) -> None:
         was_alive = self.scheduler_alive

@@ -17,13 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from common.protocol import Heartbeat, Register
+from common.protocol import WORKER_ROLES, Heartbeat, Register
 
-__all__ = ["Instance", "Registry", "RegisterOutcome", "DEFAULT_HEARTBEAT_TIMEOUT_S", "WORKER_ROLES"]
+__all__ = ["Instance", "Registry", "RegisterOutcome", "DEFAULT_HEARTBEAT_TIMEOUT_S"]
 
 # An instance silent for this long is dead (heartbeats come every 0.5 s).
 DEFAULT_HEARTBEAT_TIMEOUT_S = 3.0
-WORKER_ROLES = ("prefill", "decode", "mixed")
 
 
 @dataclass

@@ -20,14 +20,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 
-from common.protocol import FlipAck, RoleFlip
+from common.protocol import WORKER_ROLES, FlipAck, RoleFlip
 from services.scheduler.registry import Instance, Registry
 
-__all__ = ["RoleFlips", "FLIP_ROLES", "reason_category"]
+__all__ = ["RoleFlips", "reason_category"]
 
 logger = logging.getLogger(__name__)
 
-FLIP_ROLES = ("prefill", "decode", "mixed")
 # An unacknowledged flip order is published again after this long.
 _RESEND_S = 2.0
 
@@ -57,7 +56,7 @@ class RoleFlips:
     async def order(self, instance_id: str, role: str, reason: str) -> bool:
         """Order an instance into `role`; False when it cannot be done (or nothing changes)."""
         instance = self.registry.get(instance_id)
-        if instance is None or role not in FLIP_ROLES:
+        if instance is None or role not in WORKER_ROLES:
             logger.warning("cannot flip %s to %r: %s", instance_id, role,
                            "unknown instance" if instance is None else "unknown role")
             return False

@@ -16,9 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from common.protocol import WORKER_ROLES
+
 __all__ = ["ROLES", "RoleState"]
 
-ROLES = ("mixed", "prefill", "decode")
+ROLES = WORKER_ROLES  # the bus names them (common.protocol)
 # A flip with no work of the new role for this long is settled anyway: it must not keep the
 # PD policy (which waits for settling flips) frozen on an idle system.
 SETTLE_LIMIT_S = 30.0
