@@ -64,7 +64,8 @@ SCHEDULER = Section(SchedulerConfig, "scheduler", only=("pd_policy", "ttft_slo_m
 WORKER = Section(WorkerConfig, "worker", only=("kv_transfer_timeout", "kvstore_timeout"))
 KVSTORE = Section(KvStoreConfig, "kvstore (with --kvstore-dir)", only=("dram_bytes", "ssd_bytes"),
                   flags={"dram_bytes": "--kvstore-dram", "ssd_bytes": "--kvstore-ssd"})
-GATEWAY = Section(GatewayConfig, "gateway", only=("host", "port", "api_key", "max_queue"))
+GATEWAY = Section(GatewayConfig, "gateway", only=("host", "port", "api_key", "max_queue", "batch_dir",
+                                                   "batch_max_in_flight", "max_batch_file_bytes"))
 SERVE_SECTIONS = (SERVE, SCHEDULER, WORKER, KVSTORE, GATEWAY)
 
 

@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from common.default_model import default_model_path
     from services.gateway.app import GatewaySettings, serve
+    from services.gateway.batch import default_batch_dir
 
     addresses = addresses_from_args(service, "gateway")
     gateway_id = config.gateway_id or f"gw-{uuid.uuid4().hex[:8]}"
@@ -46,7 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens_addr=config.tokens_addr or addresses.tokens_addr(gateway_id), gateway_id=gateway_id,
         api_key=config.api_key or os.environ.get("XLLM_API_KEY") or None, max_queue=config.max_queue,
         max_body_bytes=config.max_body_bytes, max_model_len=config.max_model_len,
-        advertise_host=config.advertise_host, curve=addresses.curve,
+        advertise_host=config.advertise_host, curve=addresses.curve, tool_call_parser=config.tool_call_parser,
+        batch_dir=config.batch_dir or default_batch_dir(addresses.run_dir),
+        max_batch_file_bytes=config.max_batch_file_bytes, batch_max_in_flight=config.batch_max_in_flight,
+        batch_tpot_target_ms=config.batch_tpot_target_ms,
+        request_timeout=config.request_timeout, max_migrations=config.max_migrations,
+        scheduler_wait=config.scheduler_wait,
+        embedding_pooling=config.embedding_pooling, embedding_normalize=config.embedding_normalize,
     )
     try:
         uvloop.run(serve(settings))

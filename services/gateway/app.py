@@ -18,23 +18,28 @@ from aiohttp import web
 
 from common.service_config import CurveKeys
 
-from services.gateway import routes
+from services.gateway import routes, status_page
+from services.gateway.anthropic import handle_count_tokens, handle_messages
 from services.gateway.chat import handle_chat
 from services.gateway.client import BusClient
 from services.gateway.completions import handle_completions
+from services.gateway.embeddings import EMBEDDING_KEY, EmbeddingSettings, handle_embeddings
 from services.gateway.config import GatewayConfig
 from services.gateway.context import CTX_KEY, Admission, GatewayContext, ModelInfo
 from services.gateway.httpio import error_response
 from services.gateway.logprobs import TokenTexts
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.migration import MigrationPolicy
 from services.gateway.openai_schema import APIError
+from services.gateway.tools import TOOL_PARSER_KEY
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Probes and scrapers must work without the API key.
-AUTH_EXEMPT = frozenset(("/health", "/metrics", "/ping"))
+# The status page's static files hold no data; the page sends the key to /status itself.
+AUTH_EXEMPT = frozenset(("/health", "/metrics", "/ping", *status_page.PUBLIC_PATHS))
 
 
 @dataclass
@@ -52,6 +57,16 @@ class GatewaySettings:
     max_model_len: int | None = None
     advertise_host: str | None = None
     curve: CurveKeys | None = None  # CurveZMQ keys for the scheduler connection
+    tool_call_parser: str | None = None  # None: guessed from the chat template
+    batch_dir: str | None = None  # None: no Batch API (tests that build their own app)
+    max_batch_file_bytes: int = GatewayConfig.max_batch_file_bytes
+    batch_max_in_flight: int = GatewayConfig.batch_max_in_flight
+    batch_tpot_target_ms: float = GatewayConfig.batch_tpot_target_ms
+    request_timeout: float = GatewayConfig.request_timeout
+    max_migrations: int = GatewayConfig.max_migrations
+    scheduler_wait: float = GatewayConfig.scheduler_wait
+    embedding_pooling: str = GatewayConfig.embedding_pooling
+    embedding_normalize: bool = GatewayConfig.embedding_normalize
 
 
 def _from_http_exception(exc: web.HTTPException) -> APIError:
@@ -116,12 +131,16 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.on_shutdown.append(_on_shutdown)
     app.router.add_post("/v1/chat/completions", handle_chat)
     app.router.add_post("/v1/completions", handle_completions)
+    app.router.add_post("/v1/embeddings", handle_embeddings)
+    app.router.add_post("/v1/messages", handle_messages)
+    app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
     app.router.add_get("/v1/models", routes.handle_models)
     app.router.add_get("/v1/models/{model:.+}", routes.handle_model)
     app.router.add_get("/health", routes.handle_health)
     app.router.add_get("/ping", _ping)
     app.router.add_get("/status", routes.handle_status)
     app.router.add_get("/metrics", routes.handle_metrics)
+    status_page.add_routes(app)  # the operator's page at / and /ui
     app.router.add_post("/tokenize", routes.handle_tokenize)
     app.router.add_post("/detokenize", routes.handle_detokenize)
     return app
@@ -136,7 +155,10 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     model = await loop.run_in_executor(None, ModelInfo.from_path, settings.model_path, settings.max_model_len)
     metrics = GatewayMetrics(model.model_id)
     client = BusClient(settings.frontend_addr, settings.tokens_addr, settings.gateway_id,
-                       advertise_host=settings.advertise_host, curve=settings.curve)
+                       advertise_host=settings.advertise_host, curve=settings.curve,
+                       migration=MigrationPolicy(max_migrations=settings.max_migrations,
+                                                 request_timeout_s=settings.request_timeout,
+                                                 scheduler_wait_s=settings.scheduler_wait))
     client.on_status = metrics.update_workers
     client.on_scheduler = metrics.update_scheduler
     return GatewayContext(
@@ -159,7 +181,18 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     # handler_cancellation: a client that goes away cancels its handler, whose `finally` aborts
     # the request on the worker (for non-streaming requests nothing else would notice).
     # shutdown_timeout: streams still open at shutdown get a few seconds, not aiohttp's 60.
-    runner = web.AppRunner(create_app(ctx), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    app = create_app(ctx)
+    app[EMBEDDING_KEY] = EmbeddingSettings(settings.embedding_pooling, settings.embedding_normalize)
+    if settings.tool_call_parser:
+        app[TOOL_PARSER_KEY] = settings.tool_call_parser
+    if settings.batch_dir is not None:
+        from services.gateway.batch import self_url, setup_batch_api
+
+        setup_batch_api(app, ctx, batch_dir=settings.batch_dir, url=self_url(settings.host, settings.port),
+                        api_key=settings.api_key, max_file_bytes=settings.max_batch_file_bytes,
+                        max_offline_in_flight=settings.batch_max_in_flight,
+                        tpot_target_s=settings.batch_tpot_target_ms / 1000)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
     try:

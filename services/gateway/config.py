@@ -26,14 +26,47 @@ class GatewayConfig:
                                             "--run-dir, or tcp with --tcp-host)")
     advertise_host: str | None = setting(None, "host workers should push tokens to when --tokens-addr binds a "
                                                "tcp wildcard (default: this machine's hostname)")
+    batch_dir: str | None = setting(None, "where the Batch API keeps files, batches and results (LMDB; default: "
+                                          "'batches' under --run-dir, else $XDG_STATE_HOME/xllm/batches)")
+    max_batch_file_bytes: int = setting(200 * 1024 * 1024, "largest batch input file (413 past it)")
+    batch_max_in_flight: int = setting(16, "offline (batch) requests in flight at most; online requests take "
+                                           "their room first")
+    batch_tpot_target_ms: float = setting(200.0, "offline work backs off while a batch line's time per output "
+                                                 "token (the shared decode step) is above this")
+
+    tool_call_parser: str | None = setting(None, "format the model writes tool calls in: hermes or llama3_json "
+                                                 "(default: guessed from its chat template)")
+
+    # Last token by default: in a causal decoder only the last token has attended to the whole input
+    # (decoder embedding models such as E5-Mistral and vLLM's causal-LM pooler take it).
+    embedding_pooling: str = setting("last", "how /v1/embeddings pools the final hidden states: last | mean",
+                                     choices=("last", "mean"))
+    embedding_normalize: bool = setting(True, "return /v1/embeddings vectors as computed, not L2-normalised",
+                                        flag="--no-embedding-normalize")
+
+    request_timeout: float = setting(600.0, "seconds a request may take in all (its migrations included) before "
+                                            "it fails with a clear error")
+    max_migrations: int = setting(3, "times one choice may move to another worker after losing its own "
+                                     "before the request fails")
+    scheduler_wait: float = setting(30.0, "seconds a new request waits for a scheduler that went away (restarting)")
 
     def problems(self) -> list[str]:
         """What makes this configuration unusable, as flag-named messages."""
         out = []
+        if self.request_timeout <= 0 or self.scheduler_wait < 0 or self.max_migrations < 0:
+            out.append("--request-timeout must be > 0, --scheduler-wait and --max-migrations >= 0")
         if not 0 < self.port < 65536:
             out.append("--port must be in 1..65535")
         if self.max_queue < 1:
             out.append("--max-queue must be >= 1")
+        from services.gateway.tool_parsers import PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            out.append(f"--tool-call-parser must be one of {sorted(PARSERS)}")
+        if self.batch_max_in_flight < 1:
+            out.append("--batch-max-in-flight must be >= 1")
+        if self.batch_tpot_target_ms <= 0:
+            out.append("--batch-tpot-target-ms must be > 0")
         return out
 
 

@@ -6,6 +6,7 @@ import time
 
 from aiohttp import web
 
+from services.gateway.batch.api import RUNNER_KEY
 from services.gateway.chat import chat_prompt_ids
 from services.gateway.client import instance_ready
 from services.gateway.completions import completion_prompt_ids
@@ -59,6 +60,8 @@ async def handle_status(request: web.Request) -> web.Response:
                     "max_model_len": ctx.max_model_len},
         "scheduler": client.scheduler_info,
         "instances": [{**inst, "ready": instance_ready(inst)} for inst in client.instances],
+        # the Batch API's offline side: active batches, offline requests in flight, the throttle
+        "batches": request.app[RUNNER_KEY].describe() if RUNNER_KEY in request.app else None,
     })
 
 
