@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_arguments(off)
     off.set_defaults(func=_cmd_bench_offline)
     from bench import kv as bench_kv, pd as bench_pd, quality as bench_quality, serve as bench_serve
+    from bench import soak as bench_soak
 
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
@@ -106,10 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "prefix hit rate per tier, throughput)"),
         ("quality", bench_quality, "accuracy of the bf16 / int8 / W8A8 paths against fp32 (perplexity, top-1 "
                                    "agreement, KL) on a text file"),
+        ("soak", bench_soak, "many short requests of every kind, malformed and abandoned ones included: errors "
+                             "by kind, worker RSS and used KV pages over time, leak verdicts"),
     ):
         command = bench_sub.add_parser(name, help=summary)
         module.add_arguments(command)
         command.set_defaults(func=module.run)
+
+    from xllm.batch_cli import add_batch_commands
+
+    add_batch_commands(sub)
 
     keys = sub.add_parser("keys", help="create CurveZMQ keys for tcp deployments")
     keys.add_argument("directory", help="where to write the certificates")

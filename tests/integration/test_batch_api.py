@@ -87,6 +87,12 @@ def test_batch_matches_online_and_reports_bad_lines(server, client):
 
     listed = client.batches.list(limit=10)
     assert batch.id in [b.id for b in listed.data]
+    status = server.status()["batches"]
+    assert status["offline_tokens_total"] > 0 and status["throttle"]["max_slots"] >= 1
+    code, metrics = server.request("GET", "/metrics")
+    assert code == 200
+    tokens = [line for line in metrics.splitlines() if line.startswith("xllm_offline_generation_tokens_total ")]
+    assert tokens and float(tokens[0].split()[1]) > 0
 
 
 def test_malformed_and_oversized_files(server, client):
@@ -151,3 +157,28 @@ def test_gateway_killed_mid_batch_resumes_exactly_once(server, client):
     ids = [row["custom_id"] for row in rows]
     assert sorted(ids) == sorted(f"k{i}" for i in range(24))  # every line, exactly once
     assert batch.request_counts.completed == 24 and batch.request_counts.failed == 0
+
+
+def test_cli_submit_wait_and_results(server, tmp_path):
+    import subprocess
+    import sys
+
+    model = server.model_id()
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(_line(model, f"cli{i}", q)) for i, q in enumerate(QUESTIONS[:3])) + "\n")
+    xllm = [sys.executable, "-m", "xllm.cli", "batch"]
+    submit = subprocess.run([*xllm, "submit", str(path), "--url", server.base_url, "--wait"],
+                            capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, submit.stderr
+    batch_id = submit.stdout.splitlines()[0]
+    assert json.loads(submit.stdout.splitlines()[-1]) == {"total": 3, "completed": 3, "failed": 0,
+                                                         "status": "completed"}
+    out = tmp_path / "out.jsonl"
+    results = subprocess.run([*xllm, "results", batch_id, "--url", server.base_url, "-o", str(out)],
+                             capture_output=True, text=True, timeout=60)
+    assert results.returncode == 0, results.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == ["cli0", "cli1", "cli2"]
+    missing = subprocess.run([*xllm, "status", "batch_nope", "--url", server.base_url],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "404" in missing.stderr

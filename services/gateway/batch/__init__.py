@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from services.gateway.batch.api import MAX_FILE_BYTES_KEY, RUNNER_KEY, add_routes
+from services.gateway.batch.metrics import OfflineCollector
 from services.gateway.batch.runner import BatchRunner
 from services.gateway.batch.store import BatchStore
 from services.gateway.batch.throttle import OfflineThrottle
@@ -54,6 +55,7 @@ def setup_batch_api(app: web.Application, ctx: GatewayContext, *, batch_dir: str
     app[RUNNER_KEY] = runner
     app[MAX_FILE_BYTES_KEY] = max_file_bytes
     add_routes(app)
+    ctx.metrics.registry.register(OfflineCollector(runner))
 
     async def start(_app: web.Application) -> None:
         await runner.start()
