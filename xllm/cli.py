@@ -8,6 +8,7 @@ import logging
 import sys
 
 from common.engine.config import add_engine_arguments, engine_config_from_args
+from common.progress import add_progress_argument, progress_bar
 from common.service_config import ServiceConfig
 from common.settings import SettingsParser
 
@@ -15,6 +16,7 @@ __all__ = ["build_parser", "main"]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from common.engine.engine import SequenceOutput
     from common.engine.llm import LLM
     from common.engine.sampling_params import SamplingParams
 
@@ -24,10 +26,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed, stop=args.stop or [],
     )
     prompts = args.prompt or ["What is the capital of France?"]
-    if args.chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-    else:
-        outs = llm.generate(prompts, params)
+    inputs = ([llm.tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
+               for p in prompts] if args.chat else prompts)
+    # Counted in tokens against every prompt's max_tokens; a prompt that stops early (EOS, a stop
+    # string) takes its unused tokens off the total, so the bar still ends full.
+    produced: dict[str, int] = {}
+    with progress_bar(len(prompts) * args.max_tokens, "generate", "tok", args=args) as bar:
+        def on_output(out: SequenceOutput) -> None:
+            produced[out.request_id] = produced.get(out.request_id, 0) + len(out.new_token_ids)
+            bar.update(len(out.new_token_ids))
+            if out.finish_reason is not None:
+                bar.total -= max(0, args.max_tokens - produced[out.request_id])
+                bar.refresh()
+
+        outs = llm.generate(inputs, params, on_output=on_output)
     for prompt, out in zip(prompts, outs):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
@@ -85,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    add_progress_argument(gen)
     gen.set_defaults(func=_cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -96,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_arguments(off)
     off.set_defaults(func=_cmd_bench_offline)
     from bench import kv as bench_kv, pd as bench_pd, quality as bench_quality, serve as bench_serve
-    from bench import soak as bench_soak
+    from bench import chaos as bench_chaos, soak as bench_soak
+    from bench import colocate as bench_colocate
 
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
@@ -107,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "prefix hit rate per tier, throughput)"),
         ("quality", bench_quality, "accuracy of the bf16 / int8 / W8A8 paths against fp32 (perplexity, top-1 "
                                    "agreement, KL) on a text file"),
+        ("colocate", bench_colocate, "online traffic alone, then with a large Batch API job beside it: online SLO "
+                                     "attainment and TTFT/TPOT p50/p99 in both runs, offline tokens/s absorbed"),
         ("soak", bench_soak, "many short requests of every kind, malformed and abandoned ones included: errors "
                              "by kind, worker RSS and used KV pages over time, leak verdicts"),
+        ("chaos", bench_chaos, "SIGKILL workers (and the scheduler) on a seeded schedule under greedy streams: "
+                               "recovery time, migrations, extra latency, texts against a no-fault run"),
     ):
         command = bench_sub.add_parser(name, help=summary)
         module.add_arguments(command)
