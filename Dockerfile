@@ -42,12 +42,12 @@ RUN pip install --no-deps /tmp/xllm \
           /opt/xllm/default-model.gguf \
  && test -f /opt/xllm/default-model.gguf
 
-# Non-root. /models and /data/kvstore are volume mount points (a fresh named volume copies this
+# Non-root. /models, /data/kvstore and /data/batches are volume mount points (a fresh named volume copies this
 # ownership).
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/xllm \
         --shell /usr/sbin/nologin xllm \
- && mkdir -p /models /data/kvstore \
- && chown xllm:xllm /models /data/kvstore
+ && mkdir -p /models /data/kvstore /data/batches \
+ && chown xllm:xllm /models /data/kvstore /data/batches
 USER xllm
 WORKDIR /var/lib/xllm
 ENV HOME=/var/lib/xllm

@@ -119,7 +119,11 @@ def test_compose_config_is_valid(tmp_path):
         mounts = {m["target"]: m for m in services[name]["volumes"]}
         assert mounts["/models"]["type"] == "volume" and mounts["/models"]["source"] == "models"
         assert "--model=/opt/xllm/default-model.gguf" in services[name]["command"]
-    assert set(cfg["volumes"]) == {"models", "kvstore"}
+    # Batch API state outlives the gateway's container.
+    gw_mounts = {m["target"]: m for m in services["gateway"]["volumes"]}
+    assert gw_mounts["/data/batches"]["type"] == "volume" and gw_mounts["/data/batches"]["source"] == "batches"
+    assert "--batch-dir=/data/batches" in services["gateway"]["command"]
+    assert set(cfg["volumes"]) == {"models", "kvstore", "batches"}
 
     # Services reach the scheduler by its compose name; the scheduler binds every interface.
     assert "--frontend-addr=tcp://0.0.0.0:5557" in services["scheduler"]["command"]
