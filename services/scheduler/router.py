@@ -12,11 +12,19 @@ report), paired with up to three decode candidates ranked by batch load and free
 prefill worker tries them in order. A mixed worker, when present and less loaded, takes the
 request whole; so do requests with n > 1, and every request when either pool is empty.
 
+Liveness: suspect instances are skipped while an alive one is left (`Instance.alive`).
+
 Role flips: an instance is offered for the role its worker acknowledged, and for no role while a
 flip ordered to it is unacknowledged (`Instance.offers`); its old role's pool loses it the moment
 the flip is ordered, so no new Assign names it as a decode candidate it will refuse. Only when
 every live instance is mid-flip does a request go (whole) to one of them: a flip never turns a
 servable request into a 503.
+
+Offline work (the report's latency-constrained decoupled placement): a single-choice offline
+request whose best prefill instance is idle (nothing queued to prefill, nothing waiting) and runs
+less than `OFFLINE_DECODE_SHARE` of its capacity stays there whole, its decode included, instead of
+taking a slot on a decode instance that online sequences need; online prefill arriving there still
+goes first (queued online work ends the placement, and the engine admits online before offline).
 
 KV-aware routing: when some candidate holds part of the prompt's prefix (in its HBM pages, or
 the kvstore holds it and any worker can reload it), candidates are ranked by cost = prompt
@@ -38,6 +46,8 @@ MAX_DECODE_CANDIDATES = 3
 # What one queued or running sequence costs a newcomer, in prompt tokens to compute: roughly
 # the prefill tokens one step could have processed in the time a decode slot takes.
 LOAD_TOKENS_PER_SEQUENCE = 64
+# An idle prefill instance decodes offline requests itself up to this share of its batch capacity.
+OFFLINE_DECODE_SHARE = 0.5
 
 
 @dataclass
@@ -65,6 +75,12 @@ def decode_key(instance: Instance, prompt_len: int) -> tuple[bool, float, int, s
     return (not fits, instance.load / instance.capacity, -instance.free_pages, instance.instance_id)
 
 
+def idle_for_offline_decode(instance: Instance) -> bool:
+    """A prefill instance with room to decode offline work itself (see the module docstring)."""
+    return (instance.queued_prefill_tokens == 0 and instance.waiting == 0
+            and instance.load < OFFLINE_DECODE_SHARE * instance.capacity)
+
+
 def kv_cost(instance: Instance, prompt_len: int, cached: dict[str, int]) -> tuple[int, tuple]:
     """Smaller is better: tokens this request would wait on or compute at `instance`."""
     uncached = prompt_len - cached.get(instance.instance_id, 0)
@@ -74,10 +90,15 @@ def kv_cost(instance: Instance, prompt_len: int, cached: dict[str, int]) -> tupl
 class Router:
     def route(
         self, instances: Iterable[Instance], prompt_len: int = 0, n: int = 1, cached: dict[str, int] | None = None,
+        priority: str = "online",
     ) -> Route | None:
         """Prefill instance and decode candidates for a request, or None if nobody can serve it.
         `cached`: prompt tokens each instance would find cached (from the global prefix index)."""
         live = [i for i in instances if not i.draining]
+        # A suspect instance (silent, or maybe the peer whose socket just closed) gets no new
+        # work while anyone alive is left; with nobody alive it still may (a slow heartbeat on
+        # a loaded box is no reason to refuse every request).
+        live = [i for i in live if i.alive] or live
         # Prefer instances whose context window fits the prompt; if none does, still route so
         # the worker answers with a clear 400 rather than the scheduler guessing at limits.
         live = [i for i in live if i.max_model_len > prompt_len] or live
@@ -93,6 +114,8 @@ class Router:
         pick_whole = (lambda i: kv_cost(i, prompt_len, cached)) if kv_aware else load_key
         if n == 1 and prefill and decode:
             chosen = min(prefill, key=pick_prefill)
+            if priority == "offline" and idle_for_offline_decode(chosen):
+                return Route(chosen)
             if mixed:
                 best_mixed = min(mixed, key=pick_whole)
                 if best_mixed.load / best_mixed.capacity < chosen.load / chosen.capacity:

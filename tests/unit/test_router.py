@@ -225,3 +225,13 @@ def test_when_every_instance_is_mid_flip_a_request_still_gets_one() -> None:
     small, large = flipping(pd("small", "mixed", max_model_len=64), "prefill"), pd("large", "mixed", running=5)
     flipping(large, "decode")
     assert Router().route([small, large], prompt_len=100).prefill is large
+
+
+def test_an_idle_prefill_instance_decodes_offline_work_itself() -> None:
+    p, d = pd("p", "prefill"), pd("d", "decode")
+    assert Router().route([p, d], prompt_len=50, priority="offline").decode == []  # whole, on p
+    assert Router().route([p, d], prompt_len=50, priority="online").decode == [d]  # online: P/D as usual
+    busy = pd("p", "prefill", queued=200)  # online prompts queued there: no offline decode beside them
+    assert Router().route([busy, d], prompt_len=50, priority="offline").decode == [d]
+    full = pd("p", "prefill", running=4)  # half its batch already runs: the decode pool takes it
+    assert Router().route([full, d], prompt_len=50, priority="offline").decode == [d]
