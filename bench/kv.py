@@ -46,6 +46,7 @@ import aiohttp
 from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
 from bench.server_proc import add_server_arguments, fmt, running_server
 from bench.stats import distinct_errors, percentile_ms
+from common.progress import add_progress_argument, progress_bar, progress_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +215,8 @@ def _settle(root: str, requests_total: int, timeout_s: float = 15.0) -> dict[str
 
 
 async def run_workload(url: str, workload: Workload, *, concurrency: int = 2, max_tokens: int = 8,
-                       timeout: float = 120.0, model: str | None = None) -> tuple[list[tuple[KvRequest, RequestResult]],
-                                                                                  float]:
+                       timeout: float = 120.0, model: str | None = None, progress: bool = False,
+                       ) -> tuple[list[tuple[KvRequest, RequestResult]], float]:
     """Send the rounds in order, at most `concurrency` requests in flight; (results, wall seconds)."""
     base = base_url(url)
     endpoint = base + "/completions"
@@ -230,10 +231,12 @@ async def run_workload(url: str, workload: Workload, *, concurrency: int = 2, ma
                     "stream_options": {"include_usage": True}}
             async with gate:
                 results.append((q, await stream_request(session, endpoint, body, chat=False, timeout=timeout)))
+                bar.update(1)
 
         t0 = time.perf_counter()
-        for rnd in workload.rounds:
-            await asyncio.gather(*(one(q) for q in rnd))
+        with progress_bar(len(workload.requests), "kv workload", "req", enabled=progress) as bar:
+            for rnd in workload.rounds:
+                await asyncio.gather(*(one(q) for q in rnd))
         wall = time.perf_counter() - t0
     return results, wall
 
@@ -273,7 +276,8 @@ def run_mode(args: argparse.Namespace, mode: str, workload: Workload) -> dict:
             print(f"[{mode}] ready; {len(workload.requests)} requests in {len(workload.rounds)} rounds, "
                   f"concurrency {args.concurrency}", flush=True)
             results, wall = asyncio.run(run_workload(url, workload, concurrency=args.concurrency,
-                                                     max_tokens=args.max_tokens, timeout=args.timeout))
+                                                     max_tokens=args.max_tokens, timeout=args.timeout,
+                                                     progress=progress_enabled(args)))
             after = _settle(url, done_before + len(results))
             pages = sorted({int(s.get("num_pages", 0)) for s in after.values()})
             extra = {
@@ -330,6 +334,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--seed", type=int, default=0)
     add_server_arguments(p, port=8019)
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    p.add_argument("--plot", dest="png_path", default=None, metavar="PNG",
+                   help="draw TTFT, prefix hit rate per tier and throughput per mode into this PNG")
+    add_progress_argument(p)
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -379,4 +386,9 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json_path, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"results written to {args.json_path}")
+    if getattr(args, "png_path", None):
+        from bench.plots import kv_plot  # matplotlib is only imported when a plot is asked for
+
+        if kv_plot(args.png_path, doc):
+            print(f"plot written to {args.png_path}")
     return 0 if runs and all(r["completed"] for r in runs.values()) else 1

@@ -15,10 +15,13 @@ import torch
 from common.engine.config import EngineConfig
 from common.engine.engine import EngineStats, LLMEngine
 from common.engine.sampling_params import SamplingParams
+from common.progress import add_progress_argument, progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "plot", "timeline"]
+
+_TIMELINE_BINS = 100  # points of the time series kept in the results (and drawn by --plot)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, help="write results here")
+    p.add_argument("--plot", dest="png_path", default=None, metavar="PNG",
+                   help="draw output tok/s and requests in flight over the run into this PNG")
+    add_progress_argument(p)
 
 
 def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -53,20 +59,25 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict:
     first: dict[str, float] = {}
     done: dict[str, float] = {}
     out_tokens = 0
+    steps: list[tuple[float, int, int]] = []  # (seconds since start, output tokens so far, in flight)
     t_start = time.perf_counter()
-    while finished < args.num_requests:
-        while submitted < args.num_requests and submitted - finished < args.concurrency:
-            rid = f"r{submitted}"
-            engine.add_request(rid, prompts[submitted], params)
-            arrival[rid] = time.perf_counter()
-            submitted += 1
-        for out in engine.step():
-            now = time.perf_counter()
-            out_tokens += len(out.new_token_ids)
-            first.setdefault(out.request_id, now)
-            if out.finish_reason is not None:
-                done[out.request_id] = now
-                finished += 1
+    with progress_bar(args.num_requests, "offline bench", "req", args=args) as bar:
+        while finished < args.num_requests:
+            while submitted < args.num_requests and submitted - finished < args.concurrency:
+                rid = f"r{submitted}"
+                engine.add_request(rid, prompts[submitted], params)
+                arrival[rid] = time.perf_counter()
+                submitted += 1
+            in_flight = submitted - finished
+            for out in engine.step():
+                now = time.perf_counter()
+                out_tokens += len(out.new_token_ids)
+                first.setdefault(out.request_id, now)
+                if out.finish_reason is not None:
+                    done[out.request_id] = now
+                    finished += 1
+                    bar.update(1)
+            steps.append((time.perf_counter() - t_start, out_tokens, in_flight))
     elapsed = time.perf_counter() - t_start
 
     ttft = [first[r] - arrival[r] for r in done]
@@ -93,6 +104,7 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "timeline": timeline(steps, elapsed),
     }
     print(
         f"offline bench: C={args.concurrency} N={args.num_requests} P={args.prompt_len} O={args.output_len}: "
@@ -104,4 +116,37 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
         with open(args.json_path, "w") as f:
             json.dump(result, f, indent=2)
+    if getattr(args, "png_path", None):
+        plot(args.png_path, result)
+        print(f"plot written to {args.png_path}")
     return result
+
+
+def timeline(steps: list[tuple[float, int, int]], elapsed: float, bins: int = _TIMELINE_BINS) -> list[dict]:
+    """The run in at most `bins` equal slices of time: each slice's end, its output tok/s and the
+    requests in flight at its last step (slices without a step are left out)."""
+    if not steps or elapsed <= 0:
+        return []
+    width = elapsed / bins
+    out: list[dict] = []
+    prev_t, prev_tokens, i = 0.0, 0, 0
+    for b in range(1, bins + 1):
+        end = b * width
+        last = None
+        while i < len(steps) and (steps[i][0] <= end or b == bins):
+            last = steps[i]
+            i += 1
+        if last is None:
+            continue
+        t, tokens, in_flight = last
+        out.append({"t_s": t, "output_tok_per_s": (tokens - prev_tokens) / max(t - prev_t, 1e-9),
+                    "in_flight": in_flight})
+        prev_t, prev_tokens = t, tokens
+    return out
+
+
+def plot(path: str, result: dict) -> None:
+    """Output tok/s and requests in flight over the run (see `bench.plots.offline_plot`)."""
+    from bench.plots import offline_plot  # matplotlib is only imported when a plot is asked for
+
+    offline_plot(path, result)

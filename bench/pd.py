@@ -41,6 +41,7 @@ from bench.pd_status import wait_for_layout
 from bench.pd_workload import (WORKLOADS, Arrival, Phase, RunRecord, build_phases, make_workload, run_workload,
                                summarize_run)
 from bench.server_proc import add_server_arguments, fmt, running_server
+from common.progress import add_progress_argument, progress_bar, progress_enabled, prints_above_bars
 
 __all__ = ["POLICIES", "add_arguments", "run", "smoke", "serve_argv", "phases_from_args", "parse_seeds", "measure",
            "rates_from_calibration"]
@@ -155,6 +156,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_arguments(p, port=8017)
     p.add_argument("--url", default=None, help="run once against this running server instead of starting any")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    p.add_argument("--plot", dest="png_path", default=None, metavar="PNG",
+                   help="draw SLO attainment and tok/s per policy and phase (± stdev over seeds), flips and "
+                        "predictor error into this PNG")
+    add_progress_argument(p)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -217,7 +222,8 @@ def _calibration(args: argparse.Namespace) -> dict | None:
     if args.rate1 is not None and args.rate2 is not None:
         return None
     print("calibration: measuring one worker's prefill and decode capacity", flush=True)
-    measured = asyncio.run(calibrate_url(args.url, _plan(args))) if args.url else calibrate(args, _plan(args))
+    measured = (asyncio.run(calibrate_url(args.url, _plan(args), progress=progress_enabled(args))) if args.url
+                else calibrate(args, _plan(args)))
     print(f"calibration: prefill {measured['prefill']['tok_per_s']:.0f} tok/s, decode "
           f"{measured['decode']['tok_per_s']:.0f} tok/s at batch {measured['decode']['batch']} "
           f"(TPOT {measured['decode']['tpot_ms']:.0f} ms), in {measured['wall_s']:.0f} s", flush=True)
@@ -255,9 +261,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{len(seeds) * len(policies)} runs of {_duration(phases):g} s of load each, every one on a fresh "
               f"server (start-up, then up to {args.drain_s:g} s of drain)", flush=True)
-        for seed in seeds:
-            for policy in policies:
-                entries.setdefault(policy, []).append(_run_seed(args, policy, seed, phases))
+        show = progress_enabled(args)
+        with progress_bar(len(seeds) * len(policies), "bench pd", "run", enabled=show) as bar, \
+                prints_above_bars(show):
+            for seed in seeds:
+                for policy in policies:
+                    bar.set_postfix_str(f"{policy} seed {seed}")
+                    entries.setdefault(policy, []).append(_run_seed(args, policy, seed, phases))
+                    bar.update(1)
     runs = {policy: aggregate_policy(policy, e, divergence_pts=args.divergence_pts) for policy, e in entries.items()}
     for policy, r in runs.items():  # what was measured, as a user would start it
         r["serve"] = args.url if args.url else " ".join(["xllm", *serve_argv(args, policy, args.port)[3:]])
@@ -280,4 +291,9 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json_path, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"results written to {args.json_path}")
+    if getattr(args, "png_path", None):
+        from bench.plots import pd_plot  # matplotlib is only imported when a plot is asked for
+
+        if pd_plot(args.png_path, doc):
+            print(f"plot written to {args.png_path}")
     return 0 if all(r["overall"].get("completed") for r in runs.values()) else 1

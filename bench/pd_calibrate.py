@@ -25,6 +25,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import aiohttp
@@ -33,6 +34,7 @@ from bench.client import BenchError, base_url, discover_model, stream_request
 from bench.pd_status import wait_for_layout
 from bench.server_proc import running_server
 from common.engine.config import EngineConfig
+from common.progress import progress_bar, progress_enabled
 from xllm.serve import worker_threads
 
 __all__ = ["CalibrationPlan", "calibrated_rates", "decode_batches", "pick_decode_point", "serve_flag_int",
@@ -140,8 +142,10 @@ def _body(model: str, prompt: list[int], max_tokens: int) -> dict:
 
 
 async def measure_prefill(session: aiohttp.ClientSession, endpoint: str, model: str, prompt_len: int, *,
-                          burst: int = 4, rounds: int = 2, timeout: float = 120.0, seed: int = 7) -> dict:
-    """Prefill tokens/s of the server: bursts of `burst` prompts sent together (see the module)."""
+                          burst: int = 4, rounds: int = 2, timeout: float = 120.0, seed: int = 7,
+                          tick: Callable[[], object] | None = None) -> dict:
+    """Prefill tokens/s of the server: bursts of `burst` prompts sent together (see the module);
+    `tick()` after each burst (a progress bar)."""
     rng = random.Random(seed)
     samples = []
     for _ in range(rounds):
@@ -152,13 +156,15 @@ async def measure_prefill(session: aiohttp.ClientSession, endpoint: str, model: 
             raise BenchError(f"calibration: a prefill request failed: {failed[0]}")
         last = max(r.ttft for r in results)
         samples.append({"tok_per_s": round(burst * prompt_len / last, 1), "last_ttft_ms": round(1000 * last, 1)})
+        if tick is not None:
+            tick()
     return {"prompt_len": prompt_len, "burst": burst, "rounds": samples,
             "tok_per_s": round(statistics.median(s["tok_per_s"] for s in samples), 1)}
 
 
 async def measure_decode(session: aiohttp.ClientSession, endpoint: str, model: str, prompt_len: int,
                          output_len: int, batches: list[int], tpot_slo_s: float, *, timeout: float = 120.0,
-                         seed: int = 11) -> dict:
+                         seed: int = 11, tick: Callable[[], object] | None = None) -> dict:
     """Decode tokens/s at each batch of `batches` (stopping after the first whose median TPOT
     misses the SLO: a larger one only misses it by more), and the point picked for the phase."""
     if output_len < 2:
@@ -174,6 +180,8 @@ async def measure_decode(session: aiohttp.ClientSession, endpoint: str, model: s
             raise BenchError(f"calibration: a decode request at batch {b} failed: {failed[0]}")
         tpot = statistics.median(r.tpot for r in results if r.tpot is not None)
         sweep.append({"batch": b, "tpot_ms": round(1000 * tpot, 2), "tok_per_s": round(b / tpot, 1)})
+        if tick is not None:
+            tick()
         if tpot > tpot_slo_s:
             break
     point = pick_decode_point(sweep, tpot_slo_s)
@@ -182,21 +190,27 @@ async def measure_decode(session: aiohttp.ClientSession, endpoint: str, model: s
             "tok_per_s": point["tok_per_s"], "tpot_ms": point["tpot_ms"], "meets_tpot_slo": point["meets_tpot_slo"]}
 
 
-async def calibrate_url(url: str, plan: CalibrationPlan, *, model: str | None = None) -> dict:
-    """Measure the server at `url` (see the module docstring): its prefill and decode capacity."""
+async def calibrate_url(url: str, plan: CalibrationPlan, *, model: str | None = None,
+                        progress: bool = False) -> dict:
+    """Measure the server at `url` (see the module docstring): its prefill and decode capacity;
+    `progress`: draw a bar over its steps (warm-up, bursts, decode batches; the sweep may stop
+    early, at the first batch over the TPOT SLO)."""
     base = base_url(url)
     root, endpoint = base[: -len("/v1")], base + "/completions"
     started = time.perf_counter()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         layout = await wait_for_layout(session, root, expected=None, timeout_s=plan.layout_timeout_s)
         model = model or await discover_model(session, base)
-        for i in range(2):  # warm-up: not measured
-            await stream_request(session, endpoint, _body(model, [100 + i] * 16, 4), chat=False, timeout=plan.timeout)
-        prefill = await measure_prefill(session, endpoint, model, plan.prefill_prompt_len, burst=plan.burst,
-                                        rounds=plan.rounds, timeout=plan.timeout)
         batches = [plan.batch] if plan.batch else decode_batches(plan.max_batch)
-        decode = await measure_decode(session, endpoint, model, plan.decode_prompt_len, plan.decode_output_len,
-                                      batches, plan.tpot_slo_s, timeout=plan.timeout)
+        with progress_bar(2 + plan.rounds + len(batches), "calibration", "step", enabled=progress) as bar:
+            for i in range(2):  # warm-up: not measured
+                await stream_request(session, endpoint, _body(model, [100 + i] * 16, 4), chat=False,
+                                     timeout=plan.timeout)
+                bar.update(1)
+            prefill = await measure_prefill(session, endpoint, model, plan.prefill_prompt_len, burst=plan.burst,
+                                            rounds=plan.rounds, timeout=plan.timeout, tick=bar.update)
+            decode = await measure_decode(session, endpoint, model, plan.decode_prompt_len, plan.decode_output_len,
+                                          batches, plan.tpot_slo_s, timeout=plan.timeout, tick=bar.update)
     return {"prefill": prefill, "decode": decode, "layout": layout, "plan": asdict(plan),
             "wall_s": round(time.perf_counter() - started, 1)}
 
@@ -207,5 +221,5 @@ def calibrate(args: argparse.Namespace, plan: CalibrationPlan) -> dict:
     argv = calibration_argv(args, threads)
     url = f"http://127.0.0.1:{args.port}"
     with running_server(argv, url, args, "calibration"):
-        measured = asyncio.run(calibrate_url(url, plan, model=None))
+        measured = asyncio.run(calibrate_url(url, plan, model=None, progress=progress_enabled(args)))
     return {**measured, "threads_per_worker": threads, "server": " ".join(["xllm", *argv[3:]])}

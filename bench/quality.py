@@ -13,12 +13,14 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from common.default_model import default_model_path
+from common.progress import add_progress_argument, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=str(_README), help="text file to score (default: this repo's README)")
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--json", dest="json_path", default=None, help="write results here")
+    p.add_argument("--plot", dest="png_path", default=None, metavar="PNG",
+                   help="draw KL, top-1 agreement and perplexity per path into this PNG")
+    add_progress_argument(p)
 
 
 def _logits(path: str, dtype: torch.dtype, env: dict[str, str], chunk: int, ids: list[int]) -> torch.Tensor:
@@ -75,21 +80,29 @@ def measure(args: argparse.Namespace) -> dict:
     target = torch.tensor(ids[1:])
     ref = None
     results = {}
-    for name, (dtype, env, chunk) in MODES.items():
-        logits = _logits(path, dtype, env, chunk, ids)[:-1]
-        if ref is None:
-            ref = logits
-        logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
-        results[name] = {
-            "perplexity": float(torch.exp(F.cross_entropy(logits, target))),
-            "top1_agreement_with_fp32": float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
-            "kl_from_fp32": float(F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")),
-        }
-        r = results[name]
-        print(f"{name:30s} perplexity {r['perplexity']:8.3f}  top-1 agreement {r['top1_agreement_with_fp32']:.4f}"
-              f"  KL {r['kl_from_fp32']:.5f}")
+    with progress_bar(len(MODES), "quality", "mode", args=args) as bar:
+        for name, (dtype, env, chunk) in MODES.items():
+            bar.set_postfix_str(name)
+            logits = _logits(path, dtype, env, chunk, ids)[:-1]
+            bar.update(1)
+            if ref is None:
+                ref = logits
+            logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
+            results[name] = {
+                "perplexity": float(torch.exp(F.cross_entropy(logits, target))),
+                "top1_agreement_with_fp32": float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
+                "kl_from_fp32": float(F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")),
+            }
+            r = results[name]
+            bar.write(f"{name:30s} perplexity {r['perplexity']:8.3f}  top-1 agreement "
+                      f"{r['top1_agreement_with_fp32']:.4f}  KL {r['kl_from_fp32']:.5f}", file=sys.stdout)
     report = {"model": path, "text": args.text, "tokens": len(ids), "modes": results}
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(report, indent=2))
+    if getattr(args, "png_path", None):
+        from bench.plots import quality_plot  # matplotlib is only imported when a plot is asked for
+
+        quality_plot(args.png_path, report)
+        print(f"plot written to {args.png_path}")
     return report

@@ -22,13 +22,15 @@ import sys
 import time
 
 import aiohttp
+from tqdm import tqdm
 
 from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
 from bench.stats import distinct_errors, percentile
+from common.progress import add_progress_argument, progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run", "run_async", "summarize"]
+__all__ = ["add_arguments", "plot", "run", "run_async", "summarize"]
 
 _WORDS = (
     "the of and to in is was for on with as by at from that this it be are or an have not but all "
@@ -74,7 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per request")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here (one entry per level)")
-    p.add_argument("--png", dest="png_path", default=None, help="plot output tokens/s against mean TPOT here")
+    p.add_argument("--plot", "--png", dest="png_path", default=None, metavar="PNG",
+                   help="draw output tokens/s against TTFT and TPOT (p50, p99) over the sweep into this PNG")
+    add_progress_argument(p)
 
 
 def _make_bodies(args: argparse.Namespace, model: str, n: int, seed: int, output_len: int | None = None) -> list[dict]:
@@ -151,12 +155,14 @@ async def run_async(args: argparse.Namespace) -> dict:
             results: list[RequestResult] = [RequestResult() for _ in bodies]
             pending = iter(enumerate(bodies))
 
-            async def worker() -> None:
+            async def worker(bar: tqdm) -> None:
                 for i, body in pending:
                     results[i] = await stream_request(session, url, body, chat=chat, timeout=args.timeout)
+                    bar.update(1)
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
+            with progress_bar(len(bodies), f"concurrency {concurrency}", "req", args=args) as bar:
+                await asyncio.gather(*(worker(bar) for _ in range(min(concurrency, len(bodies)))))
             entry = summarize(concurrency, results, time.perf_counter() - t0)
             entries.append(entry)
             _print_entry(entry)
@@ -183,18 +189,14 @@ def _print_entry(e: dict) -> None:
         print(f"    error: {err}", file=sys.stderr)
 
 
-def _write_png(path: str, doc: dict) -> bool:
-    from bench.chart import line_chart  # matplotlib is only imported when a plot is asked for
+def plot(path: str, doc: dict) -> bool:
+    """Output tok/s against TTFT and TPOT (p50, p99) over the sweep; False when nothing completed."""
+    from bench.plots import serve_plot  # matplotlib is only imported when a plot is asked for
 
-    points = [e for e in doc["results"] if e["tpot_ms"]["mean"] is not None]
-    if not points:
-        print(f"no level has a mean TPOT to plot; {path} not written", file=sys.stderr)
-        return False
-    line_chart(path, [e["tpot_ms"]["mean"] for e in points], [e["output_throughput"] for e in points],
-               [f"c={e['concurrency']}" for e in points],
-               title=f"{doc['endpoint']} in={doc['prompt_len']} out={doc['output_len']}",
-               x_label="mean TPOT (ms)", y_label="output tok/s", series=doc["model"])
-    return True
+    if serve_plot(path, doc):
+        return True
+    print(f"no level completed a request; {path} not written", file=sys.stderr)
+    return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,6 +213,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"results written to {args.json_path}")
     if args.png_path:
         os.makedirs(os.path.dirname(os.path.abspath(args.png_path)), exist_ok=True)
-        if _write_png(args.png_path, doc):
+        if plot(args.png_path, doc):
             print(f"plot written to {args.png_path}")
     return 0 if any(e["completed"] for e in doc["results"]) else 1

@@ -66,8 +66,25 @@ def _normalize_messages(messages: list[dict], keep_parts: bool) -> list[dict]:
             clean["content"] = _parts_to_text(content, index)
         elif content is not None and not isinstance(content, (str, list)):
             raise ValueError(f"messages[{index}].content must be a string or a list of content parts")
+        if isinstance(clean.get("tool_calls"), list):
+            clean["tool_calls"] = [_call_with_object_arguments(call) for call in clean["tool_calls"]]
         normalized.append(clean)
     return normalized
+
+
+def _call_with_object_arguments(call: Any) -> Any:
+    """OpenAI sends a call's arguments as JSON text; templates (Qwen, Llama 3.1) write them with
+    ``tojson`` and expect the object, as vLLM hands it to them."""
+    if not isinstance(call, dict):
+        return call
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call  # shown to the model as written
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _parts_to_text(parts: list, message_index: int) -> str:

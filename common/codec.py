@@ -37,6 +37,8 @@ from common.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, ChannelEnd, Message
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "ProtocolError",
+    "Refused",
+    "REFUSAL_KINDS",
     "encode",
     "decode",
     "check_fields",
@@ -149,7 +151,7 @@ def _untyped_fields(raw: Any) -> dict | None:
     """The fields of a refused message as plain msgpack values, when they are a map at all."""
     try:
         fields = _ANY_DECODER.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError):
+    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError, RecursionError):
         return None
     return fields if isinstance(fields, dict) else None
 
@@ -199,7 +201,7 @@ def _envelope_reason(header: memoryview, error: msgspec.ValidationError) -> str:
         # bytes that are no msgpack at all (e.g. a header declaring more than the frame holds).
         try:
             _ANY_DECODER.decode(header)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
             return f"frame 0 is not valid msgpack: {exc}"
         return f"frame 0 must be a msgpack map, got {named[-1] if named else 'something else'}"
     if what.startswith("Object contains unknown field") and named:
@@ -282,31 +284,43 @@ def encode(
 
 # ------------------------------------------------------------------------------------- decode
 
+# What `Refused.kind` can be: few and fixed, so that counting drops by kind (a metric label) stays
+# bounded whatever a peer sends.
+REFUSAL_KINDS = ("framing", "oversize", "malformed", "version", "unknown_type", "wrong_channel", "fields",
+                 "tensors")
+
+
+class Refused(ProtocolError):
+    """A message `decode` refused, with `kind` (one of REFUSAL_KINDS) beside the reason in words."""
+
+    def __init__(self, kind: str, reason: str, *, tag: str | None = None, fields: dict | None = None) -> None:
+        super().__init__(reason, tag=tag, fields=fields)
+        self.kind = kind
+
 
 def _decode_tensors(tag: str, metas: Any, frames: Sequence[memoryview]) -> list[torch.Tensor]:
     if type(metas) is not list:
-        raise ProtocolError(f"{tag}: tensor metadata must be a list, got {type(metas).__name__}")
+        raise Refused("tensors", f"{tag}: tensor metadata must be a list, got {type(metas).__name__}")
     if len(metas) != len(frames):
-        raise ProtocolError(
-            f"{tag}: {len(frames)} tensor frame(s) but metadata for {len(metas)}"
-        )
+        raise Refused("tensors", f"{tag}: {len(frames)} tensor frame(s) but metadata for {len(metas)}")
     tensors = []
     for index, (meta, frame) in enumerate(zip(metas, frames)):
         if type(meta) is not list or len(meta) != 2:
-            raise ProtocolError(f"{tag}: tensor {index} metadata must be [dtype, shape]")
+            raise Refused("tensors", f"{tag}: tensor {index} metadata must be [dtype, shape]")
         dtype_name, shape = meta
         dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if dtype is None:
-            raise ProtocolError(f"{tag}: tensor {index} has unknown dtype {_short(dtype_name)}")
+            raise Refused("tensors", f"{tag}: tensor {index} has unknown dtype {_short(dtype_name)}")
         if (
             type(shape) is not list
             or len(shape) > _MAX_TENSOR_DIMS
             or not all(type(dim) is int and dim >= 0 for dim in shape)
         ):
-            raise ProtocolError(f"{tag}: tensor {index} has an invalid shape {_short(shape)}")
+            raise Refused("tensors", f"{tag}: tensor {index} has an invalid shape {_short(shape)}")
         expected = math.prod(shape) * dtype.itemsize
         if frame.nbytes != expected:
-            raise ProtocolError(
+            raise Refused(
+                "tensors",
                 f"{tag}: tensor {index} frame has {frame.nbytes} bytes, "
                 f"{dtype_name}{shape} needs {expected}"
             )
@@ -330,40 +344,44 @@ def decode(
     Raises ProtocolError, and nothing else, for any malformed or refused input.
     """
     if not isinstance(frames, (list, tuple)) or not frames:
-        raise ProtocolError("no frames")
+        raise Refused("framing", "no frames")
     try:
         # Flat byte views: sizes in bytes, and a non-contiguous buffer is refused here.
         views = [memoryview(frame).cast("B") for frame in frames]
     except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"frames must be buffers: {exc}") from exc
+        raise Refused("framing", f"frames must be buffers: {exc}") from exc
     if max_bytes is not None:
         total = views[0].nbytes if len(views) == 1 else sum(view.nbytes for view in views)
         if total > max_bytes:
-            raise ProtocolError(f"message of {total} bytes exceeds the {max_bytes} limit")
+            raise Refused("oversize", f"message of {total} bytes exceeds the {max_bytes} limit")
 
     header = views[0]
     try:
         envelope = _ENVELOPE_DECODER.decode(header)
     except msgspec.ValidationError as exc:
-        raise ProtocolError(_envelope_reason(header, exc)) from exc
+        raise Refused("malformed", _envelope_reason(header, exc)) from exc
     except (msgspec.DecodeError, ValueError) as exc:
-        raise ProtocolError(f"frame 0 is not valid msgpack: {exc}") from exc
+        raise Refused("malformed", f"frame 0 is not valid msgpack: {exc}") from exc
+    except RecursionError:  # msgspec's own depth limit: nothing legitimate nests that deep
+        raise Refused("malformed", "frame 0 is nested too deeply") from None
     version = envelope.v
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(f"wrong protocol version {_short(version)}, expected {PROTOCOL_VERSION}")
+        raise Refused("version", f"wrong protocol version {_short(version)}, expected {PROTOCOL_VERSION}")
     tag = envelope.t
     cls = MESSAGE_TYPES.get(tag) if type(tag) is str else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {_short(tag)}")
+        raise Refused("unknown_type", f"unknown message type {_short(tag)}")
     if accept is not None and tag not in accept.inbound_tags:
-        raise ProtocolError(accept.refusal(tag))
+        raise Refused("wrong_channel", accept.refusal(tag))
     try:
         msg = (_DECODERS.get(cls) or _decoder(cls)).decode(envelope.d)
     except msgspec.ValidationError as exc:
-        raise ProtocolError(_field_reason(tag, cls, envelope.d, exc), tag=tag,
-                            fields=_untyped_fields(envelope.d)) from exc
+        raise Refused("fields", _field_reason(tag, cls, envelope.d, exc), tag=tag,
+                      fields=_untyped_fields(envelope.d)) from exc
     except (msgspec.DecodeError, ValueError) as exc:
-        raise ProtocolError(f"{tag}: fields are not valid msgpack: {exc}", tag=tag) from exc
+        raise Refused("fields", f"{tag}: fields are not valid msgpack: {exc}", tag=tag) from exc
+    except RecursionError:
+        raise Refused("fields", f"{tag}: fields are nested too deeply", tag=tag) from None
     if envelope.x is None and len(views) == 1:
         return msg, []  # the common case: no tensors
     return msg, _decode_tensors(tag, [] if envelope.x is None else envelope.x, views[1:])

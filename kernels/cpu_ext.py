@@ -5,11 +5,17 @@ back to the PyTorch reference, with one warning; ``XLLM_NO_CPU_EXT=1`` forces th
 All sources go into one module (one compile, one load). It is built with OpenMP so that
 ``at::parallel_for`` really runs on every intra-op thread: without ``-fopenmp`` the header-only
 ``parallel_for`` silently degrades to a serial loop.
+
+The module's name carries a hash of its sources and flags: torch keeps one build directory per
+name, so two checkouts (or two versions) of xllm on one machine would otherwise rebuild it over
+each other on every start (minutes of compiling); with the hash each keeps its own, and a
+restarted worker always finds its build.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -20,6 +26,17 @@ __all__ = ["paged_decode_module", "cpu_ops_module"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("paged_decode.cpp", "int8_linear.cpp", "w8a8.cpp", "fused_ops.cpp", "module.cpp")
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+
+def _module_name() -> str:
+    """``xllm_cpu_ops_<hash>``: the sources (and headers beside them) and the flags."""
+    digest = hashlib.sha256(" ".join(_CFLAGS + _LDFLAGS).encode())
+    for path in sorted(_CSRC.iterdir()):
+        if path.suffix in (".cpp", ".h", ".hpp"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"xllm_cpu_ops_{digest.hexdigest()[:12]}"
 
 
 @functools.cache
@@ -35,10 +52,10 @@ def cpu_ops_module():
         from torch.utils.cpp_extension import load
 
         return load(
-            name="xllm_cpu_ops",
+            name=_module_name(),
             sources=[str(_CSRC / name) for name in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
             verbose=False,
         )
     except Exception as exc:  # a missing compiler or ninja: the PyTorch path still works

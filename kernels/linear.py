@@ -69,7 +69,10 @@ class PackedLinear(nn.Module):
     runs as an int8 GEMM on per-row quantized activations.
     """
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 1, int8_max_rows: int = 0, w8a8: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1, int8_max_rows: int = 0, w8a8: bool = False,
+                 int8_state: dict[str, torch.Tensor] | None = None) -> None:
+        """``int8_state`` (from :meth:`int8_state`, e.g. a weight cache) replaces quantizing and
+        smoothing the weight again: the same tensors, so bit-identical results."""
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -83,11 +86,44 @@ class PackedLinear(nn.Module):
         self.int8_max_rows = int8_max_rows if self._ext is not None else 0
         self.w8a8 = w8a8 and self._ext is not None
         if self.int8_max_rows or self.w8a8:
-            self._q, self._scale = quantize_int8_rows(weight)
-            # The GEMM's weight: a [K, N] view, _int_mm's layout (a second copy once smoothed).
-            self._gemm_q, self._gemm_scale = self._q.t(), self._scale
-            self._inv_smooth: torch.Tensor | None = None
+            if int8_state is not None:
+                self.load_int8_state(int8_state)
+            else:
+                self._q, self._scale = quantize_int8_rows(weight)
+                # The GEMM's weight: a [K, N] view, _int_mm's layout (a second copy once smoothed).
+                self._gemm_q, self._gemm_scale = self._q.t(), self._scale
+                self._inv_smooth: torch.Tensor | None = None
             self._bias_f32 = None if self.bias is None else self.bias.float()
+
+    def int8_state(self) -> dict[str, torch.Tensor]:
+        """The int8 copies and scales (after smoothing), for :meth:`load_int8_state`; empty when
+        this layer has none. The GEMM weight is stored ``[N, K]`` (contiguous)."""
+        if not (self.int8_max_rows or self.w8a8):
+            return {}
+        state = {"q": self._q, "scale": self._scale}
+        if self._gemm_q.data_ptr() != self._q.data_ptr():  # smoothed: a copy of its own
+            state["gemm_q"] = self._gemm_q.t().contiguous()
+            state["gemm_scale"] = self._gemm_scale
+        if self._inv_smooth is not None:
+            state["inv_smooth"] = self._inv_smooth
+        return state
+
+    def load_int8_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Adopt tensors from :meth:`int8_state` (shapes checked: a mismatch is a ValueError)."""
+        n, k = self.out_features, self.in_features
+        expected = {"q": ((n, k), torch.int8), "scale": ((n,), torch.float32), "gemm_q": ((n, k), torch.int8),
+                    "gemm_scale": ((n,), torch.float32), "inv_smooth": ((k,), torch.float32)}
+        for name, tensor in state.items():
+            shape, dtype = expected.get(name, (None, None))
+            if shape is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"int8 state {name!r} does not fit a {n}x{k} layer")
+        if "q" not in state or "scale" not in state:
+            raise ValueError("int8 state lacks 'q' or 'scale'")
+        self._q, self._scale = state["q"], state["scale"]
+        gemm_q = state.get("gemm_q")
+        self._gemm_q = (self._q if gemm_q is None else gemm_q).t()
+        self._gemm_scale = state.get("gemm_scale", self._scale)
+        self._inv_smooth = state.get("inv_smooth")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -138,21 +174,25 @@ class PackedLinear(nn.Module):
                 f"int8_max_rows={self.int8_max_rows}, w8a8={self.w8a8}")
 
 
-def pack_linears(module: nn.Module, int8_max_rows: int = 0, w8a8: bool = False) -> int:
+def pack_linears(module: nn.Module, int8_max_rows: int = 0, w8a8: bool = False,
+                 int8_states: dict[str, dict[str, torch.Tensor]] | None = None, prefix: str = "") -> int:
     """Replace every CPU bf16 ``nn.Linear`` under ``module`` by a :class:`PackedLinear`; returns the count.
 
     ``int8_max_rows > 0`` also gives each layer an int8 weight copy used up to that many rows;
-    ``w8a8`` runs larger inputs as int8 GEMMs (see :class:`PackedLinear`).
+    ``w8a8`` runs larger inputs as int8 GEMMs (see :class:`PackedLinear`). ``int8_states`` maps a
+    layer's qualified name to its saved :meth:`PackedLinear.int8_state` (skips quantizing it).
     """
     if not packed_linear_supported(torch.bfloat16):
         return 0
     count = 0
     for name, child in list(module.named_children()):
+        qualified = f"{prefix}{name}"
         if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
-            setattr(module, name, PackedLinear(child, int8_max_rows=int8_max_rows, w8a8=w8a8))
+            state = int8_states.get(qualified) if int8_states is not None else None
+            setattr(module, name, PackedLinear(child, int8_max_rows=int8_max_rows, w8a8=w8a8, int8_state=state))
             count += 1
         else:
-            count += pack_linears(child, int8_max_rows, w8a8)
+            count += pack_linears(child, int8_max_rows, w8a8, int8_states, f"{qualified}.")
     return count
 
 

@@ -2,7 +2,9 @@
 
 `xllm.serve` decides which children (`python -m services.scheduler`, the workers, the gateway,
 maybe the kvstore, all talking over ipc:// sockets in one run directory) and their command lines;
-this module runs them. A child that dies is reported and restarted with exponential backoff;
+this module runs them. A child that dies is reported and restarted at once; only repeated quick
+deaths back off exponentially. A restarted worker is watched on the gateway's `/status` until its
+new incarnation is registered and ready, and that is said on stderr ("worker-0 serving again").
 SIGINT/SIGTERM stops every child (SIGTERM, then SIGKILL after a timeout) and removes the run
 directory's socket files.
 
@@ -28,14 +30,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ChildSpec", "Launcher"]
+__all__ = ["ChildSpec", "Launcher", "restart_delay"]
 
 logger = logging.getLogger("xllm.launcher")
 
 _PR_SET_PDEATHSIG = 1
 # A child that ran at least this long before dying is restarted without accumulated backoff.
 _STABLE_AFTER_S = 30.0
-_BACKOFF_BASE_S = 0.5
+_BACKOFF_BASE_S = 0.5  # after the second quick death in a row; the first restarts at once
 _BACKOFF_MAX_S = 30.0
 # Consecutive quick deaths of one child before the topology was ever ready that make us give up.
 _MAX_STARTUP_FAILURES = 5
@@ -43,6 +45,18 @@ _MAX_STARTUP_FAILURES = 5
 _SELF_STOP = 0
 # Exit status of argparse usage errors: restarting with the same flags cannot help.
 _USAGE_ERROR = 2
+# Children that are not engine workers (their names in `xllm.serve`).
+_NOT_WORKERS = frozenset({"gateway", "scheduler", "kvstore"})
+# How often `/status` is read while a restarted worker is awaited.
+_RESTART_POLL_S = 0.25
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before restarting a child after its ``failures``-th quick death in a row (0: it ran
+    long enough): the first death restarts at once, repeated quick deaths back off."""
+    if failures <= 1:
+        return 0.0
+    return min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (failures - 2))
 
 
 @dataclass
@@ -60,6 +74,8 @@ class _Child:
     restart_at: float | None = None
     restarts: int = 0
     pids: list[int] = field(default_factory=list)
+    # A restarted worker not yet seen serving: (when it died, the incarnation /status showed then).
+    awaited: tuple[float, str | None] | None = None
 
 
 def _child_preexec(parent_pid: int) -> None:
@@ -93,6 +109,7 @@ class Launcher:
         self.ready = False  # and every worker the scheduler expects is up
         self.exit_code = 0
         self._stop_signal: int | None = None
+        self.status_url = health_url.rsplit("/health", 1)[0] + "/status" if health_url else None
 
     # ---- signals ----------------------------------------------------------------------
 
@@ -142,12 +159,50 @@ class Launcher:
             self.exit_code = 1
             self._stop_signal = self._stop_signal or _SELF_STOP
             return
-        delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** max(0, child.failures - 1))
+        delay = restart_delay(child.failures)
         how = f"signal {-code}" if code < 0 else f"status {code}"
         logger.warning("%s (pid %d) exited with %s after %.1f s; restarting in %.1f s",
                        child.spec.name, child.pids[-1], how, lived, delay)
         print(f"xllm: {child.spec.name} exited with {how}; restarting in {delay:.1f} s", file=sys.stderr, flush=True)
         child.restart_at = now + delay
+        if delay == 0:
+            child.restarts += 1
+            self._start(child)  # not one poll interval later: every tenth of a second counts here
+        if child.spec.name not in _NOT_WORKERS and self.status_url is not None:
+            # Read after the restart began (the new process needs seconds to register).
+            child.awaited = (now, self._incarnation_of(child.spec.name))
+
+    def _status_instances(self, timeout_s: float) -> list[dict] | None:
+        try:
+            with urllib.request.urlopen(self.status_url, timeout=timeout_s) as response:
+                status = json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        instances = status.get("instances") if isinstance(status, dict) else None
+        return [i for i in instances if isinstance(i, dict)] if isinstance(instances, list) else None
+
+    def _incarnation_of(self, name: str) -> str | None:
+        """The incarnation `/status` lists for worker ``name`` now (None: not listed)."""
+        for inst in self._status_instances(0.5) or []:
+            if inst.get("id") == name:
+                return inst.get("incarnation")
+        return None
+
+    def _poll_restarted(self, now: float) -> None:
+        """Say when each restarted worker serves again: a new incarnation, registered and ready."""
+        awaited = [c for c in self.children if c.awaited is not None]
+        if not awaited:
+            return
+        instances = {i.get("id"): i for i in self._status_instances(0.5) or []}
+        for child in awaited:
+            died_at, old = child.awaited
+            inst = instances.get(child.spec.name)
+            if inst is None or not inst.get("ready") or inst.get("incarnation") in (None, old):
+                continue
+            child.awaited = None
+            logger.info("%s serving again %.1f s after it died", child.spec.name, now - died_at)
+            print(f"xllm: {child.spec.name} serving again ({now - died_at:.1f} s after it died)",
+                  file=sys.stderr, flush=True)
 
     def _poll_health(self) -> None:
         if self.ready or self.health_url is None:
@@ -170,7 +225,7 @@ class Launcher:
                 if self._stop_signal is not None:
                     break
                 self._start(child)
-            last_health = 0.0
+            last_health = last_restart_poll = 0.0
             while self._stop_signal is None:
                 now = time.monotonic()
                 for child in self.children:
@@ -178,6 +233,9 @@ class Launcher:
                 if now - last_health >= 0.5:
                     last_health = now
                     self._poll_health()
+                if now - last_restart_poll >= _RESTART_POLL_S:
+                    last_restart_poll = now
+                    self._poll_restarted(now)
                 time.sleep(self.poll_interval_s)
             if self._stop_signal != _SELF_STOP:
                 logger.info("received %s: stopping", signal.Signals(self._stop_signal).name)

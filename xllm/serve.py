@@ -60,12 +60,17 @@ ENGINE = Section(EngineConfig, "engine")
 SERVE = Section(ServeConfig, "serve")
 # The services' settings `xllm serve` exposes: their own flags, except the kvstore's tier budgets,
 # which read as `--kvstore-dram/--kvstore-ssd` beside `--kvstore-dir`.
-SCHEDULER = Section(SchedulerConfig, "scheduler", only=("pd_policy", "ttft_slo_ms", "tpot_slo_ms"))
-WORKER = Section(WorkerConfig, "worker", only=("kv_transfer_timeout", "kvstore_timeout"))
+SCHEDULER = Section(SchedulerConfig, "scheduler", only=("pd_policy", "ttft_slo_ms", "tpot_slo_ms", "suspect_after",
+                                                       "heartbeat_timeout"))
+WORKER = Section(WorkerConfig, "worker", only=("kv_transfer_timeout", "kvstore_timeout", "step_watchdog_s"))
 KVSTORE = Section(KvStoreConfig, "kvstore (with --kvstore-dir)", only=("dram_bytes", "ssd_bytes"),
                   flags={"dram_bytes": "--kvstore-dram", "ssd_bytes": "--kvstore-ssd"})
 GATEWAY = Section(GatewayConfig, "gateway", only=("host", "port", "api_key", "max_queue", "batch_dir",
-                                                   "batch_max_in_flight", "max_batch_file_bytes"))
+                                                   "batch_max_in_flight", "max_batch_file_bytes",
+                                                   "http_header_timeout", "http_body_timeout",
+                                                   "http_keepalive_timeout", "max_connections",
+                                                   "embedding_pooling", "embedding_normalize", "tool_call_parser",
+                                                   "request_timeout", "max_migrations", "scheduler_wait"))
 SERVE_SECTIONS = (SERVE, SCHEDULER, WORKER, KVSTORE, GATEWAY)
 
 

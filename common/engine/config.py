@@ -52,6 +52,13 @@ class EngineConfig:
     device: str = setting("cpu", "torch device: cpu, cuda, cuda:N")
     num_threads: int | None = setting(None, "torch intra-op threads (default: torch's own; `xllm serve` "
                                          "splits the CPUs among its workers)", flag="--threads")
+    # A restarted worker reads its packed weights and calibrated int8 scales back (common.weights.cache).
+    weight_cache: bool = setting(True, "do not keep dequantized/prepacked weights and calibrated int8 scales "
+                                       "on disk for the next start", flag="--no-weight-cache")
+    weight_cache_dir: str | None = setting(
+        None, "directory of the weight cache (default: weights/ under $XLLM_CACHE_DIR, $XDG_CACHE_HOME/xllm or "
+              "~/.cache/xllm; "
+              "an empty value disables it)")
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -61,6 +68,16 @@ class EngineConfig:
                 return torch.bfloat16
             return torch.float32
         return parse_dtype(self.dtype)
+
+    def resolved_weight_cache_dir(self) -> str | None:
+        """Where the weight cache lives, or None when it is off."""
+        if not self.weight_cache or self.weight_cache_dir == "":
+            return None
+        if self.weight_cache_dir is None:
+            from common.weights.cache import default_cache_dir
+
+            return str(default_cache_dir())
+        return self.weight_cache_dir
 
     def resolved_kv_dtype(self) -> torch.dtype:
         if self.kv_dtype == "auto":

@@ -16,6 +16,7 @@ import torch
 
 from common.engine.block_manager import BlockManager, NoFreePagesError
 from common.engine.config import EngineConfig
+from common.engine.grammar_mask import GrammarMasker
 from common.engine.handoff import KvHandoff
 from common.engine.kv_cache import allocate_kv_caches, default_kv_budget, num_pages_for_budget, parse_memory_size
 from common.engine.kv_transfer import KvStoreHooks
@@ -68,7 +69,8 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.model_path = config.model or default_model_path()
         dtype = config.resolved_dtype()
-        self.model, self.model_config = load_model(self.model_path, dtype=dtype, device=config.device)
+        self.model, self.model_config = load_model(self.model_path, dtype=dtype, device=config.device,
+                                                   cache_dir=config.resolved_weight_cache_dir())
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.page_size = config.page_size
@@ -97,6 +99,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, kv_caches, self.page_size, Sampler(set(mc.eos_token_ids)),
             self.block_manager.page_table, config.device,
+            grammar=GrammarMasker(self.model_path, mc.vocab_size, mc.eos_token_ids),
         )
         if torch.device(config.device).type == "cpu":
             # Build (or load the cached build of) the C++ decode kernel now, while starting up,
@@ -260,6 +263,8 @@ class LLMEngine:
                 return "stop"
             if not params.ignore_eos and token in self.eos_token_ids:
                 return "stop"
+        if seq.grammar is not None and seq.grammar.is_stopped():
+            return "stop"  # structured output complete: nothing but EOS could follow
         if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

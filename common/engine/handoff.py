@@ -100,12 +100,11 @@ class KvHandoff:
         caches = self._engine.kv_caches
         num_pages = -(-seq.num_computed // self._engine.block_manager.page_size)
         page_ids = self._engine.block_manager.page_table(seq.seq_id)[:num_pages]
-        gen_state = seq.generator.get_state().numpy().tobytes() if seq.generator is not None else None
         return KvExport(
             request_id=request_id, prompt_ids=list(seq.prompt_ids), output_ids=list(seq.output_ids),
             logprobs=logprobs_to_plain(seq.logprobs) if seq.params.logprobs is not None else None,
             num_tokens=seq.num_computed, num_cached_tokens=seq.num_cached_prompt, page_ids=page_ids,
-            num_layers=len(caches), generator_state=gen_state, _caches=caches,
+            num_layers=len(caches), _caches=caches,
             _index=torch.tensor(page_ids, dtype=torch.long, device=caches[0].device),
         )
 
@@ -160,11 +159,9 @@ class KvHandoff:
             raise ValueError(f"num_tokens must be in [1, {total - 1}], got {num_tokens}")
         if len(output_ids) >= max_tokens or total >= engine.max_model_len:
             raise ValueError(f"{len(output_ids)} output tokens already reach the request's limit")
-        gen = None
-        if params.seed is not None:
-            gen = make_generator(params.seed)
-            if generator_state is not None:
-                gen.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+        # Seeded noise is a pure function of (seed, position) (see sampler.SeededGenerator): no
+        # generator state travels; `generator_state` is accepted from older senders and unused.
+        gen = make_generator(params.seed) if params.seed is not None else None
         seq = Sequence(
             request_id=request_id, prompt_ids=list(prompt_ids), params=params, max_tokens=max_tokens,
             priority=Priority.parse(priority),

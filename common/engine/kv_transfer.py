@@ -61,7 +61,7 @@ class KvExport:
     page_ids: list[int]
     num_layers: int
     # torch.Generator state of a seeded sequence, so sampling continues the same stream remotely.
-    generator_state: bytes | None = None
+    generator_state: bytes | None = None  # unused since seeded sampling is counter-based (kept for old peers)
     _caches: list[torch.Tensor] = field(default_factory=list, repr=False)
     _index: torch.Tensor | None = field(default=None, repr=False)
 

@@ -1,13 +1,17 @@
-"""Offline API: ``LLM(...).generate(prompts, params)``."""
+"""Offline API: ``LLM(...).generate(prompts, params)`` and ``LLM(...).embed(prompts)``."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from common.detokenizer import IncrementalDetokenizer
 from common.engine.config import EngineConfig
+from common.engine.embedding import DEFAULT_POOLING, embed_token_lists
 from common.engine.engine import LLMEngine, SequenceOutput
 from common.engine.sampler import TokenLogprobs
 from common.engine.sampling_params import SamplingParams
@@ -92,8 +96,10 @@ class LLM:
         prompts: str | list[int] | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
         priority: str = "online",
+        on_output: Callable[[SequenceOutput], object] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; results come back in prompt order."""
+        """Run every prompt to completion; results come back in prompt order. `on_output` sees each
+        step's output of each choice as it comes (a progress bar)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):
@@ -122,11 +128,27 @@ class LLM:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     self._apply(out, results[out.request_id], texts[(out.request_id, out.index)])
+                    if on_output is not None:
+                        on_output(out)
         except BaseException:
             for rid in order:
                 self.engine.abort_request(rid)
             raise
         return [results[rid] for rid in order]
+
+    def embed(
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        pooling: str = DEFAULT_POOLING,
+        normalize: bool = True,
+    ) -> list[torch.Tensor]:
+        """One float32 embedding (``[hidden]``) per prompt, in prompt order: the model's final
+        hidden states (after the final norm) pooled over the prompt (``last`` token or ``mean``),
+        L2-normalised unless ``normalize=False``. Text prompts are tokenized as ``generate`` does."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return list(embed_token_lists(self.engine, ids, pooling, normalize).unbind(0))
 
     def _apply(self, out: SequenceOutput, result: RequestOutput, choice_text: _ChoiceText) -> None:
         choice = result.outputs[out.index]

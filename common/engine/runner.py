@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from common.engine.grammar_mask import GrammarMasker
 from common.engine.sampler import Sampler, SamplerOutput
 from common.engine.scheduler import ScheduledBatch
 from kernels.attention import build_attention_metadata
@@ -29,6 +30,7 @@ class ModelRunner:
         sampler: Sampler,
         page_tables: Callable[[int], list[int]],
         device: torch.device | str = "cpu",
+        grammar: GrammarMasker | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -36,6 +38,7 @@ class ModelRunner:
         self.sampler = sampler
         self._page_table = page_tables
         self.device = torch.device(device)
+        self.grammar = grammar  # token masks of structured outputs; None: the engine has none
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SamplerOutput | None:
@@ -59,6 +62,8 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sampled_seqs.append(seq)
 
+        # Structured rows: their masks are filled on a thread while the forward pass runs.
+        mask_job = self.grammar.start(sampled_seqs, self.device) if self.grammar is not None and sampled_seqs else None
         meta = build_attention_metadata(query_lens, context_lens, tables, self.page_size, self.device)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
@@ -71,10 +76,15 @@ class ModelRunner:
             rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
             hidden = hidden.index_select(0, rows)
         logits = self.model.compute_logits(hidden)
-        return self.sampler(
+        token_mask = self.grammar.wait(mask_job) if mask_job is not None else None
+        out = self.sampler(
             logits,
             [s.params for s in sampled_seqs],
             [s.prompt_ids for s in sampled_seqs],
             [s.output_ids for s in sampled_seqs],
             [s.generator for s in sampled_seqs],
+            token_mask=token_mask,
         )
+        if token_mask is not None:
+            self.grammar.advance(sampled_seqs, out.token_ids)
+        return out

@@ -3,7 +3,8 @@
 Pipeline per step (vLLM semantics): penalties -> min_tokens masking -> temperature -> min-p ->
 top-k -> top-p -> choice. Greedy rows (temperature 0) take the argmax of the processed logits;
 random rows race ``probs / Exponential(1)`` noise. A seeded row draws its noise from its own
-generator, so a seeded request gives the same tokens whatever else shares the batch.
+generator, re-seeded from (seed, sequence position) before each draw, so a seeded request gives the
+same tokens whatever else shares the batch, and a stream resumed elsewhere continues unchanged.
 
 Logprobs describe the model's own distribution: log_softmax of the raw logits, before
 penalties, temperature and filtering (what OpenAI's API reports).
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from common.engine.sampling_params import SamplingParams
+from common.engine.token_mask import TokenMask, apply_token_mask
 from kernels import sampling as ops
 
 logger = logging.getLogger(__name__)
@@ -41,10 +43,36 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # None where params.logprobs is None
 
 
+class SeededGenerator(torch.Generator):
+    """A seeded sequence's generator; it remembers its base seed.
+
+    Counter-based: before each draw the sampler re-seeds it from (base seed, position of the token
+    being sampled in the whole sequence) (`seek`), so the noise is a pure function of the seed and
+    that position, like Philox. A sequence resumed elsewhere with its tokens so far, whether they
+    come back as output (a P/D hand-off) or as part of a longer prompt (a migrated stream),
+    draws exactly what the original would have, with no generator state to carry.
+    """
+
+    base_seed: int
+
+    def seek(self, position: int) -> None:
+        """Position the stream at sequence position `position` (the next draw is that token's)."""
+        self.manual_seed(_mix(self.base_seed, position))
+
+
+def _mix(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): nearby seeds and positions give unrelated streams."""
+    z = (seed + 0x9E3779B97F4A7C15 * (position + 1)) & _SEED_MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _SEED_MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _SEED_MASK
+    return z ^ (z >> 31)
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator for one seeded sequence (any 64-bit seed, negative ones included)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed & _SEED_MASK)
+    generator = SeededGenerator(device=device)
+    generator.base_seed = seed & _SEED_MASK
+    generator.seek(0)
     return generator
 
 
@@ -65,6 +93,7 @@ class Sampler:
         prompt_ids: list[list[int]],
         output_ids: list[list[int]],
         generators: list[torch.Generator | None],
+        token_mask: TokenMask | None = None,
     ) -> SamplerOutput:
         batch = logits.shape[0]
         if logits.dim() != 2 or not (len(params) == len(prompt_ids) == len(output_ids) == len(generators) == batch):
@@ -80,12 +109,16 @@ class Sampler:
             p.is_greedy and not p.has_penalties and p.logprobs is None and not _needs_min_tokens_mask(p, len(out))
             for p, out in zip(params, output_ids)
         ):
+            if token_mask is not None:  # structured greedy rows: nothing reads the raw logits after this
+                apply_token_mask(logits, token_mask)
             return SamplerOutput(token_ids=ops.greedy_choice(logits).tolist(), logprobs=[None] * batch)
 
         raw_logits = logits
         work = logits.float().clone()
         self._apply_penalties(work, params, prompt_ids, output_ids)
         self._apply_min_tokens(work, params, output_ids)
+        if token_mask is not None:
+            self._apply_token_mask(work, logits, token_mask, params, output_ids)
 
         greedy_rows = [row for row, p in enumerate(params) if p.is_greedy]
         random_rows = [row for row, p in enumerate(params) if not p.is_greedy]
@@ -94,6 +127,10 @@ class Sampler:
             index = torch.as_tensor(greedy_rows, device=logits.device)
             chosen[index] = ops.greedy_choice(work[index])
         if random_rows:
+            for row in random_rows:  # counter-based seeding: see SeededGenerator
+                generator = generators[row]
+                if isinstance(generator, SeededGenerator):
+                    generator.seek(len(prompt_ids[row]) + len(output_ids[row]))
             index = torch.as_tensor(random_rows, device=logits.device)
             chosen[index] = self._sample_random(
                 work[index], [params[row] for row in random_rows], [generators[row] for row in random_rows]
@@ -151,6 +188,26 @@ class Sampler:
                     mask_rows.append(row)
                     mask_ids.append(token_id)
         ops.mask_tokens(work, mask_rows, mask_ids)
+
+    @staticmethod
+    def _apply_token_mask(
+        work: torch.Tensor, raw_logits: torch.Tensor, token_mask: TokenMask, params: list[SamplingParams],
+        output_ids: list[list[int]],
+    ) -> None:
+        """Structured outputs: only the tokens the grammar allows (one vectorised pass)."""
+        apply_token_mask(work, token_mask)
+        # min_tokens may have banned the only token the grammar allows (EOS once it is complete):
+        # the grammar wins, or the row would have nothing left to pick.
+        if not any(_needs_min_tokens_mask(params[row], len(output_ids[row])) for row in token_mask.rows):
+            return
+        index = torch.as_tensor(token_mask.rows, device=work.device)
+        dead = torch.isneginf(work.index_select(0, index)).all(dim=1)
+        if bool(dead.any()):
+            rows = [row for row, is_dead in zip(token_mask.rows, dead.tolist()) if is_dead]
+            keep = [i for i, is_dead in enumerate(dead.tolist()) if is_dead]
+            fallback = raw_logits[torch.as_tensor(rows, device=work.device)].float()
+            apply_token_mask(fallback, TokenMask(list(range(len(rows))), token_mask.bitmask[keep]))
+            work[torch.as_tensor(rows, device=work.device)] = fallback
 
     @staticmethod
     def _sample_random(

@@ -7,6 +7,7 @@ sampler only sees token-level parameters. Parameters travel over the bus as `to_
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
+# The kinds of structured output; `structured_spec` is the text each kind is compiled from.
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 
 
 class InvalidSamplingParameter(ValueError):
@@ -52,6 +55,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N >= 0: chosen token + top-N
     skip_special_tokens: bool = True
+    # Structured output (common.engine.grammar): one of STRUCTURED_KINDS, and its spec (a JSON
+    # schema as JSON text, a regex, a JSON list of choice strings, or EBNF/Lark grammar text;
+    # None for json_object).
+    structured_kind: str | None = None
+    structured_spec: str | None = None
+    # A migrated continuation's prompt ends with the outputs streamed so far: the last this-many
+    # prompt tokens were generated under the grammar, and its matcher replays them first.
+    structured_prefix_tokens: int = 0
 
     def __post_init__(self) -> None:
         # OpenAI accepts a single stop string; keep the canonical form a list
@@ -129,6 +140,51 @@ class SamplingParams:
             self._check_int("logprobs", self.logprobs, minimum=0)
             if self.logprobs > MAX_LOGPROBS:
                 raise InvalidSamplingParameter("logprobs", f"must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+        self._check_structured()
+
+    def _check_structured(self) -> None:
+        # Shape only: compiling the spec against a tokenizer (common.engine.grammar) is what
+        # rejects a malformed schema, regex or grammar; the gateway does it once per request.
+        kind, spec = self.structured_kind, self.structured_spec
+        self._check_int("structured_prefix_tokens", self.structured_prefix_tokens, minimum=0)
+        if kind is None:
+            if spec is not None:
+                raise InvalidSamplingParameter("structured_spec", "given without structured_kind")
+            return
+        if kind not in STRUCTURED_KINDS:
+            raise InvalidSamplingParameter(
+                "structured_kind", f"must be one of {', '.join(STRUCTURED_KINDS)}, got {kind!r}"
+            )
+        if kind == "json_object":
+            if spec is not None:
+                raise InvalidSamplingParameter("structured_spec", "must be None for json_object")
+            self._compile_structured()
+            return
+        if not isinstance(spec, str) or not spec:
+            raise InvalidSamplingParameter("structured_spec", f"{kind} needs a non-empty string spec")
+        if kind in ("json_schema", "choice"):
+            try:
+                parsed = json.loads(spec)
+            except ValueError as exc:
+                raise InvalidSamplingParameter("structured_spec", f"{kind} spec is not valid JSON: {exc}") from None
+            if kind == "json_schema" and not isinstance(parsed, (dict, bool)):
+                raise InvalidSamplingParameter("structured_spec", "a JSON schema must be an object")
+            if kind == "choice" and (
+                not isinstance(parsed, list) or not parsed
+                or not all(isinstance(choice, str) and choice for choice in parsed)
+            ):
+                raise InvalidSamplingParameter("structured_spec", "choice needs a JSON list of non-empty strings")
+        self._compile_structured()
+
+    def _compile_structured(self) -> None:
+        # Compiling rejects a malformed schema/regex/grammar; cached by spec text, so the worker's
+        # and the engine's checks of a request the gateway already checked cost a dict lookup.
+        from common.engine.grammar import GrammarError, grammar_for
+
+        try:
+            grammar_for(self.structured_kind, self.structured_spec)
+        except GrammarError as exc:
+            raise InvalidSamplingParameter("structured_spec", str(exc)) from None
 
     @staticmethod
     def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -167,6 +223,10 @@ class SamplingParams:
                 "max_tokens",
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context window "
                 f"({max_model_len}); at most {max_model_len - prompt_len} tokens can be generated",
+            )
+        if self.structured_prefix_tokens > prompt_len:
+            raise InvalidSamplingParameter(
+                "structured_prefix_tokens", f"{self.structured_prefix_tokens} exceeds the prompt's {prompt_len} tokens"
             )
         if self.min_tokens > max_tokens:
             raise InvalidSamplingParameter(

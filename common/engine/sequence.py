@@ -6,11 +6,15 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.engine.sampler import TokenLogprobs
 from common.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from common.engine.grammar import GrammarState
 
 __all__ = ["Priority", "SequenceStatus", "Sequence"]
 
@@ -67,6 +71,10 @@ class Sequence:
     # Leave the running set once the first output token is sampled (prefill side of a P/D
     # hand-off); cleared when that happens so a resumed sequence is not held again.
     hold_after_prefill: bool = False
+    # Structured output: the grammar matcher, built on the first sampling step and synced to the
+    # output tokens before each one (GrammarState.sync), so a sequence rebuilt elsewhere with its
+    # outputs (P/D hand-off, migration) replays them, and a preempted one keeps its state.
+    grammar: GrammarState | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -20,7 +20,7 @@ from kernels.linear import PackedLinear
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CALIBRATION_CHAT", "calibration_token_ids", "calibrate_int8_gemms"]
+__all__ = ["CALIBRATION_CHAT", "CALIBRATION_VERSION", "calibration_token_ids", "calibrate_int8_gemms"]
 
 CALIBRATION_CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -33,6 +33,11 @@ CALIBRATION_CHAT = [
                                      "governments learned to fear a free press. Three inventions that changed "
                                      "communication are the telegraph, the telephone and the internet."},
 ]
+
+
+# Part of the weight cache's key: change it whenever the calibration text or method changes
+# (a cached entry holds the smoothing computed from it).
+CALIBRATION_VERSION = "chat-v1-alpha0.5"
 
 
 def calibration_token_ids(model_path: str) -> list[int]:

@@ -222,7 +222,12 @@ class DecoderModel(nn.Module):
 
     def __init__(self, config: ModelConfig, spec: DecoderSpec) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        weight = None
+        if torch.get_default_device().type == "meta":
+            # Built to be loaded (see registry.load_model): skip the random init, whose normal_ on
+            # meta tensors imports torch._dynamo (seconds of every worker start).
+            weight = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config, spec, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, spec.norm_unit_offset)
 
@@ -294,10 +299,12 @@ class DecoderForCausalLM(nn.Module):
                 x, h = layer(x, h, cos, sin, meta, kv_caches[i])
         return self.model.norm.add_forward(h, x)[1]
 
-    def pack_linears(self, int8_max_rows: int = 0, w8a8: bool = False) -> int:
+    def pack_linears(self, int8_max_rows: int = 0, w8a8: bool = False,
+                     int8_states: dict[str, dict[str, torch.Tensor]] | None = None) -> int:
         """Prepack every linear (and the tied lm head) for oneDNN where it helps (CPU, bf16);
         ``int8_max_rows > 0`` adds int8 weight copies for batches up to that many rows, ``w8a8``
-        int8 GEMMs for larger batches (see :class:`kernels.linear.PackedLinear`)."""
+        int8 GEMMs for larger batches (see :class:`kernels.linear.PackedLinear`). ``int8_states``
+        (by module name, from a weight cache) are adopted instead of quantizing again."""
         weight = self.model.embed_tokens.weight
         if not packed_linear_supported(weight.dtype) or weight.device.type != "cpu":
             return 0
@@ -306,7 +313,7 @@ class DecoderForCausalLM(nn.Module):
             head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
             head.weight = self.model.embed_tokens.weight
             self.lm_head = head
-        return pack_linears(self, int8_max_rows, w8a8)
+        return pack_linears(self, int8_max_rows, w8a8, int8_states)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], chunk_size: int = 256, page_size: int = 16) -> torch.Tensor:

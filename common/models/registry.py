@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import json
 import logging
 import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -15,12 +17,19 @@ import torch.nn as nn
 from common.default_model import default_model_path
 from common.models.config import ModelConfig
 from common.models.gemma3 import Gemma3ForCausalLM
-from common.models.int8_calibration import calibrate_int8_gemms, calibration_token_ids
+from common.models.int8_calibration import (
+    CALIBRATION_CHAT,
+    CALIBRATION_VERSION,
+    calibrate_int8_gemms,
+    calibration_token_ids,
+)
 from common.models.layers import DecoderForCausalLM
 from common.models.llama import LlamaForCausalLM, MistralForCausalLM
 from common.models.qwen2 import Qwen2ForCausalLM
 from common.models.qwen3 import Qwen3ForCausalLM
-from kernels.linear import DEFAULT_INT8_MAX_ROWS
+from common.weights.cache import CachedModel, WeightCache, cache_key, model_fingerprint
+from kernels.cpu_ext import cpu_ops_module
+from kernels.linear import DEFAULT_INT8_MAX_ROWS, PackedLinear, packed_linear_supported
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +97,13 @@ def fuse_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
 
 def _read_checkpoint(path: Path, dtype: torch.dtype, device: torch.device | str) -> tuple[dict, dict]:
     if path.is_file() and path.suffix == ".gguf":
-        from common.weights.gguf_loader import load_gguf
+        import gguf
 
-        return load_gguf(path, dtype=dtype, device=device)
+        from common.weights.gguf_loader import is_quantized, load_gguf
+
+        reader = gguf.GGUFReader(str(path))
+        _quantized_gguf[path] = is_quantized(reader)  # one parse of the file, not two
+        return load_gguf(path, dtype=dtype, device=device, reader=reader)
     if path.is_dir():
         from common.weights.safetensors_loader import load_safetensors_dir
 
@@ -98,15 +111,21 @@ def _read_checkpoint(path: Path, dtype: torch.dtype, device: torch.device | str)
     raise FileNotFoundError(f"{path} is neither a .gguf file nor a model directory")
 
 
-@functools.lru_cache(maxsize=8)
+_quantized_gguf: dict[Path, bool] = {}  # by path, for this process (as the lru_cache it replaces)
+
+
 def _is_quantized_gguf(path: Path) -> bool:
     """Whether ``path`` is a GGUF whose weight matrices are stored quantized (Q8_0, Q4_1, K-quants...)."""
     if not (path.is_file() and path.suffix == ".gguf"):
         return False
-    import gguf
+    found = _quantized_gguf.get(path)
+    if found is None:
+        import gguf
 
-    plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
-    return any(t.tensor_type not in plain for t in gguf.GGUFReader(str(path)).tensors)
+        from common.weights.gguf_loader import is_quantized
+
+        found = _quantized_gguf[path] = is_quantized(gguf.GGUFReader(str(path)))
+    return found
 
 
 def _int8_enabled(path: Path, dtype: torch.dtype, env: str) -> bool:
@@ -132,32 +151,118 @@ def load_model(
     path: str,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    cache_dir: str | Path | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model for ``path`` (a ``.gguf`` file or an HF dir) with its weights loaded.
 
     The module is in eval mode with gradients off; weights are in ``dtype`` on ``device``.
     Prepacked bf16 linears of a quantized GGUF also keep int8 weights, for small decode
     batches and for int8 GEMMs on larger ones (see :func:`int8_decode_rows`, :func:`int8_gemm_enabled`).
+
+    With ``cache_dir`` (CPU only) the dequantized weights and the int8 state (quantized copies,
+    calibrated smoothing) are kept on disk (:mod:`common.weights.cache`): a later load of the same
+    file with the same settings reads them back instead of recomputing them, bit for bit the same.
+    ``model.load_timings`` says where the time went (seconds per phase, and ``cache``: hit/miss/off).
     """
     start = time.perf_counter()
+    timings: dict[str, Any] = {"cache": "off"}
+    cache = key = None
+    if cache_dir and torch.device(device).type == "cpu":
+        cache, key = _open_cache(Path(path), Path(cache_dir), dtype, timings)
+    model = _load_cached(cache, key, path, timings) if cache is not None else None
+    if model is None:
+        model, entry = _build(path, dtype, device, timings)
+        if cache is not None:
+            t = time.perf_counter()
+            cache.store(key[0], key[1], path, entry)
+            timings["cache_store"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+    model.load_timings = timings
+    logger.info("loaded %s (%s, %d prepacked linears, weight cache %s) from %s in %.1fs", type(model).__name__,
+                dtype, timings.get("packed", 0), timings["cache"], path, timings["total"])
+    return model, model.config
+
+
+def _build(path: str, dtype: torch.dtype, device: torch.device | str,
+           timings: dict[str, Any]) -> tuple[nn.Module, CachedModel]:
+    """Read, dequantize, pack and calibrate (the uncached path); also returns what a cache keeps."""
+    t = time.perf_counter()
     config_dict, state = _read_checkpoint(Path(path), dtype, device)
+    timings["read"] = time.perf_counter() - t
     config = ModelConfig.from_hf_dict(config_dict)
-    cls = model_class_for(config)
     fused = fuse_hf_state_dict(state, config)
+    t = time.perf_counter()
+    model = _assemble(config, fused)
+    timings["build"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rows, w8a8 = int8_decode_rows(Path(path), dtype), int8_gemm_enabled(Path(path), dtype)
+    timings["packed"] = model.pack_linears(rows, w8a8)
+    timings["pack"] = time.perf_counter() - t
+    if w8a8:
+        t = time.perf_counter()
+        calibrate_int8_gemms(model, calibration_token_ids(path))
+        timings["calibrate"] = time.perf_counter() - t
+    int8 = {name: m.int8_state() for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    meta = {"int8_max_rows": rows, "w8a8": w8a8, "packed": timings["packed"]}
+    return model, CachedModel(config_dict, fused, {k: v for k, v in int8.items() if v}, meta)
+
+
+def _assemble(config: ModelConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+    cls = model_class_for(config)
     # Build on the meta device: no time spent on random init, weights are assigned as loaded.
     with torch.device("meta"):
         model = cls(config)
-    missing, unexpected = model.load_state_dict(fused, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(dict(state), strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match {cls.__name__}: missing={missing} unexpected={unexpected}")
     model.eval()
     model.requires_grad_(False)
-    w8a8 = int8_gemm_enabled(Path(path), dtype)
-    packed = model.pack_linears(int8_decode_rows(Path(path), dtype), w8a8)
-    if w8a8:
-        calibrate_int8_gemms(model, calibration_token_ids(path))
-    logger.info("loaded %s (%s, %d prepacked linears) from %s in %.1fs", cls.__name__, dtype, packed, path,
-                time.perf_counter() - start)
-    return model, config
+    return model
 
 
+def _open_cache(path: Path, cache_dir: Path, dtype: torch.dtype,
+                timings: dict[str, Any]) -> tuple[WeightCache | None, tuple[str, dict] | None]:
+    """The cache and this load's key, from everything the packed result depends on."""
+    t = time.perf_counter()
+    try:
+        fingerprint = model_fingerprint(path)
+    except OSError:
+        return None, None  # the load itself will say what is wrong with the path
+    options = {
+        "dtype": str(dtype),
+        "packed": packed_linear_supported(dtype),
+        "cpu_ext": cpu_ops_module() is not None,  # without it nothing runs in int8
+        "int8_env": [os.environ.get("XLLM_INT8_DECODE"), os.environ.get("XLLM_INT8_GEMM")],
+        "int8_max_rows": DEFAULT_INT8_MAX_ROWS,
+        "calibration": [CALIBRATION_VERSION, hashlib.sha256(json.dumps(CALIBRATION_CHAT).encode()).hexdigest()],
+    }
+    key = cache_key(fingerprint, options)
+    timings["cache_key"] = time.perf_counter() - t
+    return WeightCache(cache_dir), key
+
+
+def _load_cached(cache: WeightCache, key: tuple[str, dict], path: str, timings: dict[str, Any]) -> nn.Module | None:
+    """The model from its cache entry, or None (miss, or an entry that does not fit: logged)."""
+    t = time.perf_counter()
+    entry = cache.load(key[0], key[1], path)
+    if entry is None:
+        timings["cache"] = "miss"
+        return None
+    try:
+        model = _assemble(ModelConfig.from_hf_dict(entry.config), entry.state)
+        timings["cache_load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rows, w8a8 = int(entry.meta["int8_max_rows"]), bool(entry.meta["w8a8"])
+        packed = model.pack_linears(rows, w8a8, entry.int8)
+        with_int8 = {name for name, m in model.named_modules()
+                     if isinstance(m, PackedLinear) and (m.int8_max_rows or m.w8a8)}
+        if packed != entry.meta["packed"] or with_int8 != set(entry.int8):
+            raise ValueError(f"{packed} packed linears with int8 {sorted(with_int8 ^ set(entry.int8))} "
+                             f"do not match the entry")
+        timings["pack"] = time.perf_counter() - t
+    except Exception as exc:  # an entry that does not fit this code: rebuild it
+        logger.warning("ignoring weight cache entry %s (%s); rebuilding it", cache.path_for(key[0], path), exc)
+        timings["cache"] = "miss"
+        return None
+    timings["cache"], timings["packed"] = "hit", packed
+    return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from common.protocol.base import Channel, Message, Record, register
+from common.protocol.embedding import EmbedTask
 from common.protocol.sampling import Sampling
 
 __all__ = [
@@ -50,6 +51,10 @@ class Register(BackendMessage):
     # The last role flip this worker applied (0: none): a restarted scheduler numbers its next
     # flips above it, so a worker's flip ids only grow (decode candidates are judged by them).
     flip_id: int = 0
+    # A random token chosen at process start: a worker back under the same id with another
+    # incarnation is a new instance, and the old one's requests are not its own.
+    incarnation: str = ""
+    pid: int = 0  # lets the scheduler tell which ipc:// peer a socket disconnect was (liveness)
 
 
 @register
@@ -91,6 +96,7 @@ class Heartbeat(BackendMessage):
     # The last role flip this worker applied (0: none): `role` is its answer to that order, so
     # a heartbeat sent before the worker saw a newer order cannot be taken for its answer.
     flip_id: int = 0
+    incarnation: str = ""  # as in Register
 
 
 @register
@@ -126,6 +132,8 @@ class Assign(BackendMessage):
     # P/D disaggregation: decode workers to hand the KV to after prefill, best first. Empty: the
     # assigned worker serves the whole request.
     decode_candidates: list[DecodeCandidate] = []
+    # Set: an embedding request (the worker pools a prefill-only forward; no decode, no hand-off).
+    embed: EmbedTask | None = None
 
 
 @register

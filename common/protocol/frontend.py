@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from common.protocol.backend import BACKEND, BackendMessage
 from common.protocol.base import Channel, Message, register
+from common.protocol.embedding import EmbedTask
 from common.protocol.sampling import Sampling
 
 __all__ = [
@@ -44,6 +45,8 @@ class Submit(FrontendMessage):
     gateway_id: str
     tokens_addr: str
     arrival_time: float
+    # Set: an embedding request (prefill only, one EmbeddingResult back), not a generation.
+    embed: EmbedTask | None = None
 
 
 @register

@@ -57,7 +57,7 @@ class KvTransferBegin(KvMessage):
     num_cached_tokens: int = 0
     ttft_s: float = -1.0
     # The per-request sampler RNG state (seeded requests), so decode continues the same stream.
-    generator_state: bytes | None = None
+    generator_state: bytes | None = None  # unused since seeded sampling is counter-based (kept for old peers)
     # The receiver's flip generation when the scheduler named it as a decode candidate
     # (`DecodeCandidate.flip_id`); None: not named by the scheduler, its current role decides.
     candidate_flip_id: int | None = None

@@ -34,6 +34,9 @@ class Sampling(Record):
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_kind: str | None = None
+    structured_spec: str | None = None
+    structured_prefix_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Field name -> value (lists copied), the form `SamplingParams.from_dict` takes."""

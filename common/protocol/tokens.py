@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from common.protocol.base import Channel, Message, register
 
-__all__ = ["TokensMessage", "TOKENS", "TokenDelta", "RequestError"]
+__all__ = ["TokensMessage", "TOKENS", "TokenDelta", "RequestError", "EmbeddingResult"]
 
 
 class TokensMessage(Message):
@@ -30,6 +30,10 @@ class TokenDelta(TokensMessage):
     num_prompt_tokens: int
     num_output_tokens: int
     cached_tokens: int = 0
+    # Who computed these tokens (worker id and process incarnation): the gateway migrates the
+    # choice when that instance is reported dead or replaced.
+    instance_id: str = ""
+    incarnation: str = ""
 
 
 @register
@@ -38,3 +42,19 @@ class RequestError(TokensMessage):
     TAG: ClassVar[str] = "request_error"
     code: int
     message: str
+    # True when the request may be tried again elsewhere and nothing about it was wrong: its
+    # worker was lost ("worker_lost") or no worker can take it now ("no_worker").
+    retriable: bool = False
+    reason: str = ""
+
+
+@register
+@TOKENS.carries(to="gateway")
+class EmbeddingResult(TokensMessage):
+    """The pooled embedding of an embedding request (one input): `dim` little-endian float32
+    values as raw bytes (4 KiB for a 1024-wide model, no per-float msgpack overhead)."""
+
+    TAG: ClassVar[str] = "embedding_result"
+    embedding: bytes
+    dim: int
+    num_prompt_tokens: int

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "load_gguf",
+    "is_quantized",
     "gguf_config_dict",
     "read_gguf_fields",
     "dequantize_tensor",
@@ -229,13 +230,21 @@ def _hf_name(gguf_name: str, arch: str) -> str | None:
     return f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
 
 
+def is_quantized(reader: gguf.GGUFReader) -> bool:
+    """Whether the file stores some tensor quantized (Q8_0, Q4_1, K-quants...), not as F32/F16/BF16."""
+    plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    return any(t.tensor_type not in plain for t in reader.tensors)
+
+
 def load_gguf(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    reader: gguf.GGUFReader | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(HF config dict, HF-named state dict dequantized to ``dtype`` on ``device``)."""
-    reader = gguf.GGUFReader(str(path))
+    """(HF config dict, HF-named state dict dequantized to ``dtype`` on ``device``); ``reader``: the
+    file already opened (parsing its metadata takes seconds for a large vocabulary)."""
+    reader = reader if reader is not None else gguf.GGUFReader(str(path))
     config = gguf_config_dict(reader)
     arch = _field(reader, "general.architecture")
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]

@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens_addr=config.tokens_addr or addresses.tokens_addr(gateway_id), gateway_id=gateway_id,
         api_key=config.api_key or os.environ.get("XLLM_API_KEY") or None, max_queue=config.max_queue,
         max_body_bytes=config.max_body_bytes, max_model_len=config.max_model_len,
+        http_header_timeout=config.http_header_timeout, http_body_timeout=config.http_body_timeout,
+        http_keepalive_timeout=config.http_keepalive_timeout, max_connections=config.max_connections,
         advertise_host=config.advertise_host, curve=addresses.curve, tool_call_parser=config.tool_call_parser,
         batch_dir=config.batch_dir or default_batch_dir(addresses.run_dir),
         max_batch_file_bytes=config.max_batch_file_bytes, batch_max_in_flight=config.batch_max_in_flight,

@@ -20,6 +20,7 @@ from common.service_config import CurveKeys
 
 from services.gateway import routes, status_page
 from services.gateway.anthropic import handle_count_tokens, handle_messages
+from services.gateway.bus_metrics import BusInvalidMessages
 from services.gateway.chat import handle_chat
 from services.gateway.client import BusClient
 from services.gateway.completions import handle_completions
@@ -27,11 +28,11 @@ from services.gateway.embeddings import EMBEDDING_KEY, EmbeddingSettings, handle
 from services.gateway.config import GatewayConfig
 from services.gateway.context import CTX_KEY, Admission, GatewayContext, ModelInfo
 from services.gateway.httpio import error_response
+from services.gateway.http_limits import GuardedAppRunner, HttpLimits
 from services.gateway.logprobs import TokenTexts
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.migration import MigrationPolicy
 from services.gateway.openai_schema import APIError
-from services.gateway.tools import TOOL_PARSER_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ class GatewaySettings:
     max_model_len: int | None = None
     advertise_host: str | None = None
     curve: CurveKeys | None = None  # CurveZMQ keys for the scheduler connection
+    http_header_timeout: float = GatewayConfig.http_header_timeout
+    http_body_timeout: float = GatewayConfig.http_body_timeout
+    http_keepalive_timeout: float = GatewayConfig.http_keepalive_timeout
+    max_connections: int = GatewayConfig.max_connections
     tool_call_parser: str | None = None  # None: guessed from the chat template
     batch_dir: str | None = None  # None: no Batch API (tests that build their own app)
     max_batch_file_bytes: int = GatewayConfig.max_batch_file_bytes
@@ -93,6 +98,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = error_response(_from_http_exception(exc))
     except (asyncio.CancelledError, ConnectionError):
         raise  # the client went away: nobody to answer
+    except RecursionError:
+        # Only input nests that deep (JSON text inside a field, e.g. a schema given as a string):
+        # the client's mistake, not a server bug. parse_json_body refuses deep bodies up front.
+        logger.info("refused a too deeply nested input on %s %s", request.method, request.path)
+        response = error_response(APIError(400, "the request nests too deeply", code="invalid_json"))
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
         response = error_response(APIError(500, "internal server error", code="internal_error"))
@@ -106,9 +116,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if key and request.path not in AUTH_EXEMPT:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        if scheme.lower() != "bearer":
+            token = request.headers.get("x-api-key", "")  # what Anthropic's clients send
+        if not hmac.compare_digest(token.strip().encode(errors="replace"), key.encode()):
             raise APIError(
-                401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                401, "missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
             )
     return await handler(request)
@@ -161,9 +173,11 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
                                                  scheduler_wait_s=settings.scheduler_wait))
     client.on_status = metrics.update_workers
     client.on_scheduler = metrics.update_scheduler
+    metrics.registry.register(BusInvalidMessages(lambda: client.scheduler_info))
     return GatewayContext(
         model=model, tokenizer=tokenizer, token_texts=TokenTexts(tokenizer), client=client, metrics=metrics,
         admission=Admission(settings.max_queue), api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+        tool_call_parser=settings.tool_call_parser,
     )
 
 
@@ -183,8 +197,6 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     # shutdown_timeout: streams still open at shutdown get a few seconds, not aiohttp's 60.
     app = create_app(ctx)
     app[EMBEDDING_KEY] = EmbeddingSettings(settings.embedding_pooling, settings.embedding_normalize)
-    if settings.tool_call_parser:
-        app[TOOL_PARSER_KEY] = settings.tool_call_parser
     if settings.batch_dir is not None:
         from services.gateway.batch import self_url, setup_batch_api
 
@@ -192,7 +204,11 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
                         api_key=settings.api_key, max_file_bytes=settings.max_batch_file_bytes,
                         max_offline_in_flight=settings.batch_max_in_flight,
                         tpot_target_s=settings.batch_tpot_target_ms / 1000)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    # GuardedAppRunner: header/body/keep-alive timeouts, the connection cap, JSON for unparseable
+    # requests (services/gateway/http_limits.py).
+    limits = HttpLimits(settings.http_header_timeout, settings.http_body_timeout, settings.http_keepalive_timeout,
+                        settings.max_connections)
+    runner = GuardedAppRunner(app, limits=limits, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
     try:

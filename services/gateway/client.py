@@ -25,6 +25,7 @@ from common.protocol import (
     FRONTEND,
     TOKENS,
     Abort,
+    EmbedTask,
     FinishChoice,
     FrontendMessage,
     GatewayHello,
@@ -36,6 +37,7 @@ from common.protocol import (
     Submit,
     TokensMessage,
 )
+from services.gateway.migration import MigrationPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class BusClient:
         status_stale_after: float = 3.0,
         advertise_host: str | None = None,
         curve: CurveKeys | None = None,
+        migration: MigrationPolicy | None = None,
     ) -> None:
         self.frontend_addr = frontend_addr
         self.tokens_addr = tokens_addr
@@ -102,6 +105,11 @@ class BusClient:
         self.on_status: Callable[[list[dict[str, Any]]], None] | None = None
         self.on_scheduler: Callable[[dict[str, Any]], None] | None = None
         self.scheduler_info: dict[str, Any] = {}  # PD policy, pools, flips
+        # What the last status says of each instance's process: id -> incarnation (alive or
+        # suspect), and the (id, incarnation) pairs declared dead (generations migrate those).
+        self._incarnations: dict[str, str] = {}
+        self._dead: set[tuple[str, str]] = set()
+        self.migration: MigrationPolicy = migration or MigrationPolicy()
         self._streams: dict[str, RequestStream] = {}
         self._dealer: zmq.asyncio.Socket | None = None
         self._pull: zmq.asyncio.Socket | None = None
@@ -155,9 +163,10 @@ class BusClient:
             stream.put(RequestError(request_id=request_id, code=code, message=message))
 
     async def submit(self, request_id: str, prompt_ids: list[int], sampling: Sampling,
-                     arrival_time: float, priority: str = "online") -> None:
+                     arrival_time: float, priority: str = "online", embed: EmbedTask | None = None) -> None:
         msg = Submit(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling, priority=priority,
-                     gateway_id=self.gateway_id, tokens_addr=self.tokens_addr, arrival_time=arrival_time)
+                     gateway_id=self.gateway_id, tokens_addr=self.tokens_addr, arrival_time=arrival_time,
+                     embed=embed)
         await bus.send(self._dealer, msg)
 
     def abort_soon(self, request_id: str, reason: str) -> None:
@@ -186,6 +195,30 @@ class BusClient:
     @property
     def scheduler_alive(self) -> bool:
         return time.monotonic() - self.last_status_time < self.status_stale_after
+
+    @property
+    def scheduler_id(self) -> str:
+        """The scheduler process's token ("" before the first status): it changes on a restart."""
+        value = self.scheduler_info.get("scheduler_id")
+        return value if isinstance(value, str) else ""
+
+    @property
+    def seen_scheduler(self) -> bool:
+        return self.last_status_time > 0
+
+    def instance_state(self, instance_id: str, incarnation: str) -> str:
+        """What the fresh status says of one worker process: "listed" (alive or suspect), "dead"
+        (declared dead, or its id now belongs to another incarnation) or "unlisted" (nothing:
+        e.g. a restarted scheduler that has not heard from it yet). "unknown" without a fresh
+        status."""
+        if not self.scheduler_alive:
+            return "unknown"
+        if (instance_id, incarnation) in self._dead:
+            return "dead"
+        current = self._incarnations.get(instance_id)
+        if current is None:
+            return "unlisted"
+        return "listed" if not incarnation or not current or current == incarnation else "dead"
 
     @property
     def ready(self) -> bool:
@@ -220,6 +253,11 @@ class BusClient:
         was_alive = self.scheduler_alive
         self.instances = [inst for inst in msg.instances if isinstance(inst, dict)]
         self.scheduler_info = msg.scheduler
+        self._incarnations = {inst["id"]: str(inst.get("incarnation") or "") for inst in self.instances
+                              if isinstance(inst.get("id"), str)}
+        dead = msg.scheduler.get("dead_instances") if isinstance(msg.scheduler, dict) else None
+        self._dead = {(d["id"], str(d.get("incarnation") or "")) for d in dead or ()
+                      if isinstance(d, dict) and isinstance(d.get("id"), str)}
         self.last_status_time = time.monotonic()
         if not was_alive:
             logger.info("scheduler reachable: %d instance(s)", len(self.instances))

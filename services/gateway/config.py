@@ -19,6 +19,15 @@ class GatewayConfig:
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' (env XLLM_API_KEY)")
     max_queue: int = setting(256, "requests in flight before 429")
     max_body_bytes: int = setting(8 * 1024 * 1024, "largest request body (413 past it)")
+    http_header_timeout: float = setting(10.0, "seconds a client may take to send a request's headers "
+                                               "(408 and closed past it)")
+    http_body_timeout: float = setting(30.0, "seconds a request body may stall between two reads (408 and "
+                                             "closed past it)")
+    # Longer than clients' own pool expiry (httpx 5 s, aiohttp 15 s), so that a client does not
+    # reuse a connection the server is just closing.
+    http_keepalive_timeout: float = setting(30.0, "seconds an idle keep-alive connection stays open")
+    max_connections: int = setting(4096, "open HTTP connections at most; past it a new one gets a 503 (lowered "
+                                         "to fit the open-files limit)")
     max_model_len: int | None = setting(None, "context window to enforce (default: the model's, or the "
                                               "workers' if smaller)")
     gateway_id: str | None = setting(None, "this gateway's id on the bus (default: generated)")
@@ -59,6 +68,13 @@ class GatewayConfig:
             out.append("--port must be in 1..65535")
         if self.max_queue < 1:
             out.append("--max-queue must be >= 1")
+        for flag, value in (("--http-header-timeout", self.http_header_timeout),
+                            ("--http-body-timeout", self.http_body_timeout),
+                            ("--http-keepalive-timeout", self.http_keepalive_timeout)):
+            if not value > 0:
+                out.append(f"{flag} must be > 0")
+        if self.max_connections < 1:
+            out.append("--max-connections must be >= 1")
         from services.gateway.tool_parsers import PARSERS
 
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:

@@ -115,6 +115,7 @@ class GatewayContext:
     api_key: str | None = None
     max_body_bytes: int = GatewayConfig.max_body_bytes
     started: float = field(default_factory=time.time)
+    tool_call_parser: str | None = None  # --tool-call-parser (None: guessed from the chat template)
 
     @property
     def max_model_len(self) -> int:

@@ -9,6 +9,10 @@ aborted on the worker if it is still running there, so its KV pages are freed at
 
 `close()` (always called, from a `finally`) aborts whatever is still running: that is how a
 client that disconnects, or a handler cancelled for any reason, frees the worker.
+
+What runs on the bus are *attempts* (`migration.Migrator`): at first one per prompt; a choice
+whose worker is lost continues as an attempt of its own on another worker, and its deltas land
+in the same choice, deduplicated by output position. Every request has a deadline.
 """
 
 from __future__ import annotations
@@ -26,11 +30,15 @@ from common.protocol import RequestError, Sampling
 from common.stop_strings import StopStringMatcher
 from services.gateway.client import RequestStream
 from services.gateway.context import GatewayContext
+from services.gateway.migration import SUBMIT_TIMEOUT_S, Attempt, MigrationFailed, Migrator
 from services.gateway.openai_schema import APIError
 
 logger = logging.getLogger(__name__)
 
-SUBMIT_TIMEOUT_S = 5.0
+__all__ = ["Generation", "ChoiceUpdate", "error_from_worker", "SUBMIT_TIMEOUT_S"]
+
+# How often an idle stream checks its deadline and its workers' health (seconds).
+WATCH_INTERVAL_S = 0.25
 
 
 @dataclass(slots=True)
@@ -44,16 +52,25 @@ class ChoiceUpdate:
 
 
 class _Choice:
-    __slots__ = ("index", "sub", "detok", "matcher", "finish_reason", "num_tokens", "worker_done")
+    __slots__ = ("index", "prompt_index", "seed_index", "sub", "detok", "matcher", "finish_reason", "token_ids",
+                 "worker_done", "migrations")
 
-    def __init__(self, index: int, sub: str, detok: IncrementalDetokenizer, stops: list[str]) -> None:
+    def __init__(self, index: int, prompt_index: int, seed_index: int, sub: str, detok: IncrementalDetokenizer,
+                 stops: list[str]) -> None:
         self.index = index
-        self.sub = sub
+        self.prompt_index = prompt_index
+        self.seed_index = seed_index  # its seed is the request's + this (as the engine numbers choices)
+        self.sub = sub  # the attempt computing it now
         self.detok = detok
         self.matcher = StopStringMatcher(stops) if stops else None
         self.finish_reason: str | None = None
-        self.num_tokens = 0
+        self.token_ids: list[int] = []  # output tokens received (and shown) so far
         self.worker_done = False
+        self.migrations = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 def error_from_worker(msg: RequestError) -> APIError:
@@ -77,16 +94,17 @@ class Generation:
         self.first_token_time: float | None = None
         n = params.n
         self.subs = [request_id] if len(prompt_ids) == 1 else [f"{request_id}-{i}" for i in range(len(prompt_ids))]
-        self._offsets = {sub: i * n for i, sub in enumerate(self.subs)}
         tokenizer, skip = ctx.tokenizer, params.skip_special_tokens
         self.choices = [
-            _Choice(p * n + i, sub, IncrementalDetokenizer(tokenizer, ids, skip), params.stop)
+            _Choice(p * n + i, p, i, sub, IncrementalDetokenizer(tokenizer, ids, skip), params.stop)
             for p, (sub, ids) in enumerate(zip(self.subs, prompt_ids))
             for i in range(n)
         ]
         self._unfinished = len(self.choices)
-        self._live_subs = set(self.subs)  # submitted and possibly still running on a worker
         self.stream = RequestStream()
+        self.sampling = Sampling(**self.params.to_dict())  # the params were validated with the request
+        self.migrator = Migrator(ctx.client, ctx.metrics, request_id, self.stream, self.arrival, priority,
+                                 self.sampling.to_dict(), [list(ids) for ids in prompt_ids])
         self._admitted = False
         self._closed = False
         self._failed = False
@@ -103,59 +121,88 @@ class Generation:
     # ---- start ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Admit and submit; raises APIError (429 / 503) without side effects left behind."""
+        """Admit and submit; raises APIError (429 / 503) without side effects left behind.
+
+        A scheduler that answered before and is away now (restarting) is waited for, up to
+        `scheduler_wait_s` and the deadline; a submit it does not take is retried by `updates`."""
         ctx = self.ctx
         ctx.admission.acquire()
         self._admitted = True
-        if not ctx.client.ready:
+        await self._wait_until_ready()
+        self._set_state("waiting")
+        attempts = [self.migrator.add(sub, p, list(ids), self.sampling, [c for c in self.choices if c.sub == sub])
+                    for p, (sub, ids) in enumerate(zip(self.subs, self.prompt_ids))]
+        for attempt in attempts:
+            await self.migrator.submit(attempt)
+
+    async def _wait_until_ready(self) -> None:
+        client = self.ctx.client
+        if not client.ready and client.seen_scheduler:
+            policy = client.migration
+            limit = time.monotonic() + min(policy.scheduler_wait_s, policy.request_timeout_s)
+            while not client.ready and time.monotonic() < limit:
+                await asyncio.sleep(0.1)
+        if not client.ready:
             raise APIError(503, "no worker is available to serve the request; retry shortly",
                            code="service_unavailable", headers={"Retry-After": "2"})
-        for sub in self.subs:
-            ctx.client.register(sub, self.stream)
-        self._set_state("waiting")
-        sampling = Sampling(**self.params.to_dict())  # the params were validated with the request
-        for sub, ids in zip(self.subs, self.prompt_ids):
-            try:
-                async with asyncio.timeout(SUBMIT_TIMEOUT_S):  # (not wait_for: see client._status_loop)
-                    await ctx.client.submit(sub, ids, sampling, self.arrival, self.priority)
-            except TimeoutError:
-                raise APIError(503, "the scheduler is not accepting requests; retry shortly",
-                               code="service_unavailable", headers={"Retry-After": "2"}) from None
 
     # ---- the token stream -----------------------------------------------------------------
 
     async def updates(self) -> AsyncIterator[list[ChoiceUpdate]]:
-        """Batches of choice updates until every choice is finished; worker errors raise APIError."""
-        while self._unfinished:
-            batch = await self.stream.get_batch()
-            updates: list[ChoiceUpdate] = []
-            for msg in batch:
-                if type(msg) is RequestError:
-                    self._live_subs.discard(msg.request_id)
-                    self._failed = True
-                    raise error_from_worker(msg)
-                self._apply(msg, updates)
-            if updates:
-                yield updates
+        """Batches of choice updates until every choice is finished; worker errors, a request
+        whose migrations ran out or whose deadline passed raise APIError."""
+        try:
+            while self._unfinished:
+                batch = await self._next_batch()
+                updates: list[ChoiceUpdate] = []
+                for msg in batch:
+                    if type(msg) is RequestError:
+                        if await self.migrator.on_error(msg):
+                            continue  # its choices go on elsewhere
+                        self._failed = True
+                        raise error_from_worker(msg)
+                    self._apply(msg, updates)
+                if self._unfinished:
+                    await self.migrator.watch()
+                if updates:
+                    yield updates
+        except MigrationFailed as failure:
+            self._failed = True
+            headers = {"Retry-After": "2"} if failure.status == 503 else None
+            raise APIError(failure.status, failure.message, code=failure.code, headers=headers) from None
+
+    async def _next_batch(self) -> list[Any]:
+        """What arrived, or nothing after a watch interval (so deadlines and losses are checked)."""
+        try:
+            async with asyncio.timeout(WATCH_INTERVAL_S):
+                return await self.stream.get_batch()
+        except TimeoutError:
+            return []
 
     def _apply(self, delta: Any, updates: list[ChoiceUpdate]) -> None:
-        offset = self._offsets.get(delta.request_id)
-        position = -1 if offset is None else offset + delta.index
-        if not 0 <= position < len(self.choices) or self.choices[position].sub != delta.request_id:
-            logger.warning("delta for unknown choice %s/%s dropped", delta.request_id, delta.index)
+        located = self.migrator.locate(delta)
+        if located is None:
+            logger.debug("delta for unknown or migrated choice %s/%s dropped", delta.request_id, delta.index)
             return
-        choice = self.choices[position]
+        attempt, choice = located
+        self.migrator.note_delta(attempt, delta)
         token_ids, delta_logprobs = delta.token_ids, delta.logprobs
-        # Deltas carry the choice's cumulative output count: positions this gateway already has
-        # (two workers briefly decoding one request after a KV hand-off raced a timeout) are
-        # dropped, so the client never sees a token twice.
-        start = delta.num_output_tokens - len(token_ids)
+        # Deltas carry the choice's cumulative output count (counted from the tokens its attempt
+        # started with): positions this gateway already has (two workers briefly decoding one
+        # request after a KV hand-off raced a timeout, or a migrated attempt) are dropped, so the
+        # client never sees a token twice.
+        end = attempt.bases[delta.index] + delta.num_output_tokens
+        start = end - len(token_ids)
         if delta.num_output_tokens > 0 and start < choice.num_tokens:
             skip = choice.num_tokens - start
             token_ids = token_ids[skip:]
             delta_logprobs = delta_logprobs[skip:] if delta_logprobs else delta_logprobs
             if not token_ids and delta.finish_reason is None:
                 return
+        elif delta.num_output_tokens > 0 and start > choice.num_tokens:
+            # A gap can only come from a bug upstream: say so rather than stream a hole.
+            logger.error("request %s choice %d: tokens %d..%d arrived after only %d", self.request_id,
+                         choice.index, start, end, choice.num_tokens)
         if delta.finish_reason is not None:
             choice.worker_done = True
         if choice.finish_reason is not None:
@@ -164,7 +211,7 @@ class Generation:
             self.first_token_time = time.time()
             self.ctx.metrics.ttft.observe(self.first_token_time - self.arrival)
             self._set_state("running")
-        choice.num_tokens += len(token_ids)
+        choice.token_ids.extend(token_ids)
         text = choice.detok.push(token_ids)
         matcher = choice.matcher
         finish = delta.finish_reason
@@ -183,22 +230,21 @@ class Generation:
         if finish is not None:
             choice.finish_reason = finish
             self._unfinished -= 1
-            if not self._end_sub_if_done(choice.sub) and not choice.worker_done:
+            if not self._end_attempt_if_done(attempt) and not choice.worker_done:
                 # a stop string ended this choice while its siblings go on: stop just this one
-                self.ctx.client.finish_choice_soon(choice.sub, delta.index)
+                self.ctx.client.finish_choice_soon(attempt.sub_id, delta.index)
         if text or finish is not None or logprobs:
             updates.append(ChoiceUpdate(choice.index, text, logprobs, finish))
 
-    def _end_sub_if_done(self, sub: str) -> bool:
-        """Close a submitted request once all its choices ended; returns whether it did."""
-        choices = [c for c in self.choices if c.sub == sub]
+    def _end_attempt_if_done(self, attempt: Attempt) -> bool:
+        """Close an attempt once all the choices it computes ended; returns whether it did."""
+        choices = [c for c in attempt.choices if attempt.owns(c)]
         if not all(c.finish_reason is not None for c in choices):
             return False
         if not all(c.worker_done for c in choices):
             # a stop string ended it here: stop the worker too, freeing its pages now
-            self.ctx.client.abort_soon(sub, "stop string")
-        self._live_subs.discard(sub)
-        self.ctx.client.unregister(sub)
+            self.ctx.client.abort_soon(attempt.sub_id, "stop string")
+        self.migrator.end(attempt)
         return True
 
     def _set_state(self, state: str) -> None:
@@ -226,13 +272,12 @@ class Generation:
         self._closed = True
         client = self.ctx.client
         submitted = self._state != "new"
-        reason = "another prompt of the request failed" if self._failed else "client disconnected"
-        for sub in self.subs:
-            client.unregister(sub)
-        for sub in self._live_subs if submitted else ():
-            client.abort_soon(sub, reason)
-            logger.info("request %s aborted: %s", sub, reason)
-        self._live_subs.clear()
+        reason = "another part of the request failed" if self._failed else "client disconnected"
+        for attempt in self.migrator.live():
+            self.migrator.end(attempt)
+            if submitted:
+                client.abort_soon(attempt.sub_id, reason)
+                logger.info("request %s aborted: %s", attempt.sub_id, reason)
         self._set_state("done")
         if self._admitted:
             self.ctx.admission.release()

@@ -6,10 +6,12 @@ import json
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from services.gateway.openai_schema import APIError, parse_json_body
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
 
 def dumps(value: Any) -> str:
@@ -17,9 +19,17 @@ def dumps(value: Any) -> str:
     return _dumps(value)
 
 
+def _encode(value: Any) -> bytes:
+    try:
+        return _dumps(value).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (e.g. echoed from a client's "\ud800") has no UTF-8 form; escaped
+        # JSON (\ud800) still says it, so an error about it can always be sent.
+        return dumps_ascii(value).encode()
+
+
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=_dumps(value).encode(), status=status, headers=headers,
-                        content_type="application/json")
+    return web.Response(body=_encode(value), status=status, headers=headers, content_type="application/json")
 
 
 def error_response(error: APIError) -> web.Response:
@@ -37,11 +47,14 @@ async def read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
         raise _too_large(length, max_bytes)
     chunks = []
     size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(size, max_bytes)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(size, max_bytes)
+            chunks.append(chunk)
+    except RequestPayloadError as exc:  # e.g. a bad chunk size or a truncated compressed body
+        raise APIError(400, f"request body could not be read: {exc}", code="invalid_body") from None
     return parse_json_body(b"".join(chunks))
 
 
@@ -77,7 +90,7 @@ class SSEWriter:
             await self.response.write("".join(f"data: {p}\n\n" for p in payloads).encode())
 
     async def send_error(self, error: APIError) -> None:
-        await self.response.write(f"data: {_dumps(error.body())}\n\n".encode())
+        await self.response.write(b"data: " + _encode(error.body()) + b"\n\n")
 
     async def close(self) -> web.StreamResponse:
         if not self.response.prepared:

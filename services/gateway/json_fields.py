@@ -59,8 +59,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# No API body nests anywhere near this deep; far deeper (100,000 levels) made the parser raise
+# RecursionError, a 500. Past it: a 400.
+MAX_JSON_DEPTH = 64
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """Bytes of an HTTP body -> a JSON object, or a 400 saying exactly what is wrong."""
+    """Bytes of an HTTP body -> a JSON object, or a 400 saying exactly what is wrong.
+
+    Beyond JSON syntax it refuses nesting deeper than MAX_JSON_DEPTH and strings holding a lone
+    UTF-16 surrogate (`"\\ud800"` is valid JSON but no Unicode text: the tokenizer, the bus codec
+    and the response encoder all fail on it), naming the field.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -71,11 +81,64 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(text, parse_constant=_reject_constant)
     except (json.JSONDecodeError, ValueError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
     if not isinstance(body, dict):
         raise bad_request(
             f"request body must be a JSON object, got {json_type(body)}", code="invalid_body"
         )
+    # Both checks walk the tree; the raw bytes say cheaply when neither can fail (a surrogate
+    # only arrives as a \\u escape; depth needs that many brackets).
+    deep = raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH
+    if deep or b"\\u" in raw:
+        _check_tree(body)
     return body
+
+
+def _too_deep() -> APIError:
+    return bad_request(f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _path(parts: tuple) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _check_tree(body: dict[str, Any]) -> None:
+    """400 for nesting past MAX_JSON_DEPTH or a lone surrogate in any string (keys included)."""
+    stack: list[tuple[Any, int, tuple]] = [(body, 1, ())]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(key, str) and _has_lone_surrogate(key):
+                raise _surrogate(path, f"key {key.encode('utf-8', 'backslashreplace').decode()!r}")
+            kind = type(value)
+            if kind is str:
+                if _has_lone_surrogate(value):
+                    raise _surrogate((*path, key), "value")
+            elif kind is dict or kind is list:
+                stack.append((value, depth + 1, (*path, key)))
+
+
+def _surrogate(path: tuple, what: str) -> APIError:
+    where = _path(path)
+    return bad_request(f"{'field ' + repr(where) if where else 'the body'} holds a lone UTF-16 surrogate "
+                       f"(in its {what}): not valid Unicode text", param=where or None, code="invalid_unicode")
 
 
 def json_type(value: Any) -> str:

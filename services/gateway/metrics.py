@@ -81,6 +81,18 @@ class GatewayMetrics:
                                     registry=registry)
         self.kvstore_corrupt = Gauge("xllm_kvstore_corrupt_entries",
                                      "Stored blocks that failed their checksum (served as misses)", registry=registry)
+        self.requests_migrated = Counter(
+            "xllm_requests_migrated", "Choices re-submitted elsewhere because their worker was lost, by reason "
+            "(worker_lost, no_worker, scheduler_restart)", ["reason"], registry=registry)
+        self.migration_seconds = Histogram(
+            "xllm_migration_seconds", "From a worker's loss being noticed to the next token of the migrated stream",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.migration_tokens = Counter(
+            "xllm_migration_tokens", "Tokens a migrated choice's new worker had to take over, by how: reused "
+            "(found in its prefix cache) or recomputed", ["how"], registry=registry)
+        self.requests_failed_migration = Counter(
+            "xllm_requests_failed_migration", "Requests that failed because their migrations ran out or their "
+            "deadline passed, by reason", ["reason"], registry=registry)
         self._worker_gauges = (self.worker_kv_usage, self.worker_used_pages, self.worker_prefix_hit,
                                self.worker_running, self.worker_waiting, self.worker_queued_prefill,
                                self.worker_flips, self.worker_flip_latency)

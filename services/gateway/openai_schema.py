@@ -11,6 +11,8 @@ from typing import Any
 
 from common.engine.sampling_params import MAX_LOGPROBS, InvalidSamplingParameter, SamplingParams
 from services.gateway.json_fields import APIError, Fields, bad_request, json_type, parse_json_body
+from services.gateway.structured import parse_structured
+from services.gateway.tools import ToolRequest, apply_to_params, check_tool_messages, parse_openai_tools
 
 __all__ = [
     "APIError", "GenerationRequest", "bad_request", "parse_json_body", "parse_chat_request",
@@ -46,6 +48,9 @@ class GenerationRequest:
     top_logprobs: int | None = None  # None: no logprobs in the response
     add_special_tokens: bool = True  # completions: tokenizer adds BOS etc. to text prompts
     priority: str = "online"  # "offline" work yields to online work (pages, batch slots)
+    tools: ToolRequest | None = None  # chat: tools / tool_choice (services.gateway.tools)
+    echo: bool = False  # completions: each choice's text starts with its prompt
+    best_of: int | None = None  # completions: candidates per prompt (> n: the n most likely are returned)
 
 
 def _model(fields: Fields) -> str:
@@ -100,25 +105,15 @@ def _reject_unsupported(fields: Fields) -> None:
     body = fields.body
     if body.get("logit_bias"):
         raise bad_request("'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, dict):
-            raise bad_request("'response_format' must be an object", param="response_format", code="invalid_type")
-        if response_format.get("type", "text") != "text":
-            raise bad_request(
-                f"response_format type {response_format.get('type')!r} is not supported (only 'text')",
-                param="response_format", code="unsupported_parameter",
-            )
-    tool_choice = body.get("tool_choice")
-    if tool_choice is not None and tool_choice not in ("none", "auto"):
-        raise bad_request("tool calling is not supported: 'tool_choice' must be 'none' or 'auto'",
-                          param="tool_choice", code="unsupported_parameter")
+    # response_format and guided_* are parsed by services.gateway.structured (in _sampling)
+    # tools / tool_choice / parallel_tool_calls are validated by services.gateway.tools (chat only)
 
 
 def _sampling(fields: Fields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     n = fields.int("n", 1)
     if n is not None and n > MAX_N:
         raise bad_request(f"'n' must be <= {MAX_N}, got {n}", param="n")
+    structured_kind, structured_spec = parse_structured(fields.body)
     params = SamplingParams(
         n=n,
         temperature=fields.number("temperature", 1.0),
@@ -136,6 +131,8 @@ def _sampling(fields: Fields, max_tokens: int | None, logprobs: int | None) -> S
         ignore_eos=fields.bool("ignore_eos", False),
         logprobs=logprobs,
         skip_special_tokens=fields.bool("skip_special_tokens", True),
+        structured_kind=structured_kind,
+        structured_spec=structured_spec,
     )
     try:
         params.validate()
@@ -190,10 +187,13 @@ def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
     top_logprobs = (top or 0) if want_logprobs else None
     max_tokens = _max_tokens(fields, ("max_completion_tokens", "max_tokens"), None)
     params = _sampling(fields, max_tokens, top_logprobs)
+    tools = parse_openai_tools(body)
+    check_tool_messages(messages)
+    apply_to_params(tools, params)  # "required" / a named function: the reply is held to the call schema
     return GenerationRequest(
         kind="chat", model=model, params=params, stream=stream, include_usage=include_usage,
         messages=messages, add_generation_prompt=fields.bool("add_generation_prompt", True),
-        top_logprobs=top_logprobs, priority=_priority(fields),
+        top_logprobs=top_logprobs, priority=_priority(fields), tools=tools,
     )
 
 
@@ -247,28 +247,49 @@ def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:
     stream = fields.bool("stream", False)
     include_usage = _stream_options(fields, stream)
     _reject_unsupported(fields)
-    if fields.bool("echo", False):
-        raise bad_request("'echo' is not supported", param="echo", code="unsupported_parameter")
     if fields.str("suffix"):
-        raise bad_request("'suffix' is not supported", param="suffix", code="unsupported_parameter")
+        raise bad_request("'suffix' is not supported: the served model has no fill-in-the-middle mode",
+                          param="suffix", code="unsupported_parameter")
     logprobs = fields.int("logprobs")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad_request(f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+    echo = fields.bool("echo", False)
+    if echo and logprobs is not None:
+        # OpenAI would add the prompt tokens' logprobs; the workers do not compute those.
+        raise bad_request("'echo' together with 'logprobs' is not supported (prompt-token logprobs are not "
+                          "computed); drop one of them", param="echo", code="unsupported_parameter")
     max_tokens = _max_tokens(fields, ("max_tokens",), 16)  # OpenAI's completions default
     params = _sampling(fields, max_tokens, logprobs)
-    best_of = fields.int("best_of")
-    if best_of is not None and best_of != params.n:
-        raise bad_request("'best_of' other than n is not supported", param="best_of", code="unsupported_parameter")
-    if len(prompts) * params.n > MAX_CHOICES:
+    best_of = _best_of(fields, params.n, stream)
+    candidates = best_of or params.n
+    if len(prompts) * candidates > MAX_CHOICES:
+        name = "best_of" if best_of else "n"
         raise bad_request(
-            f"{len(prompts)} prompts x n={params.n} gives {len(prompts) * params.n} choices; at most "
-            f"{MAX_CHOICES} are allowed per request", param="n",
+            f"{len(prompts)} prompts x {name}={candidates} gives {len(prompts) * candidates} choices; at most "
+            f"{MAX_CHOICES} are allowed per request", param=name,
         )
     return GenerationRequest(
         kind="completion", model=model, params=params, stream=stream, include_usage=include_usage,
         prompts=prompts, top_logprobs=logprobs,
         add_special_tokens=fields.bool("add_special_tokens", True), priority=_priority(fields),
+        echo=echo, best_of=best_of,
     )
+
+
+def _best_of(fields: Fields, n: int, stream: bool) -> int | None:
+    """`best_of` when it asks for more candidates than `n` (None: just the n choices)."""
+    best_of = fields.int("best_of")
+    if best_of is None or best_of == n:
+        return None
+    if best_of < n:
+        raise bad_request(f"'best_of' must be at least n ({n}), got {best_of}", param="best_of")
+    if best_of > MAX_N:
+        raise bad_request(f"'best_of' must be <= {MAX_N}, got {best_of}", param="best_of")
+    if stream:
+        # The best candidates are only known once every one has finished.
+        raise bad_request("'best_of' greater than n cannot be used with 'stream'", param="best_of",
+                          code="unsupported_parameter")
+    return best_of
 
 
 def _is_token_list(value: Any) -> bool:

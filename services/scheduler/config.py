@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from common.service_config import add_service_arguments
 from common.settings import SettingsParser, setting
 from services.scheduler.pd_policy import POLICIES, PdPolicy, make_policy
-from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S
+from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_SUSPECT_AFTER_S
 
 __all__ = ["SchedulerConfig", "build_parser"]
 
@@ -15,7 +15,10 @@ __all__ = ["SchedulerConfig", "build_parser"]
 @dataclass
 class SchedulerConfig:
     heartbeat_timeout: float = setting(DEFAULT_HEARTBEAT_TIMEOUT_S,
-                                       "seconds without a heartbeat before an instance is declared dead")
+                                       "seconds without a heartbeat before an instance is declared dead "
+                                       "(its requests migrate; an ipc:// worker whose process exited is dead at once)")
+    suspect_after: float = setting(DEFAULT_SUSPECT_AFTER_S,
+                                   "seconds without a heartbeat before an instance is suspect (no new work)")
     pd_policy: str = setting("static", "static: roles stay as started; dynamic: flip prefill/decode workers "
                                        "to meet the SLOs", choices=tuple(POLICIES))
     ttft_slo_ms: float = setting(2000.0, "time-to-first-token target (ms) of --pd-policy")
@@ -30,7 +33,7 @@ class SchedulerConfig:
     def problems(self) -> list[str]:
         """What makes this configuration unusable, as flag-named messages."""
         problems = [f"--{name.replace('_', '-')} must be > 0"
-                    for name in ("heartbeat_timeout", "ttft_slo_ms", "tpot_slo_ms", "policy_interval")
+                    for name in ("heartbeat_timeout", "suspect_after", "ttft_slo_ms", "tpot_slo_ms", "policy_interval")
                     if getattr(self, name) <= 0]
         if self.expected_workers is not None and self.expected_workers < 0:
             problems.append("--expected-workers must be >= 0")

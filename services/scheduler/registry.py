@@ -8,6 +8,13 @@ restarted worker under the same id (new identity: the old incarnation's requests
 An instance's role is what the worker itself said it is (Register, FlipAck, heartbeat); a flip the
 scheduler ordered and the worker has not answered is `pending_role`, never mixed up with it, so
 the router can offer the instance for neither role while the flip is in flight.
+
+Liveness (`tick`, `mark_suspect`, `kill`): an instance is alive, suspect (silent past
+`suspect_after_s`, or possibly the peer whose socket just closed: no new work, nothing taken
+from it) or dead (silent past the heartbeat timeout, or a definite signal: its process is gone,
+or a new incarnation registered under its id). A heartbeat makes a suspect alive again; a dead
+instance is removed and remembered for a while (`dead_instances`, shown in the status) so a
+gateway can tell that the worker streaming one of its choices is gone.
 """
 
 from __future__ import annotations
@@ -19,10 +26,15 @@ from enum import Enum
 
 from common.protocol import WORKER_ROLES, Heartbeat, Register
 
-__all__ = ["Instance", "Registry", "RegisterOutcome", "DEFAULT_HEARTBEAT_TIMEOUT_S"]
+__all__ = ["Instance", "Registry", "RegisterOutcome", "DEFAULT_HEARTBEAT_TIMEOUT_S", "DEFAULT_SUSPECT_AFTER_S"]
 
 # An instance silent for this long is dead (heartbeats come every 0.5 s).
 DEFAULT_HEARTBEAT_TIMEOUT_S = 3.0
+# Silent for this long (three missed heartbeats): suspect, no new work until it speaks again.
+DEFAULT_SUSPECT_AFTER_S = 1.5
+# How long a dead instance stays listed in the status (and how many are kept).
+DEAD_LISTED_S = 120.0
+DEAD_LISTED_MAX = 64
 
 
 @dataclass
@@ -66,6 +78,12 @@ class Instance:
     # The last flip the worker acknowledged (0: none), its "flip generation": a decode candidate
     # carries it, so the worker can tell a hand-off promised before its latest flip.
     flip_id: int = 0
+    incarnation: str = ""  # the worker process's random token (Register)
+    pid: int = 0
+    # "alive" or "suspect" (a dead instance is no longer in the registry) and since when.
+    liveness: str = "alive"
+    suspect_since: float | None = None
+    suspect_reason: str = ""
 
     @property
     def queued_prefill_tokens(self) -> int:
@@ -80,6 +98,10 @@ class Instance:
     def ordered_role(self) -> str:
         """The role the scheduler means it to have: the pending one while a flip is in flight."""
         return self.pending_role if self.pending_role is not None else self.role
+
+    @property
+    def alive(self) -> bool:
+        return self.liveness == "alive"
 
     def offers(self, role: str) -> bool:
         """Whether new work of `role` may be routed here: it acknowledged that role, no flip is
@@ -109,11 +131,15 @@ class Instance:
             "role": self.role,  # acknowledged by the worker
             # "flipping": ordered into `pending_role` and not acknowledged yet (no new work is
             # routed here meanwhile), or acknowledged with no work of the new role started yet.
-            "state": "draining" if self.draining else ("flipping" if self.pending_flip is not None
-                                                        or self.flipping else "ready"),
+            "state": "suspect" if not self.alive else (
+                "draining" if self.draining else ("flipping" if self.pending_flip is not None
+                                                  or self.flipping else "ready")),
+            "liveness": self.liveness,
+            "suspect_for": round(now - self.suspect_since, 3) if self.suspect_since is not None else None,
+            "incarnation": self.incarnation,
             "pending_role": self.pending_role,
             "flip_id": self.flip_id,
-            "ready": not self.draining,  # registered means the engine is loaded
+            "ready": not self.draining and self.alive,  # registered means the engine is loaded
             "waiting": self.waiting,
             "running": self.running,
             "queued_prefill_tokens": self.queued_prefill_tokens,
@@ -123,6 +149,7 @@ class Instance:
             "prefix_hit_rate": self.prefix_hit_rate,
             "last_heartbeat_age": round(now - self.last_heartbeat, 3),
             "inflight": len(self.inflight),
+            "requests": sorted(self.inflight)[:64],  # which requests it holds (operators, chaos tests)
             "assigned_total": self.assigned_total,
             "model": self.model,
             "max_model_len": self.max_model_len,
@@ -143,11 +170,17 @@ class Registry:
         self,
         heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
+        suspect_after_s: float = DEFAULT_SUSPECT_AFTER_S,
     ) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.suspect_after_s = min(suspect_after_s, heartbeat_timeout_s)
         self.clock = clock
         self._instances: dict[str, Instance] = {}
         self._by_identity: dict[bytes, str] = {}
+        # instance id -> what the status says of a dead one (its incarnation, when, why)
+        self._dead: dict[str, dict] = {}
+        # When a backend connection closed that could not be tied to an instance (tcp://).
+        self._unattributed_disconnect: float | None = None
 
     def __len__(self) -> int:
         return len(self._instances)
@@ -175,7 +208,9 @@ class Registry:
             old.kv_addr, old.model = msg.kv_addr, msg.model
             old.acknowledge(msg.flip_id, msg.role)
             old.num_pages, old.page_size, old.max_model_len = msg.num_pages, msg.page_size, msg.max_model_len
+            old.pid = msg.pid or old.pid
             old.last_heartbeat = now
+            self._revive(old)
             return RegisterOutcome.REFRESHED, old, None
         if old is not None:
             self._by_identity.pop(old.identity, None)
@@ -188,10 +223,13 @@ class Registry:
             num_pages=msg.num_pages, page_size=msg.page_size, model=msg.model,
             max_model_len=msg.max_model_len, registered_at=now, last_heartbeat=now,
             free_pages=msg.num_pages, total_pages=msg.num_pages, flip_id=msg.flip_id,
+            incarnation=msg.incarnation, pid=msg.pid,
         )
         self._instances[msg.instance_id] = instance
         self._by_identity[identity] = msg.instance_id
         if old is not None:
+            # A new incarnation is the definite news that the old one is dead.
+            self._bury(old, "replaced by a new incarnation")
             return RegisterOutcome.REPLACED, instance, old
         return RegisterOutcome.NEW, instance, None
 
@@ -202,6 +240,7 @@ class Registry:
             return None
         instance.last_heartbeat = self.clock()
         instance.heartbeats += 1
+        self._revive(instance)
         # The heartbeat answers the flips up to its flip_id: one sent before the worker saw the
         # pending order carries an older id and leaves the order pending.
         instance.acknowledge(msg.flip_id, msg.role)
@@ -231,11 +270,81 @@ class Registry:
 
     def expire(self) -> list[Instance]:
         """Remove and return every instance silent for longer than the timeout."""
+        return self.tick()[1]
+
+    def tick(self) -> tuple[list[Instance], list[Instance]]:
+        """Apply the silence timings: (instances that just became suspect, dead ones removed)."""
         now = self.clock()
-        dead = [i for i in self._instances.values() if now - i.last_heartbeat > self.heartbeat_timeout_s]
-        for instance in dead:
-            self.remove(instance.instance_id)
-        return dead
+        suspects: list[Instance] = []
+        dead: list[Instance] = []
+        closed_at = self._unattributed_disconnect
+        # After an unattributed disconnect, whoever stays silent for half the suspect window
+        # past it is likely the peer that left (heartbeats come every 0.5 s).
+        probe_over = closed_at is not None and now - closed_at > self.suspect_after_s / 2
+        for instance in list(self._instances.values()):
+            silent = now - instance.last_heartbeat
+            if silent > self.heartbeat_timeout_s:
+                self.kill(instance, f"no heartbeat for {silent:.1f} s")
+                dead.append(instance)
+            elif silent > self.suspect_after_s and self.mark_suspect(instance, f"no heartbeat for {silent:.1f} s"):
+                suspects.append(instance)
+            elif (probe_over and closed_at is not None and instance.last_heartbeat < closed_at
+                  and self.mark_suspect(instance, "silent since a backend connection closed")):
+                suspects.append(instance)
+        if probe_over:
+            self._unattributed_disconnect = None
+        return suspects, dead
+
+    def note_unattributed_disconnect(self) -> None:
+        """A backend connection closed and nobody knows whose: probe everyone (see `tick`)."""
+        self._unattributed_disconnect = self.clock()
+
+    def mark_suspect(self, instance: Instance, reason: str) -> bool:
+        """No new work for `instance` until it speaks again; True when it was alive."""
+        if instance.liveness != "alive" or instance.instance_id not in self._instances:
+            return False
+        instance.liveness, instance.suspect_since, instance.suspect_reason = "suspect", self.clock(), reason
+        return True
+
+    def kill(self, instance: Instance, reason: str) -> bool:
+        """Declare `instance` dead (remove it, list it as dead); True when it was registered."""
+        if self._instances.get(instance.instance_id) is not instance:
+            return False
+        self.remove(instance.instance_id)
+        self._bury(instance, reason)
+        return True
+
+    def by_pid(self, pid: int) -> Instance | None:
+        return next((i for i in self._instances.values() if pid and i.pid == pid), None)
+
+    def orphans_of(self, instance: Instance) -> list[str]:
+        """A process declared dead that registers again (it was only silent): the requests it
+        held were migrated elsewhere, so it must drop them. Returns their ids (once)."""
+        record = self._dead.get(instance.instance_id)
+        if record is None or not instance.incarnation or record["incarnation"] != instance.incarnation:
+            return []
+        del self._dead[instance.instance_id]
+        return record["requests"]
+
+    def dead_instances(self) -> list[dict]:
+        """Instances declared dead lately, newest last (the gateways migrate their streams)."""
+        now = self.clock()
+        for instance_id in [k for k, v in self._dead.items() if now - v["died_at"] > DEAD_LISTED_S]:
+            del self._dead[instance_id]
+        return [{"id": v["id"], "incarnation": v["incarnation"], "reason": v["reason"],
+                 "dead_for": round(now - v["died_at"], 3)} for v in self._dead.values()]
+
+    def _bury(self, instance: Instance, reason: str) -> None:
+        self._dead.pop(instance.instance_id, None)
+        self._dead[instance.instance_id] = {"id": instance.instance_id, "incarnation": instance.incarnation,
+                                            "reason": reason, "died_at": self.clock(),
+                                            "requests": sorted(instance.inflight)}
+        while len(self._dead) > DEAD_LISTED_MAX:
+            del self._dead[next(iter(self._dead))]
+
+    @staticmethod
+    def _revive(instance: Instance) -> None:
+        instance.liveness, instance.suspect_since, instance.suspect_reason = "alive", None, ""
 
     # ---- request bookkeeping ----------------------------------------------------------
 
@@ -257,7 +366,7 @@ class Registry:
         # of the role it acknowledged may be routed to it now. Not up: not registered yet, gone
         # (left, or silent past the heartbeat timeout: removed), draining, or mid-flip.
         up = [i for i in self._instances.values()
-              if i.role in WORKER_ROLES and not i.draining and i.pending_role is None]
+              if i.role in WORKER_ROLES and not i.draining and i.pending_role is None and i.alive]
         return {"expected": expected, "up": len(up),
                 "by_role": {role: sum(1 for i in up if i.role == role) for role in WORKER_ROLES}}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -56,10 +57,13 @@ from common.protocol import (
     StatusReply,
     Submit,
 )
+from common.bus_guard import invalid_message_counts
 from common.gateway_push import GatewayPushers
+from common.log_limits import RateLimitedLog
 from common.service_config import ServiceAddresses
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.kv_awareness import KvAwareness
+from services.scheduler.liveness import PeerMonitor, judge_disconnect
 from services.scheduler.pd_policy import PdPolicy
 from services.scheduler.registry import Instance, RegisterOutcome, Registry
 from services.scheduler.request_table import RequestTable
@@ -67,6 +71,7 @@ from services.scheduler.role_flips import RoleFlips
 from services.scheduler.router import Router
 
 logger = logging.getLogger(__name__)
+_REFUSED_FLIPS = RateLimitedLog(logger, "refused flip requests")
 
 __all__ = ["SchedulerServer"]
 
@@ -87,7 +92,10 @@ class SchedulerServer:
         # The settings (and their defaults) are SchedulerConfig's; `policy` replaces the one it names.
         config = config or SchedulerConfig()
         self.addresses = addresses
-        self.registry = Registry(config.heartbeat_timeout)
+        self.registry = Registry(config.heartbeat_timeout, suspect_after_s=config.suspect_after)
+        # A fresh token per scheduler process: gateways resubmit what they sent to the last one.
+        self.scheduler_id = uuid.uuid4().hex[:12]
+        self.monitor: PeerMonitor | None = None
         self.router = Router()
         self.policy = policy or config.make_policy()
         self.policy_name = config.pd_policy
@@ -133,7 +141,9 @@ class SchedulerServer:
         """Run until `stop` is set; sockets are closed (and ipc files removed) on the way out."""
         if self.frontend is None:
             self.bind()
+        self.monitor = PeerMonitor(self.backend, self._on_peer_disconnect)
         tasks = [
+            asyncio.create_task(self.monitor.run(), name="liveness"),
             asyncio.create_task(self._receive_loop(self.frontend, self._ON_FRONTEND, self._on_refused_frontend),
                                 name="frontend"),
             asyncio.create_task(self._receive_loop(self.backend, self._ON_BACKEND), name="backend"),
@@ -146,6 +156,7 @@ class SchedulerServer:
             await run_until_stopped(stop, tasks)
         finally:
             await self.kv.close()
+            self.monitor.close()
             self.close()
 
     async def _receive_loop(self, sock: zmq.asyncio.Socket, handlers: Mapping[type[Message], Handler],
@@ -162,14 +173,27 @@ class SchedulerServer:
     async def _reap_loop(self) -> None:
         while True:
             await asyncio.sleep(self.reap_interval_s)
-            for instance in self.registry.expire():
-                logger.warning(
-                    "instance %s missed heartbeats for %.1f s: removed, failing %d request(s)",
-                    instance.instance_id, self.registry.heartbeat_timeout_s, len(instance.inflight),
-                )
-                self.policy.forget(instance.instance_id)
-                self.kv.forget(instance.instance_id)
-                await self._fail_requests_of(instance, "worker died")
+            suspects, dead = self.registry.tick()
+            for instance in suspects:
+                logger.warning("instance %s is suspect (%s): no new work", instance.instance_id,
+                               instance.suspect_reason)
+            for instance in dead:
+                await self._instance_died(instance, f"missed heartbeats for {self.registry.heartbeat_timeout_s:.1f} s")
+
+    async def _on_peer_disconnect(self, pid: int | None) -> None:
+        """A backend connection closed: recover the requests of a worker that is gone for sure."""
+        instance = await judge_disconnect(self.registry, pid)
+        if instance is not None:
+            await self._instance_died(instance, "its process exited")
+
+    async def _instance_died(self, instance: Instance, why: str) -> None:
+        """`instance` was declared dead (and removed): its requests go back to their gateways,
+        which migrate them."""
+        logger.warning("instance %s (incarnation %s) is dead: %s; %d request(s) to migrate",
+                       instance.instance_id, instance.incarnation, why, len(instance.inflight))
+        self.policy.forget(instance.instance_id)
+        self.kv.forget(instance.instance_id)
+        await self._fail_requests_of(instance, "worker died")
 
     async def _policy_loop(self) -> None:
         while True:
@@ -193,7 +217,10 @@ class SchedulerServer:
     def status_summary(self) -> dict:
         pools = Counter(instance.role for instance in self.registry.instances())
         return {
+            "scheduler_id": self.scheduler_id,
+            "dead_instances": self.registry.dead_instances(),
             "pd_policy": self.policy_name,
+            "bus_invalid_messages": invalid_message_counts(),  # dropped inbound bus messages, by kind
             "pools": dict(pools),
             "workers": self.registry.workers(self.expected_workers),
             **self.flips.summary(),
@@ -218,12 +245,25 @@ class SchedulerServer:
         instance = self.registry.get(entry.instance_id) if entry is not None else None
         if instance is not None:
             await bus.send(self.backend, msg, identity=instance.identity)
+        elif entry is None:
+            # Submitted before this scheduler (re)started: whoever holds it stops it (an unknown
+            # id is a no-op for a worker).
+            for other in self.registry.instances():
+                await bus.send(self.backend, msg, identity=other.identity)
 
     async def _on_status_query(self, identity: bytes, msg: StatusQuery) -> None:
         reply = StatusReply(instances=self.registry.describe(), scheduler=self.status_summary())
         await bus.send(self.frontend, reply, identity=identity)
 
     async def _on_flip_request(self, identity: bytes, msg: FlipRequest) -> None:
+        # The frontend checks no credentials of its own: over ipc the run directory's file mode
+        # decides who may connect, over tcp only CurveZMQ (authorised client keys) does. Without
+        # curve anyone who reaches the port could reorder the pools, so the order is refused.
+        if self.addresses.frontend.startswith("tcp://") and self.addresses.curve is None:
+            _REFUSED_FLIPS.log(repr(identity)[:80], "refused a FlipRequest (%s -> %s) from %r: the frontend is "
+                               "tcp without CurveZMQ, so the sender is unauthenticated", msg.instance_id,
+                               msg.role[:40], identity)
+            return
         await self.flip(msg.instance_id, msg.role, "operator")
 
     async def _on_gateway_hello(self, identity: bytes, msg: GatewayHello) -> None:
@@ -236,14 +276,17 @@ class SchedulerServer:
             logger.warning("dropped submit %s from %r: bad tokens address %r", msg.request_id, identity,
                            msg.tokens_addr[:100])
             return
-        if msg.request_id in self.requests:
+        known = self.requests.get(msg.request_id)
+        if known is not None:
+            if known.gateway_id == msg.gateway_id:
+                return  # the same gateway sent it again (it could not tell it arrived): done already
             await self._send_error(msg.tokens_addr, msg.request_id, 409, f"request id {msg.request_id!r} is in use")
             return
         instances = self.registry.instances()
         cached = self.kv.cached_tokens(instances, msg.prompt_ids)
-        route = self.router.route(instances, len(msg.prompt_ids), msg.sampling.n, cached)
+        route = self.router.route(instances, len(msg.prompt_ids), msg.sampling.n, cached, msg.priority)
         if route is None:
-            await self._send_error(msg.tokens_addr, msg.request_id, 503, "no worker available")
+            await self._send_error(msg.tokens_addr, msg.request_id, 503, "no worker available", reason="no_worker")
             return
         instance = route.prefill
         self.requests.add(
@@ -258,6 +301,7 @@ class SchedulerServer:
             arrival_time=msg.arrival_time,
             decode_candidates=[DecodeCandidate(instance_id=d.instance_id, kv_addr=d.kv_addr, flip_id=d.flip_id)
                                for d in route.decode],
+            embed=msg.embed,  # an embedding request: the worker ignores the decode candidates
         )
         logger.debug("request %s -> %s", msg.request_id, instance.instance_id)
         await bus.send(self.backend, assign, identity=instance.identity)
@@ -340,25 +384,36 @@ class SchedulerServer:
     async def _on_register(self, identity: bytes, msg: Register) -> None:
         outcome, instance, old = self.registry.register(identity, msg)
         if outcome is RegisterOutcome.REPLACED and old is not None:
-            logger.warning("instance %s restarted: failing %d request(s) of its old process",
+            logger.warning("instance %s restarted: %d request(s) of its old process to migrate",
                            msg.instance_id, len(old.inflight))
             self.kv.forget(msg.instance_id)
             await self._fail_requests_of(old, "worker restarted")
         if outcome is not RegisterOutcome.REFRESHED:
             logger.info("instance %s registered: role=%s pages=%d model=%s",
                         msg.instance_id, msg.role, msg.num_pages, msg.model)
+        orphans = self.registry.orphans_of(instance) if outcome is RegisterOutcome.NEW else []
+        if orphans:
+            # Declared dead while it was only silent: its requests run elsewhere now.
+            logger.warning("instance %s came back after being declared dead: dropping %d migrated request(s)",
+                           msg.instance_id, len(orphans))
+            for request_id in orphans:
+                await bus.send(self.backend, AbortRequest(request_id=request_id), identity=identity)
         await bus.send(self.backend, RegisterAck(instance_id=msg.instance_id, accepted=True), identity=identity)
 
     async def _fail_requests_of(self, instance: Instance, reason: str) -> None:
+        """Its requests are lost with it: retriable, so their gateways migrate them."""
         for entry in self.requests.take_requests_of(instance):
-            await self._send_error(entry.tokens_addr, entry.request_id, 503, f"{reason} ({instance.instance_id})")
+            await self._send_error(entry.tokens_addr, entry.request_id, 503, f"{reason} ({instance.instance_id})",
+                                   reason="worker_lost")
 
     # ---- to gateways --------------------------------------------------------------------
 
-    async def _send_error(self, tokens_addr: str, request_id: str, code: int, message: str) -> None:
-        """Tell the owning gateway a request failed; never blocks on a gone gateway."""
+    async def _send_error(self, tokens_addr: str, request_id: str, code: int, message: str, reason: str = "") -> None:
+        """Tell the owning gateway a request failed; never blocks on a gone gateway. With a
+        `reason` the error is retriable (the gateway tries again elsewhere)."""
         logger.info("request %s failed: %d %s", request_id, code, message)
-        await self.pushers.send(tokens_addr, RequestError(request_id=request_id, code=code, message=message))
+        await self.pushers.send(tokens_addr, RequestError(request_id=request_id, code=code, message=message,
+                                                          retriable=bool(reason), reason=reason))
 
     # ---- dispatch: exactly what each socket's channel end takes -------------------------
 

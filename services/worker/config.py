@@ -10,7 +10,7 @@ from common.service_config import add_service_arguments
 from common.settings import SettingsParser, setting
 from services.prefill.kv_sender import DEFAULT_TRANSFER_TIMEOUT_S
 from services.worker.role_state import ROLES
-from services.worker.worker import DEFAULT_HEARTBEAT_INTERVAL_S
+from services.worker.worker import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_STEP_WATCHDOG_S
 
 __all__ = ["WorkerConfig", "build_parser"]
 
@@ -33,11 +33,16 @@ class WorkerConfig:
     kvstore_addr: str | None = setting(None, "the kvstore's ROUTER address (implies --kvstore)")
     kvstore_timeout: float = setting(
         0.25, "seconds an admission waits for the kvstore before computing the prefix itself")
+    step_watchdog_s: float = setting(
+        DEFAULT_STEP_WATCHDOG_S, "seconds one engine step may run before the worker exits (status 86) to be "
+                                 "replaced; 0 disables the watchdog")
 
     def problems(self) -> list[str]:
         """What makes this configuration unusable, as flag-named messages."""
         if self.heartbeat_interval <= 0 or self.kv_transfer_timeout <= 0:
             return ["--heartbeat-interval and --kv-transfer-timeout must be > 0"]
+        if self.step_watchdog_s < 0:
+            return ["--step-watchdog-s must be >= 0 (0: off)"]
         return []
 
 

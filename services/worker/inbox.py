@@ -81,7 +81,7 @@ class Inbox:
 
     async def _on_assign(self, msg: Assign) -> None:
         tiering = self.worker.tiering
-        if tiering.client is not None:
+        if tiering.client is not None and msg.embed is None:  # an embedding keeps no KV: nothing to reload
             tiering.reload_then(msg, self.queue)  # its prefix comes from the kvstore first
         else:
             self.queue(msg)

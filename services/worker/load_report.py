@@ -40,6 +40,7 @@ class Reporter(Protocol):
     """What a load report reads of the worker it describes (at report time)."""
 
     instance_id: str
+    incarnation: str
     kv_addr: str
     draining: bool
     integrity_failures: int
@@ -98,7 +99,7 @@ class LoadReport:
         return Register(
             instance_id=worker.instance_id, role=worker.role, kv_addr=worker.kv_addr, num_pages=int(engine.num_pages),
             page_size=int(engine.page_size), model=str(engine.model_path), max_model_len=int(engine.max_model_len),
-            flip_id=worker.roles.last_flip_id,
+            flip_id=worker.roles.last_flip_id, incarnation=worker.incarnation, pid=os.getpid(),
         )
 
     def heartbeat_message(self) -> Heartbeat:
@@ -115,7 +116,7 @@ class LoadReport:
             kv_namespace=str(worker.engine.kv_namespace),
             prompt_tokens_total=_int(stats, "prompt_tokens_total"),
             generated_tokens_total=_int(stats, "generated_tokens_total"),
-            stats=stats, flip_id=worker.roles.last_flip_id,
+            stats=stats, flip_id=worker.roles.last_flip_id, incarnation=worker.incarnation,
         )
 
     async def beat(self) -> None:

@@ -73,6 +73,7 @@ def main(role: str, argv: list[str] | None = None) -> int:
         engine, addresses, instance_id, role=role, kv_addr=config.kv_addr,
         advertise_host=config.advertise_host, heartbeat_interval_s=config.heartbeat_interval,
         executor=engine_thread, transfer_timeout_s=config.kv_transfer_timeout, kvstore=kvstore,
+        step_watchdog_s=config.step_watchdog_s,
     )
     try:
         uvloop.run(_serve(worker))

@@ -29,6 +29,7 @@ from common.protocol import (
 )
 from services.decode.kv_receiver import KvReceiver
 from services.prefill.kv_sender import HandoffRequest, KvSender
+from services.worker.embed_queue import EmbedQueue
 from services.worker.engine_api import WorkerEngine
 from services.worker.kv_tiering import KvTiering
 from services.worker.request_state import RequestState
@@ -46,6 +47,7 @@ class BookOwner(Protocol):
     """What the book uses of the worker that owns it (read when needed: set after the book)."""
 
     instance_id: str
+    incarnation: str
     engine: WorkerEngine
     roles: RoleState
     pushers: GatewayPushers
@@ -65,13 +67,22 @@ class RequestBook:
         self.total = 0
         self.load_dropped = False  # a request ended (or left) since the last heartbeat
         self._handoffs: set[asyncio.Task] = set()
+        # Embedding requests (an Assign with `embed`): computed apart, one engine call per batch.
+        self.embeds = EmbedQueue(worker, run_on_engine, send_backend, self._embedding_done)
+
+    def _embedding_done(self) -> None:
+        self.load_dropped = True
 
     async def apply(self, msg: Assign | AbortRequest | FinishChoice) -> None:
         """Apply what the scheduler sent, between engine steps."""
         if isinstance(msg, Assign):
-            await self.add(msg)
+            if msg.embed is None or msg.request_id in self.requests:
+                await self.add(msg)  # a generation (or a request id in use: refused there)
+            else:
+                await self.embeds.add(msg)
         elif isinstance(msg, AbortRequest):
-            await self.abort(msg.request_id)
+            if not self.embeds.abort(msg.request_id):
+                await self.abort(msg.request_id)
         elif msg.request_id in self.requests:
             await self.finish_choice(msg.request_id, msg.index)
 
@@ -148,7 +159,9 @@ class RequestBook:
             self.worker.tiering.count_hit(output.num_cached_tokens, state.from_store)
         state.num_output_tokens += len(output.new_token_ids)
         state.tokens_here += len(output.new_token_ids)
-        await self.worker.pushers.send(state.tokens_addr, token_delta(output))
+        delta = token_delta(output)
+        delta.instance_id, delta.incarnation = self.worker.instance_id, self.worker.incarnation
+        await self.worker.pushers.send(state.tokens_addr, delta)
         if getattr(output, "held", False) and state.handoff is not None:
             state.handoff.ttft_s = state.ttft_s
             task = asyncio.create_task(self._hand_off(output.request_id, state), name=f"handoff {output.request_id}")
@@ -206,10 +219,12 @@ class RequestBook:
             ttft_s=-1.0 if state.from_kv else state.ttft_s, tpot_s=state.tpot_s(time.monotonic()),
         ))
 
-    async def fail(self, request_id: str, code: int, message: str) -> None:
+    async def fail(self, request_id: str, code: int, message: str, reason: str = "") -> None:
+        """End a request with an error; with a `reason` it is retriable (the gateway migrates it)."""
         state = self.requests.pop(request_id, None)
         if state is None:
             return
         await self.worker.pushers.send(state.tokens_addr, RequestError(request_id=request_id, code=code,
-                                                                       message=message))
+                                                                       message=message, retriable=bool(reason),
+                                                                       reason=reason))
         await self._finished(request_id, state, "error")

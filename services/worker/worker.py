@@ -44,11 +44,13 @@ from services.worker.kv_tiering import KvTiering
 from services.worker.load_report import LoadReport
 from services.worker.request_book import RequestBook
 from services.worker.role_state import ROLES, RoleState
+from services.worker.watchdog import StepWatchdog
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Worker", "ROLES", "DEFAULT_HEARTBEAT_INTERVAL_S"]
+__all__ = ["Worker", "ROLES", "DEFAULT_HEARTBEAT_INTERVAL_S", "DEFAULT_STEP_WATCHDOG_S"]
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
+DEFAULT_STEP_WATCHDOG_S = 60.0
 
 
 class Worker:
@@ -65,8 +67,10 @@ class Worker:
         executor: ThreadPoolExecutor | None = None,
         transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
         kvstore: KvStoreClient | None = None,
+        step_watchdog_s: float = DEFAULT_STEP_WATCHDOG_S,
     ) -> None:
         self.engine = engine
+        self.watchdog = StepWatchdog(step_watchdog_s, instance_id)
         self.addresses = addresses
         self.instance_id = instance_id
         self.roles = RoleState(role)
@@ -86,8 +90,10 @@ class Worker:
         self.inbox = Inbox(self, self._queue, self._send_backend)
         self.book = RequestBook(self, self._on_engine, self._send_backend, self._wake.set)
         self.pushers = GatewayPushers(self._context)
-        # Unique per process: tells the scheduler a restarted worker from a repeated Register.
-        self._identity = f"{instance_id}#{uuid.uuid4().hex[:8]}".encode()
+        # Unique per process: tells the scheduler a restarted worker from a repeated Register,
+        # and the gateway which process computed a token (so it can migrate a lost stream).
+        self.incarnation = uuid.uuid4().hex[:8]
+        self._identity = f"{instance_id}#{self.incarnation}".encode()
         self.backend: zmq.asyncio.Socket | None = None
         self.control: zmq.asyncio.Socket | None = None
         self.kv: zmq.asyncio.Socket | None = None
@@ -130,6 +136,7 @@ class Worker:
         if self.backend is None:
             self.connect()
         await self.tiering.start()
+        self.watchdog.start()
         tasks = [
             asyncio.create_task(self._engine_loop(), name="engine"),
             asyncio.create_task(self.inbox.backend_loop(self.backend), name="backend"),
@@ -149,6 +156,7 @@ class Worker:
 
     async def _leave(self) -> None:
         """Fail what is in flight (the engine goes away with this process) and deregister."""
+        self.watchdog.stop()
         self.book.cancel_handoffs()
         await self.receiver.close()
         await self.tiering.close()
@@ -156,7 +164,7 @@ class Worker:
         await self._on_engine(lambda: None)
         self._executor.shutdown(wait=True)
         for request_id in list(self.book.requests):
-            await self.book.fail(request_id, 503, f"worker {self.instance_id} is shutting down")
+            await self.book.fail(request_id, 503, f"worker {self.instance_id} is shutting down", reason="worker_lost")
         if self.backend is not None and self.report.registered:
             await bus.send(self.backend, Deregister(instance_id=self.instance_id))
         self.pushers.close()
@@ -189,7 +197,7 @@ class Worker:
                     await self._wake.wait()
                 continue
             try:
-                outputs = await self._on_engine(self.engine.step)
+                outputs = await self._on_engine(self._watched_step)
             except Exception:
                 # A bug in one step must not take the worker down: fail what the engine held
                 # (its state for those requests is unknown) and keep serving.
@@ -205,6 +213,14 @@ class Worker:
                 await self.book.emit(output)
             # Let receivers run between steps even when every send completed synchronously.
             await asyncio.sleep(0)
+
+    def _watched_step(self) -> list:
+        """One engine step under the watchdog (on the engine thread)."""
+        self.watchdog.step_began()
+        try:
+            return self.engine.step()
+        finally:
+            self.watchdog.step_ended()
 
     async def _check_memory_when_idle(self) -> None:
         """Audit the page pool once per idle period: every page free XOR referenced, refcounts

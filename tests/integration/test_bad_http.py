@@ -164,7 +164,7 @@ CASES = [
     ("prompt past context", COMPLETIONS_PATH, "completion:prompt=[1]*9000", 400, "prompt", "9000"),
     ("chat past context", CHAT_PATH, "chat:messages=[{'role':'user','content':'hello ' * 9000}]", 400,
      "messages", "context window"),
-    ("echo unsupported", COMPLETIONS_PATH, "completion:echo=True", 400, "echo", "not supported"),
+    ("suffix unsupported", COMPLETIONS_PATH, "completion:suffix='x'", 400, "suffix", "not supported"),
     ("image content", CHAT_PATH,
      "chat:messages=[{'role':'user','content':[{'type':'image_url','image_url':{'url':'x'}}]}]", 400,
      "messages[0].content", "text only"),
@@ -273,6 +273,9 @@ def test_auth_admission_and_no_worker(gateways, model_id):
     assert request("GET", f"{keyed}/metrics")[0] == 200
     auth = {"Authorization": f"Bearer {API_KEY}"}
     assert request("GET", f"{keyed}/v1/models", headers=auth)[0] == 200
+    # Anthropic's clients send the key as x-api-key
+    assert request("GET", f"{keyed}/v1/models", headers={"x-api-key": API_KEY})[0] == 200
+    assert_openai_error(*request("GET", f"{keyed}/v1/models", headers={"x-api-key": "wrong"}), 401)
 
     async def second_while_first_streams() -> tuple:
         body = {"model": model_id, "prompt": "Count", "max_tokens": 100, "ignore_eos": True, "stream": True}

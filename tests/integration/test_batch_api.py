@@ -61,14 +61,15 @@ def test_batch_matches_online_and_reports_bad_lines(server, client):
     good = [_line(model, f"q{i}", q) for i, q in enumerate(QUESTIONS[:4])]
     over_long = _line(model, "too-long", "word " * 9000)
     unknown_model = _line("no-such-model", "bad-model", "Hi")
-    file_id = _upload(client, [*good, "{not json", unknown_model, over_long])
+    surrogate = json.dumps(_line(model, "surrogate", "a")).replace('"content": "a"', '"content": "a\\ud800b"')
+    file_id = _upload(client, [*good, "{not json", unknown_model, over_long, surrogate])
     assert client.files.retrieve(file_id).purpose == "batch"
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                   completion_window="24h", metadata={"job": "test"})
     assert batch.status in ("validating", "in_progress")
     batch = _wait(client, batch.id, {"completed", "failed"})
     assert batch.status == "completed", batch
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (7, 4, 3)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (8, 4, 4)
     assert batch.metadata == {"job": "test"}
 
     output = {row["custom_id"]: row for row in _jsonl(client, batch.output_file_id)}
@@ -80,7 +81,8 @@ def test_batch_matches_online_and_reports_bad_lines(server, client):
         assert row["response"]["body"]["choices"][0]["message"]["content"] == online.choices[0].message.content
 
     errors = {row["custom_id"]: row for row in _jsonl(client, batch.error_file_id)}
-    assert set(errors) == {"line-5", "bad-model", "too-long"}
+    assert set(errors) == {"line-5", "bad-model", "too-long", "surrogate"}
+    assert "surrogate" in errors["surrogate"]["error"]["message"]
     assert errors["line-5"]["error"]["code"] == "invalid_json_line"
     assert "no-such-model" in errors["bad-model"]["error"]["message"]
     assert errors["too-long"]["error"]["code"] == "context_length_exceeded"

@@ -163,7 +163,7 @@ def test_completions_sweep_writes_json_and_png(tmp_path, capsys):
     assert "concurrency    1" in out and "concurrency    4" in out
 
     pixels = _read_png(tmp_path / "out" / "serve.png")
-    assert pixels.shape[:2] == (440, 640)
+    assert pixels.shape[:2] == (420, 1120)  # two panels: output tok/s vs TTFT, vs TPOT
     assert _has_line_color(pixels)  # the plotted points
     assert "plot written to" in out
 

@@ -27,7 +27,8 @@ def test_every_handler_table_covers_its_channel_end_exactly() -> None:
 def _fake_worker(stats: dict) -> SimpleNamespace:
     engine = SimpleNamespace(kv_namespace="m|float32|16", load_stats=lambda: stats, num_pages=64, page_size=16,
                              model_path="m", max_model_len=2048)
-    return SimpleNamespace(instance_id="w0", role="decode", kv_addr="ipc:///kv", engine=engine, draining=True,
+    return SimpleNamespace(instance_id="w0", incarnation="i0", role="decode", kv_addr="ipc:///kv", engine=engine,
+                           draining=True,
                            roles=SimpleNamespace(settling=True, last_flip_id=0))
 
 
@@ -44,6 +45,7 @@ def test_heartbeat_carries_what_the_scheduler_routes_on_as_typed_fields() -> Non
         instance_id="w0", role="decode", waiting=2, running=3, free_pages=40, total_pages=64, used_pages=24,
         prefix_hit_rate=0.5, queued_prefill_tokens=700, max_num_seqs=8, draining=True, flipping=True,
         kv_namespace="m|float32|16", prompt_tokens_total=1000, generated_tokens_total=50, stats=stats,
+        incarnation="i0",
     )
     # Before the engine reports anything, every count is 0 (the registry's capacity falls back to 1).
     empty = LoadReport(_fake_worker({}), run_on_engine=None, send_backend=None)  # type: ignore[arg-type]

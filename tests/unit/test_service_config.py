@@ -175,7 +175,9 @@ def test_flags_come_from_the_dataclass() -> None:
     by_name = {s.name: s for s in settings_of(EngineConfig)}
     assert [s.name for s in settings_of(EngineConfig)] == [
         "model", "dtype", "kv_dtype", "page_size", "kv_cache_memory", "kv_cache_fraction", "max_num_seqs",
-        "max_num_batched_tokens", "max_model_len", "enable_prefix_cache", "device", "num_threads"]
+        "max_num_batched_tokens", "max_model_len", "enable_prefix_cache", "device", "num_threads", "weight_cache",
+        "weight_cache_dir"]
+    assert (by_name["weight_cache"].flag, by_name["weight_cache"].kind) == ("--no-weight-cache", "switch_off")
     assert (by_name["num_threads"].flag, by_name["num_threads"].parse) == ("--threads", int)
     assert (by_name["enable_prefix_cache"].flag, by_name["enable_prefix_cache"].kind) == ("--no-prefix-cache",
                                                                                           "switch_off")

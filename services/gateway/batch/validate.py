@@ -17,7 +17,7 @@ from services.gateway.chat import chat_prompt_ids
 from services.gateway.completions import completion_prompt_ids
 from services.gateway.context import GatewayContext
 from services.gateway.openai_schema import APIError, check_prompts_for_model, parse_chat_request, \
-    parse_completion_request
+    parse_completion_request, parse_json_body
 
 __all__ = ["BatchLine", "ValidatedFile", "validate_input", "MAX_LINES"]
 
@@ -64,18 +64,19 @@ def validate_input(ctx: GatewayContext, data: bytes, endpoint: str) -> Validated
     for index, (line_no, line) in enumerate(raw_lines):
         custom_id = f"line-{line_no}"
         try:
-            item = json.loads(line)
-            if not isinstance(item, dict):
-                raise _LineError("invalid_json_line", "a line must be a JSON object")
+            # the HTTP body parser: nesting depth and lone surrogates are refused as for a request
+            item = parse_json_body(line.encode())
             custom_id = _custom_id(item, line_no, seen)
             body = _request_body(item, endpoint)
             _check_body(ctx, body, endpoint)
-        except (ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
-            code = exc.code if isinstance(exc, _LineError) else "invalid_json_line"
-            out.rejected.append(_rejected(index, custom_id, code, f"line {line_no}: {exc}"))
+        except _LineError as exc:
+            out.rejected.append(_rejected(index, custom_id, exc.code, f"line {line_no}: {exc}"))
             continue
         except APIError as exc:
-            out.rejected.append(_rejected(index, custom_id, exc.code or "invalid_request", f"line {line_no}: {exc.message}"))
+            code = "invalid_json_line" if exc.code in ("invalid_json", "invalid_body") else exc.code or "invalid_request"
+            if custom_id.startswith("line-"):  # refused before its custom_id was read: name it if it has one
+                custom_id = _salvage_custom_id(line, seen) or custom_id
+            out.rejected.append(_rejected(index, custom_id, code, f"line {line_no}: {exc.message}"))
             continue
         seen.add(custom_id)
         out.lines.append(BatchLine(index, custom_id, body))
@@ -97,6 +98,22 @@ def _custom_id(item: dict[str, Any], line_no: int, seen: set[str]) -> str:
     if custom_id in seen:
         raise _LineError("duplicate_custom_id", f"'custom_id' {custom_id!r} appears more than once")
     return custom_id
+
+
+def _salvage_custom_id(line: str, seen: set[str]) -> str | None:
+    """The custom_id of a line the strict parser refused, when plain JSON parsing still finds a
+    clean, unused one (so the error line can be matched to its request)."""
+    try:
+        value = json.loads(line).get("custom_id")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    if isinstance(value, str) and 0 < len(value) <= MAX_CUSTOM_ID and value not in seen and value.isprintable():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+        return value
+    return None
 
 
 def _request_body(item: dict[str, Any], endpoint: str) -> dict[str, Any]:
