@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import random
 import signal
@@ -36,9 +35,11 @@ from collections.abc import Callable
 import aiohttp
 
 from bench.chaos_report import (Kill, affected_by, check_references, latency_stats, metrics_delta, print_summary,
-                                recovery_s, write_plot)
+                                recovery_s)
+from bench.chaos_report import write_plot as draw_plot
 from bench.chaos_stream import StreamRecord, greedy_body, stream_greedy
 from bench.client import BenchError, discover_model
+from bench.output import write_json, write_plot
 from bench.server_proc import add_server_arguments, running_server
 from bench.server_watch import (fetch_metrics, fetch_status, histogram_quantile, instance_views, metric_total,
                                 service_process, worker_processes)
@@ -260,15 +261,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"xllm bench chaos: {exc}", file=sys.stderr)
         return 2
     print_summary(doc)
-    if args.json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
-        with open(args.json_path, "w") as f:
-            json.dump(doc, f, indent=2)
-        print(f"results written to {args.json_path}")
-    if args.plot_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.plot_path)), exist_ok=True)
-        write_plot(args.plot_path, doc)
-        print(f"plot written to {args.plot_path}")
+    write_json(args.json_path, doc)
+    write_plot(args.plot_path, draw_plot, doc)
     passed = (doc["requests"]["failed"] == 0 and doc["references_check"]["all_equal"] and doc["pages"]["back_to_idle"]
               and not doc["integrity_failures"])
     return 0 if passed else 1

@@ -25,6 +25,7 @@ import time
 import aiohttp
 
 from bench.client import base_url, discover_model, stream_request
+from bench.output import write_json, write_plot
 from bench.pd_workload import Phase, make_workload, run_workload, summarize_run
 from bench.server_proc import add_server_arguments, fmt, running_server
 from bench.stats import percentile_ms
@@ -177,12 +178,6 @@ def run(args: argparse.Namespace) -> int:
         with running_server(argv, url, args, "colocate"):
             result = asyncio.run(_measure(url, args))
     _print(result)
-    if args.json:
-        from bench.chart import ensure_parent
-
-        ensure_parent(args.json)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.plot:
-        _plot(args.plot, result)
+    write_json(args.json, result)
+    write_plot(args.plot, _plot, result)
     return 0

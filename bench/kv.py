@@ -46,6 +46,7 @@ import aiohttp
 from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
 from bench.server_proc import add_server_arguments, fmt, running_server
 from bench.stats import distinct_errors, percentile_ms
+from bench.output import write_json
 from common.progress import add_progress_argument, progress_bar, progress_enabled
 
 logger = logging.getLogger(__name__)
@@ -381,11 +382,7 @@ def run(args: argparse.Namespace) -> int:
                                                         distinct_prefix_pages(workload, args.page_size)},
         "cpu_count": os.cpu_count(), "runs": runs,
     }
-    if args.json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
-        with open(args.json_path, "w") as f:
-            json.dump(doc, f, indent=2)
-        print(f"results written to {args.json_path}")
+    write_json(args.json_path, doc)
     if getattr(args, "png_path", None):
         from bench.plots import kv_plot  # matplotlib is only imported when a plot is asked for
 

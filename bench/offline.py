@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -15,6 +14,7 @@ import torch
 from common.engine.config import EngineConfig
 from common.engine.engine import EngineStats, LLMEngine
 from common.engine.sampling_params import SamplingParams
+from bench.output import write_json
 from common.progress import add_progress_argument, progress_bar
 
 logger = logging.getLogger(__name__)
@@ -112,10 +112,7 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict:
         f"mean TTFT {result['mean_ttft_s'] * 1e3:.0f} ms, mean TPOT {result['mean_tpot_s'] * 1e3:.1f} ms, "
         f"peak KV pages {result['peak_kv_pages_used']}/{result['kv_pages_total']}"
     )
-    if args.json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
-        with open(args.json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json_path, result)
     if getattr(args, "png_path", None):
         plot(args.png_path, result)
         print(f"plot written to {args.png_path}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ from bench.pd_status import wait_for_layout
 from bench.pd_workload import (WORKLOADS, Arrival, Phase, RunRecord, build_phases, make_workload, run_workload,
                                summarize_run)
 from bench.server_proc import add_server_arguments, fmt, running_server
+from bench.output import write_json
 from common.progress import add_progress_argument, progress_bar, progress_enabled, prints_above_bars
 
 __all__ = ["POLICIES", "add_arguments", "run", "smoke", "serve_argv", "phases_from_args", "parse_seeds", "measure",
@@ -286,11 +286,7 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs, "comparisons": comparisons,
         "diagnosis": [line for r in runs.values() for line in r["diagnosis"]],
     }
-    if args.json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
-        with open(args.json_path, "w") as f:
-            json.dump(doc, f, indent=2)
-        print(f"results written to {args.json_path}")
+    write_json(args.json_path, doc)
     if getattr(args, "png_path", None):
         from bench.plots import pd_plot  # matplotlib is only imported when a plot is asked for
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import platform
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
 from bench.stats import distinct_errors, percentile
+from bench.output import write_json, write_plot
 from common.progress import add_progress_argument, progress_bar
 
 logger = logging.getLogger(__name__)
@@ -206,13 +206,6 @@ def run(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"xllm bench serve: {exc}", file=sys.stderr)
         return 2
-    if args.json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
-        with open(args.json_path, "w") as f:
-            json.dump(doc, f, indent=2)
-        print(f"results written to {args.json_path}")
-    if args.png_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.png_path)), exist_ok=True)
-        if plot(args.png_path, doc):
-            print(f"plot written to {args.png_path}")
+    write_json(args.json_path, doc)
+    write_plot(args.png_path, lambda path, d: plot(path, d) or False, doc)
     return 0 if any(e["completed"] for e in doc["results"]) else 1

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +32,9 @@ import aiohttp
 from bench.client import BenchError, discover_model
 from bench.server_proc import add_server_arguments, running_server
 from bench.server_watch import fetch_status, instance_views, rss_of, worker_processes
-from bench.soak_report import Sample, count_outcomes, pages_verdict, print_summary, rss_verdict, write_plot
+from bench.output import write_json, write_plot
+from bench.soak_report import Sample, count_outcomes, pages_verdict, print_summary, rss_verdict
+from bench.soak_report import write_plot as draw_plot
 from bench.soak_workload import DEFAULT_MIX, Outcome, make_requests, parse_mix, send
 
 __all__ = ["add_arguments", "run", "run_async", "serve_argv"]
@@ -193,13 +193,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"xllm bench soak: {exc}", file=sys.stderr)
         return 2
     print_summary(doc)
-    if args.json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
-        with open(args.json_path, "w") as f:
-            json.dump(doc, f, indent=2)
-        print(f"results written to {args.json_path}")
-    if args.plot_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.plot_path)), exist_ok=True)
-        write_plot(args.plot_path, doc)
-        print(f"plot written to {args.plot_path}")
+    write_json(args.json_path, doc)
+    write_plot(args.plot_path, draw_plot, doc)
     return 0 if doc["passed"] else 1

@@ -237,3 +237,24 @@ def xllm_server_factory() -> Iterator[Callable[..., XllmServer]]:
         except AssertionError as exc:
             errors.append(str(exc))
     assert not errors, errors
+
+
+# ---- shared fixtures of the HTTP API test modules (a module overrides `server` for another layout)
+
+
+@pytest.fixture(scope="module")
+def server(xllm_server_factory) -> XllmServer:
+    """`xllm serve` with one worker."""
+    return xllm_server_factory(workers=1)
+
+
+@pytest.fixture(scope="module")
+def client(server):  # noqa: ANN001, ANN201 - the official openai client on `server`
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(server) -> str:  # noqa: ANN001
+    return server.model_id()

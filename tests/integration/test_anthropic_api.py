@@ -27,18 +27,8 @@ WEATHER = {"name": "get_weather", "description": "Get the current weather in a c
 
 
 @pytest.fixture(scope="module")
-def server(xllm_server_factory):
-    return xllm_server_factory(workers=1)
-
-
-@pytest.fixture(scope="module")
 def client(server) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model_id(server) -> str:
-    return server.model_id()
 
 
 def _post(server, path: str, body: dict) -> tuple[int, dict]:

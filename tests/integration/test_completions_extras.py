@@ -4,7 +4,6 @@ all of them billed), and clear 400s for `suffix`, `echo` + `logprobs` and `best_
 
 from __future__ import annotations
 
-import openai
 import pytest
 
 PROMPT = "The three primary colors are"
@@ -12,21 +11,6 @@ MAX_TOKENS = 6
 BEST_OF_TOKENS = 3
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def server(xllm_server_factory):
-    return xllm_server_factory(workers=1)
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model_id(server) -> str:
-    return server.model_id()
 
 
 @pytest.fixture(scope="module")

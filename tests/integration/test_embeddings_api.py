@@ -25,16 +25,6 @@ def server(xllm_server_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model_id(server) -> str:
-    return server.model_id()
-
-
-@pytest.fixture(scope="module")
 def offline(smol_llm) -> dict[str, np.ndarray]:
     """The offline engine's embeddings (mean pooling, as the server's; L2-normalised)."""
     return {text: vec.numpy() for text, vec in zip(TEXTS, smol_llm.embed(TEXTS, pooling="mean"))}

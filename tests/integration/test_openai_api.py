@@ -14,7 +14,6 @@ import time
 import urllib.request
 
 import aiohttp
-import openai
 import pytest
 
 from common.engine.sampling_params import SamplingParams
@@ -27,22 +26,6 @@ pytestmark = pytest.mark.timeout(600)
 
 
 # ------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def server(xllm_server_factory):
-    """`xllm serve` with one worker (tests/integration/conftest.py)."""
-    return xllm_server_factory(workers=1)
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model_id(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
 
 
 @pytest.fixture(scope="module")

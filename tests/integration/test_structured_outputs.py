@@ -29,11 +29,6 @@ CHAT = [{"role": "user", "content": "Describe Paris as JSON with its name, found
 MAX_TOKENS = 64
 
 
-@pytest.fixture(scope="module")
-def server(xllm_server_factory):
-    return xllm_server_factory(workers=1)
-
-
 def make_client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
@@ -41,11 +36,6 @@ def make_client(server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return make_client(server)
-
-
-@pytest.fixture(scope="module")
-def model_id(client) -> str:
-    return client.models.list().data[0].id
 
 
 def check_json(text: str, finish_reason: str) -> None:

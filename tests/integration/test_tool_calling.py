@@ -28,21 +28,6 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 MAX_TOKENS = 64
 
 
-@pytest.fixture(scope="module")
-def server(xllm_server_factory):
-    return xllm_server_factory(workers=1)
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model_id(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
 def _check_weather_args(arguments: str) -> dict:
     args = json.loads(arguments)
     assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
