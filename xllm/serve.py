@@ -66,7 +66,7 @@ WORKER = Section(WorkerConfig, "worker", only=("kv_transfer_timeout", "kvstore_t
 KVSTORE = Section(KvStoreConfig, "kvstore (with --kvstore-dir)", only=("dram_bytes", "ssd_bytes"),
                   flags={"dram_bytes": "--kvstore-dram", "ssd_bytes": "--kvstore-ssd"})
 GATEWAY = Section(GatewayConfig, "gateway", only=("host", "port", "api_key", "max_queue", "batch_dir",
-                                                   "batch_max_in_flight", "max_batch_file_bytes",
+                                                   "batch_max_in_flight", "max_batch_file_bytes", "batch_tpot_target_ms",
                                                    "http_header_timeout", "http_body_timeout",
                                                    "http_keepalive_timeout", "max_connections",
                                                    "embedding_pooling", "embedding_normalize", "tool_call_parser",
