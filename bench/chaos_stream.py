@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from bench.client import SSEEvents
+
 __all__ = ["StreamRecord", "stream_greedy", "compare_tokens", "greedy_body"]
 
 
@@ -100,19 +102,13 @@ async def stream_greedy(session: aiohttp.ClientSession, url: str, body: dict, pr
             if resp.status != 200:
                 rec.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
             else:
-                async for raw in resp.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        done = True
-                        break
-                    event = json.loads(data)
+                events = SSEEvents(resp)
+                async for event in events:
                     if event.get("error"):
                         rec.error = f"stream error: {json.dumps(event['error'])[:300]}"
                         break
                     offset = _take_event(rec, event, time.perf_counter(), offset)
+                done = events.done
                 if not done and not rec.error:
                     rec.error = "the stream ended without [DONE]"
     except asyncio.TimeoutError:

@@ -53,6 +53,26 @@ async def discover_model(session: aiohttp.ClientSession, base: str) -> str:
         raise BenchError(f"cannot list the models at {base}/models ({reason}); pass --model") from None
 
 
+class SSEEvents:
+    """The JSON of each `data:` event of a streamed response, up to `data: [DONE]` (which sets
+    `done`: a stream that ends without it was cut off)."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+        self.done = False
+
+    async def __aiter__(self):  # noqa: ANN204 - an async generator
+        async for raw in self.resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                return
+            yield json.loads(data)
+
+
 async def stream_request(session: aiohttp.ClientSession, url: str, body: dict, *, chat: bool,
                          timeout: float) -> RequestResult:
     """POST `body` (which asks for an SSE stream) to `url` and time it.
@@ -73,14 +93,7 @@ async def stream_request(session: aiohttp.ClientSession, url: str, body: dict, *
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 return res
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                event = json.loads(data)
+            async for event in SSEEvents(resp):
                 if event.get("error"):
                     res.error = f"stream error: {json.dumps(event['error'])[:300]}"
                     return res

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from bench.client import SSEEvents
+
 __all__ = ["KINDS", "MALFORMED_VARIANTS", "DEFAULT_MIX", "SoakRequest", "Outcome", "parse_mix", "make_requests",
            "send"]
 
@@ -160,16 +162,8 @@ def _json_error(text: str) -> tuple[bool, str | None]:
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, out: Outcome, abort_after: int) -> None:
-    done = False
-    async for raw in resp.content:
-        line = raw.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            done = True
-            break
-        event = json.loads(data)
+    events = SSEEvents(resp)
+    async for event in events:
         if isinstance(event, dict) and event.get("error"):
             out.problem = f"stream error event: {json.dumps(event['error'])[:200]}"
             return
@@ -182,7 +176,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, out: Outcome, abort_after: 
             return
     if abort_after:
         out.ok = True  # finished before the client left: nothing to abort, also fine
-    elif not done:
+    elif not events.done:
         out.problem = "the stream ended without [DONE]"
     else:
         out.ok = True

@@ -13,8 +13,10 @@ from common.codec import encode
 from common.protocol import FlipRequest
 
 
-def sse_events(server: Any, path: str, body: dict, timeout_s: float = 180) -> Iterator[dict]:
-    """POST `body` as a streaming request and yield each SSE event's JSON; an error event fails."""
+def sse_events(server: Any, path: str, body: dict, timeout_s: float = 180,
+               errors_fail: bool = True) -> Iterator[dict]:
+    """POST `body` as a streaming request and yield each SSE event's JSON; an error event fails
+    (or, with `errors_fail` off, is yielded like any other)."""
     req = urllib.request.Request(server.base_url + path, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout_s) as response:
@@ -23,7 +25,7 @@ def sse_events(server: Any, path: str, body: dict, timeout_s: float = 180) -> It
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if "error" in event:
+            if "error" in event and errors_fail:
                 raise AssertionError(f"stream error: {event['error']}")
             yield event
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
-import urllib.request
 from typing import Any
+
+from _bus_helpers import sse_events
 
 PROMPTS = [[1, 504, 3458, 282, 260, 3873, 314], [1, 6121, 346, 253, 2358, 563], [1, 378, 1345, 282, 4760],
            [1, 1023, 16489, 282, 1010, 5463]]
@@ -31,28 +31,21 @@ class Stream(threading.Thread):
         self.usage: dict | None = None
 
     def run(self) -> None:
-        req = urllib.request.Request(self.server.base_url + "/v1/completions", data=json.dumps(self.body).encode(),
-                                     method="POST", headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=RECOVERY_S) as response:
-                for raw in response:
-                    line = raw.decode().strip()
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        self.error = event["error"]
-                        return
-                    self.request_id = event.get("id", self.request_id)
-                    self.usage = event.get("usage") or self.usage
-                    for choice in event.get("choices", []):
-                        i = choice["index"]
-                        self.texts[i] = self.texts.get(i, "") + choice.get("text", "")
-                        logprobs = choice.get("logprobs") or {}
-                        self.tokens[i] = self.tokens.get(i, 0) + len(logprobs.get("tokens") or [])
-                        if choice.get("finish_reason"):
-                            self.finish[i] = choice["finish_reason"]
-                        self.chunks += 1
+            for event in sse_events(self.server, "/v1/completions", self.body, RECOVERY_S, errors_fail=False):
+                if "error" in event:
+                    self.error = event["error"]
+                    return
+                self.request_id = event.get("id", self.request_id)
+                self.usage = event.get("usage") or self.usage
+                for choice in event.get("choices", []):
+                    i = choice["index"]
+                    self.texts[i] = self.texts.get(i, "") + choice.get("text", "")
+                    logprobs = choice.get("logprobs") or {}
+                    self.tokens[i] = self.tokens.get(i, 0) + len(logprobs.get("tokens") or [])
+                    if choice.get("finish_reason"):
+                        self.finish[i] = choice["finish_reason"]
+                    self.chunks += 1
         except Exception as exc:  # reported by the test
             self.error = repr(exc)
 
