@@ -78,7 +78,9 @@ def test_a_killed_worker_is_restarted_at_once_and_announced_when_it_serves(tmp_p
             first = launcher.children[0].proc.pid
             launcher.children[0].proc.send_signal(signal.SIGKILL)
             _wait(lambda: len(launcher.children[0].pids) == 2, 20, "the restart")
-            assert launcher.children[0].awaited is not None  # waiting for the new incarnation
+            # The launcher reads the old incarnation just after starting the new process (an HTTP
+            # call): from then on it waits for the new incarnation.
+            _wait(lambda: launcher.children[0].awaited is not None, 5, "the launcher to await the new incarnation")
             time.sleep(0.3)  # the old incarnation still listed: not announced
             seen = capsys.readouterr().err
             assert "serving again" not in seen
