@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import kv as bench_kv, pd as bench_pd, quality as bench_quality, serve as bench_serve
     from bench import chaos as bench_chaos, soak as bench_soak
     from bench import colocate as bench_colocate
+    from bench import vs_llamacpp as bench_vs_llamacpp
 
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "by kind, worker RSS and used KV pages over time, leak verdicts"),
         ("chaos", bench_chaos, "SIGKILL workers (and the scheduler) on a seeded schedule under greedy streams: "
                                "recovery time, migrations, extra latency, texts against a no-fault run"),
+        ("vs-llamacpp", bench_vs_llamacpp, "llama.cpp (llama-bench, llama-server) and xllm one after the other on the "
+                                           "same GGUF: single-stream decode, prefill, served throughput, as ratios"),
     ):
         command = bench_sub.add_parser(name, help=summary)
         module.add_arguments(command)
