@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import chaos as bench_chaos, soak as bench_soak
     from bench import colocate as bench_colocate
     from bench import vs_llamacpp as bench_vs_llamacpp
+    from bench import fidelity as bench_fidelity
 
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "by kind, worker RSS and used KV pages over time, leak verdicts"),
         ("chaos", bench_chaos, "SIGKILL workers (and the scheduler) on a seeded schedule under greedy streams: "
                                "recovery time, migrations, extra latency, texts against a no-fault run"),
+        ("fidelity", bench_fidelity, "greedy continuations of chat prompts on each numeric path (and llama.cpp): "
+                                     "how many tokens stay identical to fp32's"),
         ("vs-llamacpp", bench_vs_llamacpp, "llama.cpp (llama-bench, llama-server) and xllm one after the other on the "
                                            "same GGUF: single-stream decode, prefill, served throughput, as ratios"),
     ):

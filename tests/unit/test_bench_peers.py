@@ -1,4 +1,4 @@
-"""`xllm bench vs-llamacpp`: its ratios and its argument parsing (the runs themselves need llama.cpp)."""
+"""`xllm bench vs-llamacpp` and `xllm bench fidelity`: their scoring and argument parsing (the runs need llama.cpp)."""
 
 from __future__ import annotations
 
@@ -30,3 +30,13 @@ def test_arguments_parse_and_missing_llama_is_a_clear_error(tmp_path) -> None:
     assert args.serve_concurrency == []
     with pytest.raises(SystemExit, match="llama-bench"):
         vs_llamacpp.run(args)
+
+
+def test_fidelity_scores_leading_agreement() -> None:
+    from bench import fidelity
+
+    assert fidelity.common_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert fidelity.common_prefix([1, 2], [1, 2]) == 2
+    assert fidelity.common_prefix([], [1]) == 0
+    scored = fidelity._score([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 0, 6]], 3)
+    assert scored["mean_tokens_agreeing"] == 2.0 and scored["fully_agreeing_prompts"] == 0.5
