@@ -9,7 +9,9 @@ All sources go into one module (one compile, one load). It is built with OpenMP 
 The module's name carries a hash of its sources and flags: torch keeps one build directory per
 name, so two checkouts (or two versions) of xllm on one machine would otherwise rebuild it over
 each other on every start (minutes of compiling); with the hash each keeps its own, and a
-restarted worker always finds its build.
+restarted worker always finds its build. The hash covers the source folder's path as well: the
+build files torch writes name the sources by path, so two checkouts of the same sources sharing
+one name would still rebuild each other's.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ _LDFLAGS = ["-fopenmp"]
 
 
 def _module_name() -> str:
-    """``xllm_cpu_ops_<hash>``: the sources (and headers beside them) and the flags."""
-    digest = hashlib.sha256(" ".join(_CFLAGS + _LDFLAGS).encode())
+    """``xllm_cpu_ops_<hash>``: the sources (and headers beside them), their folder and the flags."""
+    digest = hashlib.sha256(" ".join(_CFLAGS + _LDFLAGS).encode() + b"\0" + str(_CSRC).encode())
     for path in sorted(_CSRC.iterdir()):
         if path.suffix in (".cpp", ".h", ".hpp"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
