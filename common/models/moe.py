@@ -35,6 +35,8 @@ _PER_EXPERT = re.compile(
     r"^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 _MIXTRAL_BLOCK = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.")
+# Already stacked per layer ([E, out, in]), as GGUF's ffn_{gate,up,down}_exps come
+_STACKED = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def fuse_expert_tensors(state: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
@@ -43,8 +45,12 @@ def fuse_expert_tensors(state: dict[str, torch.Tensor], num_experts: int) -> dic
     Mixtral's ``block_sparse_moe`` is renamed ``mlp``. Other tensors pass through. Consumes ``state``."""
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    stacked: dict[str, dict[str, torch.Tensor]] = {}
     for name in list(state):
         tensor = state.pop(name)
+        if (m := _STACKED.match(name)) is not None:
+            stacked.setdefault(m.group(1), {})[_PART[m.group(2)]] = tensor
+            continue
         m = _PER_EXPERT.match(name)
         if m is None:
             out[_MIXTRAL_BLOCK.sub(r"\1.mlp.", name)] = tensor
@@ -60,6 +66,11 @@ def fuse_expert_tensors(state: dict[str, torch.Tensor], num_experts: int) -> dic
         out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
             [torch.cat([parts[(e, "gate")], parts[(e, "up")]], dim=0) for e in range(num_experts)])
         out[f"{layer}.mlp.experts.down_proj"] = torch.stack([parts[(e, "down")] for e in range(num_experts)])
+    for layer, parts in stacked.items():
+        if sorted(parts) != ["down", "gate", "up"] or any(t.shape[0] != num_experts for t in parts.values()):
+            raise ValueError(f"{layer}: stacked expert tensors {sorted(parts)} do not hold {num_experts} experts")
+        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.cat([parts["gate"], parts["up"]], dim=1)
+        out[f"{layer}.mlp.experts.down_proj"] = parts["down"]
     return out
 
 
