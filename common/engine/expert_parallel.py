@@ -16,7 +16,7 @@ from typing import Any
 from common.engine.config import EngineConfig
 from common.engine.eplb import ExpertPlacement, identity_placement, rank_loads, rebalance
 from common.engine.expert_load import ExpertLoadTracker
-from common.models.qwen3_moe import MoeDecoderForCausalLM
+from common.models.moe import MoeDecoderForCausalLM
 
 logger = logging.getLogger(__name__)
 

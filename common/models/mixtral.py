@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.models.config import ModelConfig
 from common.models.layers import DecoderSpec
-from common.models.qwen3_moe import MoeDecoderForCausalLM, moe_mlp_factory
+from common.models.moe import MoeDecoderForCausalLM, moe_mlp_factory
 
 __all__ = ["MixtralForCausalLM"]
 

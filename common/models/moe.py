@@ -11,6 +11,9 @@ Expert slots: by default slot ``e`` is logical expert ``e``. An expert-parallel 
 to logical experts, with redundant replicas of hot experts; the assignments of a logical expert are
 split evenly (round-robin in sorted order) among its replicas. Replicas hold copies of the same
 weights, so outputs do not depend on the placement — only which slot does the work does.
+
+:class:`MoeDecoderForCausalLM` is what every MoE family (Qwen3-MoE, Mixtral) shares: its spec's
+``mlp_factory`` (:func:`moe_mlp_factory`), the expert-count hook and the placement of all layers.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.models.config import ModelConfig
+from common.models.layers import DecoderForCausalLM, GatedMLP
 from kernels.activation import act_and_mul
 
-__all__ = ["ExpertRouter", "GroupedExperts", "SparseMoeBlock", "fuse_expert_tensors", "ExpertCountsHook"]
+__all__ = ["ExpertRouter", "GroupedExperts", "SparseMoeBlock", "fuse_expert_tensors", "ExpertCountsHook",
+           "MoeDecoderForCausalLM", "moe_mlp_factory"]
 
 # (moe layer index, tokens per logical expert [E], tokens per physical slot [P]) -> None
 ExpertCountsHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -194,3 +200,33 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
         return self.experts(x, weights, ids, self.on_counts, self.moe_index)
+
+
+def moe_mlp_factory(config: ModelConfig, layer_idx: int) -> nn.Module:
+    """Layer ``layer_idx``'s feed-forward block: sparse where ``config.moe_layers`` says so."""
+    sparse = config.moe_layers or [False] * config.num_hidden_layers
+    if not sparse[layer_idx]:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+    return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                          config.moe_intermediate_size, config.hidden_act, config.norm_topk_prob,
+                          moe_index=sum(sparse[:layer_idx]))
+
+
+class MoeDecoderForCausalLM(DecoderForCausalLM):
+    """A decoder whose spec builds its feed-forward blocks with :func:`moe_mlp_factory`."""
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+
+    def set_expert_counts_hook(self, hook: ExpertCountsHook | None) -> None:
+        """Called by every MoE block with its per-expert and per-slot token counts (device tensors)."""
+        for block in self.moe_blocks():
+            block.on_counts = hook
+
+    def set_expert_placement(self, slot_to_expert: list[list[int]] | None) -> None:
+        """One physical-slot layout per MoE layer (None: one slot per expert everywhere)."""
+        blocks = self.moe_blocks()
+        if slot_to_expert is not None and len(slot_to_expert) != len(blocks):
+            raise ValueError(f"placement has {len(slot_to_expert)} layers, the model {len(blocks)} MoE layers")
+        for i, block in enumerate(blocks):
+            block.experts.set_placement(None if slot_to_expert is None else slot_to_expert[i])

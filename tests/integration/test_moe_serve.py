@@ -14,7 +14,6 @@ import transformers
 
 from common.default_model import default_model_path
 from common.tokenizer import _load_gguf_hf_tokenizer
-from conftest import start_server
 
 
 @pytest.fixture(scope="module")
