@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import colocate as bench_colocate
     from bench import vs_llamacpp as bench_vs_llamacpp
     from bench import fidelity as bench_fidelity
+    from bench import eplb as bench_eplb
 
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "attainment and TTFT/TPOT p50/p99 in both runs, offline tokens/s absorbed"),
         ("soak", bench_soak, "many short requests of every kind, malformed and abandoned ones included: errors "
                              "by kind, worker RSS and used KV pages over time, leak verdicts"),
+        ("eplb", bench_eplb, "MoE expert placement: simulated EP rank load (peak/mean) before and after EPLB on a "
+                             "skewed tiny MoE, and the re-placement cost"),
         ("chaos", bench_chaos, "SIGKILL workers (and the scheduler) on a seeded schedule under greedy streams: "
                                "recovery time, migrations, extra latency, texts against a no-fault run"),
         ("fidelity", bench_fidelity, "greedy continuations of chat prompts on each numeric path (and llama.cpp): "

@@ -59,6 +59,13 @@ class EngineConfig:
         None, "directory of the weight cache (default: weights/ under $XLLM_CACHE_DIR, $XDG_CACHE_HOME/xllm or "
               "~/.cache/xllm; "
               "an empty value disables it)")
+    # MoE models only (see common.engine.expert_parallel): EP ranks are simulated in this process.
+    ep_ranks: int = setting(1, "simulated expert-parallel ranks of an MoE model (one process; a rank's modelled "
+                               "time is its token load)")
+    eplb_redundant_experts: int = setting(0, "extra expert slots EPLB fills with replicas of hot experts")
+    eplb_interval_steps: int = setting(0, "re-place experts (EPLB) every N engine steps from the measured "
+                                          "load; 0 = never")
+    expert_load_window_steps: int = setting(128, "engine steps the expert-load statistics cover")
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

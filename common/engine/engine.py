@@ -16,6 +16,7 @@ import torch
 
 from common.engine.block_manager import BlockManager, NoFreePagesError
 from common.engine.config import EngineConfig
+from common.engine.expert_parallel import ExpertParallel
 from common.engine.grammar_mask import GrammarMasker
 from common.engine.handoff import KvHandoff
 from common.engine.kv_cache import allocate_kv_caches, default_kv_budget, num_pages_for_budget, parse_memory_size
@@ -105,6 +106,7 @@ class LLMEngine:
             # Build (or load the cached build of) the C++ decode kernel now, while starting up,
             # rather than inside the first request's decode step.
             paged_decode_module()
+        self.experts = ExpertParallel.for_model(self.model, config)  # MoE statistics and EPLB (None: dense)
         self.eos_token_ids = set(mc.eos_token_ids)
         self.vocab_size = mc.vocab_size
         self._requests: dict[str, list[Sequence]] = {}
@@ -208,6 +210,8 @@ class LLMEngine:
             return []
         sampled = self.runner.run(batch)
         outputs = self._postprocess(batch, sampled)
+        if self.experts is not None:
+            self.experts.after_step()  # a step boundary: the only place experts are re-placed
         self.stats.steps += 1
         self.stats.step_time_total += time.perf_counter() - t0
         self.stats.preemptions += len(batch.preempted)
@@ -319,6 +323,7 @@ class LLMEngine:
             "generated_tokens_total": self.stats.generated_tokens,
             **self.handoff.stats(),
             "prefix_cache": bm,
+            **({"expert_load": self.experts.stats()} if self.experts is not None else {}),
         }
 
     def check_integrity(self) -> None:

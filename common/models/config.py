@@ -22,6 +22,8 @@ ARCHITECTURE_BY_MODEL_TYPE: dict[str, str] = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 
 _DEFAULT_ROPE_THETA = 10_000.0
@@ -66,6 +68,16 @@ class ModelConfig:
     # scaling in GGUF files (tensor ``rope_freqs``); None everywhere else.
     rope_freq_factors: list[float] | None = None
     torch_dtype: str | None = None  # the checkpoint's own dtype, if it says
+    # Mixture of experts (Qwen3-MoE, Mixtral); num_experts == 0 for dense models.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: list[bool] | None = None  # per layer: sparse MoE block (True) or dense MLP
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def q_size(self) -> int:
@@ -119,6 +131,7 @@ class ModelConfig:
         if tie is None:
             tie = is_gemma3  # the HF default differs per family
         query_pre_attn_scalar = d.get("query_pre_attn_scalar", 256) if is_gemma3 else None
+        moe = _parse_moe(d, model_type, layers)
 
         return cls(
             architecture=architecture,
@@ -151,7 +164,27 @@ class ModelConfig:
             rope_local_scaling=local_scaling,
             rope_freq_factors=d.get("rope_freq_factors"),
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            **moe,
         )
+
+
+def _parse_moe(d: dict, model_type: str, layers: int) -> dict[str, Any]:
+    """The MoE fields: which layers are sparse and how the router picks experts."""
+    if model_type == "mixtral":
+        experts = int(d.get("num_local_experts") or d.get("num_experts") or 8)
+        # Mixtral's experts have the dense size, every layer is sparse, top-k weights always renormalised
+        return dict(num_experts=experts, num_experts_per_tok=int(d.get("num_experts_per_tok", 2)),
+                    moe_intermediate_size=int(d["intermediate_size"]), norm_topk_prob=True,
+                    moe_layers=[True] * layers)
+    if model_type == "qwen3_moe":
+        experts = int(d.get("num_experts") or d.get("num_local_experts") or 0)
+        step = int(d.get("decoder_sparse_step") or 1)
+        dense_only = set(d.get("mlp_only_layers") or [])
+        sparse = [experts > 0 and i not in dense_only and (i + 1) % step == 0 for i in range(layers)]
+        return dict(num_experts=experts, num_experts_per_tok=int(d.get("num_experts_per_tok", 8)),
+                    moe_intermediate_size=int(d.get("moe_intermediate_size") or d["intermediate_size"]),
+                    norm_topk_prob=bool(d.get("norm_topk_prob", False)), moe_layers=sparse)
+    return {}
 
 
 def _model_type_for(architecture: str) -> str:
@@ -232,8 +265,8 @@ def _sliding_window(d: dict, model_type: str) -> int | None:
 def _layer_sliding(d: dict, model_type: str, layers: int, window: int | None) -> list[bool]:
     if window is None:
         return [False] * layers
-    if model_type == "mistral":
-        return [True] * layers  # HF Mistral applies its window to every layer
+    if model_type in ("mistral", "mixtral", "qwen3_moe"):
+        return [True] * layers  # HF applies these models' window to every layer
     layer_types = d.get("layer_types")
     if isinstance(layer_types, list) and len(layer_types) == layers:
         return [t == "sliding_attention" for t in layer_types]

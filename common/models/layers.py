@@ -10,6 +10,7 @@ keeps CPU decoding cheap. What differs between families is a :class:`DecoderSpec
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,8 @@ class DecoderSpec:
     attn_soft_cap: float | None = None
     final_soft_cap: float | None = None
     local_rope: bool = False  # Gemma 3: sliding layers use their own rope theta
+    # MoE models: builds layer i's feed-forward block (None: the dense GatedMLP everywhere)
+    mlp_factory: Callable[[ModelConfig, int], nn.Module] | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -186,7 +189,10 @@ class DecoderLayer(nn.Module):
             sliding_window=config.sliding_window if sliding else None,
             soft_cap=spec.attn_soft_cap,
         )
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, spec.mlp_bias)
+        if spec.mlp_factory is not None:
+            self.mlp = spec.mlp_factory(config, layer_idx)
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, spec.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, eps, offset)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, offset)
         self.sandwich_norms = spec.sandwich_norms

@@ -25,8 +25,11 @@ from common.models.int8_calibration import (
 )
 from common.models.layers import DecoderForCausalLM
 from common.models.llama import LlamaForCausalLM, MistralForCausalLM
+from common.models.mixtral import MixtralForCausalLM
+from common.models.moe import fuse_expert_tensors
 from common.models.qwen2 import Qwen2ForCausalLM
 from common.models.qwen3 import Qwen3ForCausalLM
+from common.models.qwen3_moe import Qwen3MoeForCausalLM
 from common.weights.cache import CachedModel, WeightCache, cache_key, model_fingerprint
 from kernels.cpu_ext import cpu_ops_module
 from kernels.linear import DEFAULT_INT8_MAX_ROWS, PackedLinear, packed_linear_supported
@@ -41,6 +44,8 @@ MODEL_CLASSES: dict[str, type[DecoderForCausalLM]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 _CLASS_BY_MODEL_TYPE = {
     "llama": LlamaForCausalLM,
@@ -48,6 +53,8 @@ _CLASS_BY_MODEL_TYPE = {
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "mixtral": MixtralForCausalLM,
 }
 
 
@@ -68,8 +75,11 @@ def model_class_for(config: ModelConfig) -> type[DecoderForCausalLM]:
 def fuse_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """HF tensor names -> this engine's: q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``.
 
-    Consumes ``state`` (pops as it goes) so the unfused copies can be freed early.
+    Consumes ``state`` (pops as it goes) so the unfused copies can be freed early. MoE experts
+    are stacked per layer (:func:`common.models.moe.fuse_expert_tensors`).
     """
+    if config.is_moe:
+        state = fuse_expert_tensors(state, config.num_experts)
     fused: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name in list(state):

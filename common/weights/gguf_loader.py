@@ -40,6 +40,7 @@ SUPPORTED_GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
 _PERMUTED_QK_ARCHITECTURES = {"llama"}
 _NORM_SHIFT_ARCHITECTURES = {"gemma3"}
@@ -65,6 +66,11 @@ _BLOCK_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # MoE: the router and every expert of a layer stacked in one 3-D tensor each ([E, out, in])
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 # Gemma 3 has norms both sides of attention and of the MLP; ffn_norm is the one before the MLP.
 _GEMMA3_BLOCK_TENSORS = {
@@ -191,7 +197,24 @@ def gguf_config_dict(reader: gguf.GGUFReader) -> dict:
         config["rope_freq_factors"] = dequantize_tensor(tensors[_ROPE_FREQS]).reshape(-1).tolist()
     if arch == "gemma3":
         config.update(_gemma3_config(reader, key, config))
+    experts = int(key("expert_count", 0) or 0)
+    if experts:
+        config.update(_moe_config(arch, key, experts))
     return config
+
+
+def _moe_config(arch: str, key, experts: int) -> dict:
+    """llama.cpp stores Mixtral as ``llama`` with experts; Qwen3-MoE as ``qwen3moe``."""
+    used = int(key("expert_used_count", 2))
+    if arch == "llama":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": experts,
+                "num_experts_per_tok": used}
+    if arch == "qwen3moe":
+        # llama.cpp renormalises Qwen3-MoE's top-k weights unless the file says otherwise
+        return {"num_experts": experts, "num_experts_per_tok": used,
+                "moe_intermediate_size": int(key("expert_feed_forward_length")),
+                "norm_topk_prob": bool(key("expert_weights_norm", True))}
+    raise NotImplementedError(f"GGUF architecture {arch!r} with {experts} experts is not supported")
 
 
 def _gemma3_config(reader: gguf.GGUFReader, key, config: dict) -> dict:

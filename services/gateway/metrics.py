@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from services.gateway.moe_metrics import MoeMetrics
+
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
@@ -96,6 +98,7 @@ class GatewayMetrics:
         self._worker_gauges = (self.worker_kv_usage, self.worker_used_pages, self.worker_prefix_hit,
                                self.worker_running, self.worker_waiting, self.worker_queued_prefill,
                                self.worker_flips, self.worker_flip_latency)
+        self.moe = MoeMetrics(registry)
         self._instances: set[str] = set()
 
     def update_workers(self, instances: list[dict[str, Any]]) -> None:
@@ -125,6 +128,7 @@ class GatewayMetrics:
                 self.worker_kv_transfers.labels(instance_id, outcome).set(_number(stats.get(key)))
             for role in _ROLES:
                 self.worker_role.labels(instance_id, role).set(1.0 if inst.get("role") == role else 0.0)
+            self.moe.update(instance_id, stats)
             worker_hits = stats.get("prefix_hit_tokens")
             if isinstance(worker_hits, dict):
                 for tier in _TIERS:
@@ -141,6 +145,7 @@ class GatewayMetrics:
                 _remove(self.worker_kv_transfers, gone, outcome)
             for role in _ROLES:
                 _remove(self.worker_role, gone, role)
+            self.moe.forget(gone)
         self._instances = seen
         self.workers_ready.set(len(seen))
 

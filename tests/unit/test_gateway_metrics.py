@@ -34,3 +34,27 @@ def test_a_scheduler_without_a_policy_snapshot_is_fine() -> None:
     metrics.update_scheduler({"flips_total": 1, "policy": {}})
     metrics.update_scheduler({"flips_total": 1})
     assert _values(metrics)["xllm_pd_flips"] == 1
+
+
+def _labelled(metrics: GatewayMetrics, name: str) -> dict[tuple, float]:
+    text = metrics.render().decode()
+    return {tuple(sorted(s.labels.items())): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == name}
+
+
+def test_moe_expert_load_becomes_gauges_and_leaves_with_the_worker() -> None:
+    metrics = GatewayMetrics("m")
+    load = {"tokens_per_expert": [[5, 0, 3, 0], [1, 1, 1, 1]], "rank_tokens": [9, 3],
+            "rank_load_imbalance": 1.5, "rebalances": 2, "last_rebalance_compute_s": 0.25,
+            "last_rebalance_apply_s": 0.5}
+    metrics.update_workers([{"instance_id": "w0", "stats": {"expert_load": load}},
+                            {"instance_id": "dense", "stats": {}}])
+    experts = _labelled(metrics, "xllm_moe_expert_tokens")
+    assert experts == {(("expert", str(e)), ("instance", "w0")): float(v) for e, v in enumerate([6, 1, 4, 1])}
+    assert _labelled(metrics, "xllm_moe_rank_tokens") == {(("instance", "w0"), ("rank", "0")): 9.0,
+                                                          (("instance", "w0"), ("rank", "1")): 3.0}
+    assert _labelled(metrics, "xllm_moe_rank_load_imbalance") == {(("instance", "w0"),): 1.5}
+    assert _labelled(metrics, "xllm_moe_eplb_last_rebalance_seconds") == {(("instance", "w0"),): 0.75}
+    metrics.update_workers([{"instance_id": "dense", "stats": {}}])
+    assert _labelled(metrics, "xllm_moe_expert_tokens") == {}
+    assert _labelled(metrics, "xllm_moe_rank_load_imbalance") == {}
