@@ -104,3 +104,38 @@ def test_running_sequences_migrate_and_continue_exactly(server) -> None:
     stats = instances(server)
     moved = sum(s["stats"].get(f"dp_migrations_moved_{m}", 0) for s in stats.values() for m in ("kv", "recompute"))
     assert moved == balance["migrations_total"]
+
+
+def test_a_target_that_dies_mid_balance_loses_nothing(server) -> None:
+    """worker-1 comes back just long enough to be named a migration target, then is killed:
+    moves still in flight resume on worker-0 (no Ready / Ack within the transfer timeout), moves
+    that landed come back through the gateway's migration of a dead worker's streams. Either
+    way every stream ends with the text it has when nothing moves."""
+    server.wait_until(lambda: all(i["liveness"] == "alive" for i in instances(server).values())
+                      and len(instances(server)) == 2, 120, "both workers alive")
+    before = server.status()["scheduler"]["dp_balance"]
+    pid = instances(server)["worker-1"]["stats"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    killed = False
+    try:
+        server.wait_until(lambda: instances(server)["worker-1"]["liveness"] != "alive", 30, "worker-1 suspect")
+        pool = ThreadPoolExecutor(STREAMS)
+        futures = [pool.submit(stream_text, server, i) for i in range(STREAMS)]
+        server.wait_until(lambda: instances(server)["worker-0"]["inflight"] >= STREAMS, 60,
+                          "every stream routed to worker-0")
+        os.kill(pid, signal.SIGCONT)
+        # Killed as soon as the balancer names it (it may have taken a sequence or two by then).
+        server.wait_until(lambda: sum(server.status()["scheduler"]["dp_balance"]["ordered"].values())
+                          > sum(before["ordered"].values()), 60, "a migration ordered to worker-1")
+        os.kill(pid, signal.SIGKILL)
+        killed = True
+    finally:
+        if not killed:
+            os.kill(pid, signal.SIGKILL)
+    results = [f.result(timeout=500) for f in futures]
+    pool.shutdown()
+    for i, (text, finish, _) in enumerate(results):
+        assert finish == "length"
+        code, alone = server.request("POST", "/v1/completions", body(server, i, False), timeout_s=300)
+        assert code == 200, alone
+        assert alone["choices"][0]["text"] == text, f"stream {i} differs after its target died"

@@ -76,9 +76,9 @@ def test_a_migrated_sequence_continues_exactly(tiny_path, params: SamplingParams
 
 def test_a_refused_migration_resumes_on_the_source(tiny_path) -> None:
     reference = served_whole(tiny_path, GREEDY)
-    a, tiny = make_engine(tiny_path), make_engine(tiny_path, pages=12)
-    # 9 of the target's 12 pages are taken by a sequence arriving there: r0 needs 8.
-    tiny.handoff.reserve_transfer("filler", prompt(9, 36), [5], GREEDY, num_tokens=36)
+    a, tiny = make_engine(tiny_path), make_engine(tiny_path, pages=16)
+    # 9 of the target's 16 pages are taken by a sequence arriving there: r0 needs 8.
+    tiny.handoff.reserve_transfer("filler", prompt(9, 36), [5], SamplingParams(max_tokens=2), num_tokens=36)
     for i, p in enumerate(PROMPTS):
         a.add_request(f"r{i}", p, GREEDY)
     outputs: dict[str, list] = {}

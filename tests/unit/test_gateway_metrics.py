@@ -34,3 +34,19 @@ def test_a_scheduler_without_a_policy_snapshot_is_fine() -> None:
     metrics.update_scheduler({"flips_total": 1, "policy": {}})
     metrics.update_scheduler({"flips_total": 1})
     assert _values(metrics)["xllm_pd_flips"] == 1
+
+
+def test_dp_migrations_follow_the_schedulers_totals() -> None:
+    metrics = GatewayMetrics("m")
+
+    def counted() -> dict[str, float]:
+        text = metrics.render().decode()
+        return {s.labels["reason"]: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "xllm_dp_migrations_total"}
+
+    metrics.update_scheduler({"dp_balance": {"migrations": {"running": 3}}})
+    metrics.update_scheduler({"dp_balance": {"migrations": {"running": 5, "kv_pages": 1}}})
+    assert counted() == {"running": 5, "kv_pages": 1}
+    # A restarted scheduler counts from 0 again: the counter never goes down.
+    metrics.update_scheduler({"dp_balance": {"migrations": {"running": 2, "kv_pages": 1}}})
+    assert counted() == {"running": 7, "kv_pages": 1}
