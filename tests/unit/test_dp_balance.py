@@ -1,7 +1,11 @@
-"""The DP-balance policy (pure functions): when, what and where to move."""
+"""The DP-balance policy (pure functions): when, what and where to move; and the scheduler's
+orders that carry it out (`DpMigrations`, over a real registry and request table)."""
 
 from __future__ import annotations
 
+import asyncio
+
+from common.protocol import MigrateRequest, MigrationResult
 from services.scheduler.dp_balance import (
     BalanceSettings,
     BalanceState,
@@ -9,6 +13,10 @@ from services.scheduler.dp_balance import (
     InstanceLoad,
     plan_migrations,
 )
+from services.scheduler.dp_migrations import DpMigrations
+from services.scheduler.registry import Registry
+from services.scheduler.request_table import RequestTable
+from test_registry import heartbeat_msg, register_msg
 
 SETTINGS = BalanceSettings(threshold=4, release_gap=2, max_per_tick=2, cooldown_s=1.0, recent_window_s=10.0,
                            min_age_s=0.5, kv_low_ratio=0.1)
@@ -95,3 +103,57 @@ def test_kv_page_pressure_moves_even_a_small_count_gap() -> None:
 def test_settings_problems() -> None:
     assert BalanceSettings().problems() == []
     assert BalanceSettings(threshold=1).problems() and BalanceSettings(max_per_tick=0).problems()
+
+
+# ---- the scheduler's orders --------------------------------------------------------------------
+
+
+def _cluster(running: dict[str, int]) -> tuple[Registry, RequestTable, DpMigrations, list]:
+    registry = Registry(heartbeat_timeout_s=30.0)
+    table = RequestTable(registry)
+    for name, count in running.items():
+        registry.register(name.encode(), register_msg(name, num_pages=500, role="mixed"))
+        registry.heartbeat(name.encode(), heartbeat_msg(name, running=count, free=480, role="mixed",
+                                                        total_pages=500))
+        for i in range(count):
+            table.add(registry.get(name), request_id=f"{name}-r{i}", gateway_identity=b"gw", gateway_id="gw",
+                      tokens_addr="ipc:///tmp/t.sock", prompt_len=20 + i, cached_tokens=0, decode_candidates=[],
+                      max_tokens=64)
+    sent: list = []
+
+    async def send(instance, msg: MigrateRequest) -> None:
+        sent.append((instance.instance_id, msg))
+
+    balance = DpMigrations(registry, table, send, SETTINGS, enabled=True, recompute_below_tokens=16)
+    return registry, table, balance, sent
+
+
+def test_orders_go_to_the_source_and_aborts_reach_the_target_meanwhile() -> None:
+    registry, table, balance, sent = _cluster({"w0": 6, "w1": 0})
+    later = max(e.held_since for e in table.entries()) + 5.0
+    moves = asyncio.run(balance.tick(later))
+    assert len(moves) == 2 and [s[0] for s in sent] == ["w0", "w0"]
+    first = sent[0][1]
+    assert first.target_instance == "w1" and first.target_kv_addr == "ipc:///tmp/kv-w1.sock"
+    assert first.recompute_below_tokens == 16 and first.request_id == "w0-r0"  # the shortest prompt
+    assert table.get("w0-r0").decode_candidates == ["w1"]
+    assert asyncio.run(balance.tick(later + 0.1)) == []  # cooldown; and w0-r0 is in flight
+    # One lands (the target's RequestHandoff moves the entry), one is refused (it stays).
+    table.hand_over(table.get("w0-r0"), "w1")
+    balance.on_result(MigrationResult(migration_id=first.migration_id, request_id="w0-r0", from_instance="w0",
+                                      to_instance="w1", ok=True, mode="kv", num_tokens=30))
+    second = sent[1][1]
+    balance.on_result(MigrationResult(migration_id=second.migration_id, request_id=second.request_id,
+                                      from_instance="w0", to_instance="w1", ok=False, reason="no pages",
+                                      num_tokens=30))
+    assert table.get(second.request_id).decode_candidates == [] and table.get(second.request_id).instance_id == "w0"
+    assert registry.get("w1").inflight == {"w0-r0"}
+    summary = balance.summary()["dp_balance"]
+    assert summary["migrations"] == {"running": 1} and summary["outcomes"] == {"kv": 1, "failed": 1}
+    assert summary["in_flight"] == 0 and summary["migrations_total"] == 1
+
+
+def test_disabled_balance_orders_nothing() -> None:
+    _, table, balance, sent = _cluster({"w0": 6, "w1": 0})
+    balance.enabled = False
+    assert asyncio.run(balance.tick(1e9)) == [] and sent == []
