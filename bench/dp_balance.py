@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results here")
 
 
+def _prompt(i: int) -> str:
+    return f"Tale {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(8 + 4 * i))
+
+
 def _status(url: str) -> dict:
     with urllib.request.urlopen(url + "/status", timeout=10) as resp:
         return json.loads(resp.read())
@@ -60,12 +64,13 @@ def _wait(predicate: Any, timeout_s: float, what: str) -> None:
 async def _burst(url: str, args: argparse.Namespace, pid: int) -> dict:
     async with aiohttp.ClientSession() as session:
         model = await discover_model(session, url + "/v1")
-        bodies = [{"model": model, "prompt": f"Tale {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(8 + 4 * i)),
+        bodies = [{"model": model, "prompt": _prompt(i),
                    "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
                    "stream_options": {"include_usage": True}} for i in range(args.requests)]
         tasks = [asyncio.create_task(stream_request(session, url + "/v1/completions", b, chat=False,
                                                     timeout=args.timeout)) for b in bodies]
-        await asyncio.to_thread(_wait, lambda: _held(url).get("worker-0", 0) >= args.requests, 60, "the burst on worker-0")
+        await asyncio.to_thread(_wait, lambda: _held(url).get("worker-0", 0) >= args.requests, 60,
+                                "the burst on worker-0")
         os.kill(pid, signal.SIGCONT)
         resumed = time.monotonic()
         timeline: list[dict] = []
