@@ -2,7 +2,7 @@
 
 Routing spreads new requests, but load still skews: a burst lands while one worker is slow to
 heartbeat, a prefix pins requests to the worker caching it, a worker joins late. The balancer
-looks at the instances' reported load (running + waiting sequences, free KV pages) every tick
+looks at the instances' load (the sequences each holds, free KV pages, batch slots) every tick
 and, when one decode-capable instance is overloaded and another has room, plans "move request
 R from A to B" (the worker side moves the sequence: services/worker/migrations.py).
 
@@ -50,7 +50,9 @@ class BalanceSettings:
 
 @dataclass(frozen=True)
 class InstanceLoad:
-    """One instance as its last heartbeat described it (only decode-capable, live, ready ones)."""
+    """One decode-capable, live instance: the sequences it holds (`running` + `waiting`; the
+    scheduler passes its request table's count, fresher than a heartbeat) and its last reported
+    pages and batch size."""
 
     instance_id: str
     running: int

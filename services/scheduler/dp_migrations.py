@@ -76,7 +76,17 @@ class DpMigrations:
         self._expire(now)
         instances = [i for i in self.registry.instances()
                      if i.alive and (i.offers("decode") or i.offers("mixed"))]
-        loads = [InstanceLoad(i.instance_id, i.running, i.waiting, i.free_pages, i.total_pages, i.page_size,
+        # Sequences held: the request table's count, which follows each move at once (a heartbeat
+        # is up to an interval old and would show a landed move still on its source), with the
+        # moves ordered and not answered yet counted where they are going.
+        held = {i.instance_id: len(i.inflight) for i in instances}
+        for order in self._orders.values():
+            move = order.migration
+            entry = self.requests.get(move.request_id)
+            if entry is not None and entry.instance_id == move.source and move.source in held and move.target in held:
+                held[move.source] -= 1
+                held[move.target] += 1
+        loads = [InstanceLoad(i.instance_id, max(0, held[i.instance_id]), 0, i.free_pages, i.total_pages, i.page_size,
                               i.max_num_seqs) for i in instances]
         ids = {i.instance_id for i in instances}
         candidates = [Candidate(e.request_id, e.instance_id, e.prompt_len, e.max_tokens, now - e.held_since, e.n)
