@@ -156,8 +156,9 @@ class SchedulerServer:
             asyncio.create_task(self._receive_loop(self.backend, self._ON_BACKEND), name="backend"),
             asyncio.create_task(self._reap_loop(), name="reaper"),
             asyncio.create_task(self._policy_loop(), name="pd-policy"),
-            asyncio.create_task(self._balance_loop(), name="dp-balance"),
         ]
+        if self.balance.enabled:
+            tasks.append(asyncio.create_task(self._balance_loop(), name="dp-balance"))
         await self.kv.start()
         tasks += [asyncio.create_task(coro) for coro in self.kv.tasks()]
         try:
@@ -216,7 +217,7 @@ class SchedulerServer:
             await self.flips.resend_unacknowledged()
 
     async def _balance_loop(self) -> None:
-        while self.balance.enabled:
+        while True:
             await asyncio.sleep(self.balance_interval_s)
             try:
                 await self.balance.tick()
