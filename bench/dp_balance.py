@@ -84,11 +84,15 @@ async def _burst(url: str, args: argparse.Namespace, pid: int) -> dict:
     gaps = [abs(s.get("worker-0", 0) - s.get("worker-1", 0)) for s in timeline]
     return {
         "ok": sum(r.ok for r in results), "errors": [r.error for r in results if not r.ok][:5],
-        "tpot_p50_ms": percentile_ms(tpots, 50), "tpot_p99_ms": percentile_ms(tpots, 99),
-        "e2e_p50_ms": percentile_ms(e2e, 50), "e2e_p99_ms": percentile_ms(e2e, 99),
+        "tpot_p50_ms": _ms(percentile_ms(tpots, 0.5)), "tpot_p99_ms": _ms(percentile_ms(tpots, 0.99)),
+        "e2e_p50_ms": _ms(percentile_ms(e2e, 0.5)), "e2e_p99_ms": _ms(percentile_ms(e2e, 0.99)),
         "max_gap": max(gaps, default=0), "mean_gap": round(sum(gaps) / len(gaps), 2) if gaps else 0.0,
         "timeline": timeline,
     }
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def _one(mode: str, args: argparse.Namespace) -> dict:
