@@ -133,3 +133,6 @@ class DpMigrations:
             if now - order.sent_at > self.answer_timeout_s:
                 del self._orders[migration_id]
                 self.outcomes["lost"] += 1
+                entry = self.requests.get(order.migration.request_id)
+                if entry is not None and entry.instance_id == order.migration.source:
+                    entry.decode_candidates = []

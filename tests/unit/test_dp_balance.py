@@ -161,3 +161,15 @@ def test_disabled_balance_orders_nothing() -> None:
     _, table, balance, sent = _cluster({"w0": 6, "w1": 0})
     balance.enabled = False
     assert asyncio.run(balance.tick(1e9)) == [] and sent == []
+
+
+def test_an_unanswered_order_is_dropped_after_its_timeout() -> None:
+    _, table, balance, sent = _cluster({"w0": 6, "w1": 0})
+    balance.answer_timeout_s = 5.0
+    later = max(e.held_since for e in table.entries()) + 5.0
+    asyncio.run(balance.tick(later))
+    moved = [msg.request_id for _, msg in sent]
+    assert all(table.get(rid).decode_candidates == ["w1"] for rid in moved)
+    asyncio.run(balance.tick(later + 6.0))  # the source never answered (it died, say)
+    assert balance.summary()["dp_balance"]["outcomes"]["lost"] == 2
+    assert all(table.get(rid).decode_candidates == [] for rid in moved)
