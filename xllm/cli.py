@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import vs_llamacpp as bench_vs_llamacpp
     from bench import fidelity as bench_fidelity
     from bench import eplb as bench_eplb
+    from bench import dp_balance as bench_dp_balance
 
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "by kind, worker RSS and used KV pages over time, leak verdicts"),
         ("eplb", bench_eplb, "MoE expert placement: simulated EP rank load (peak/mean) before and after EPLB on a "
                              "skewed tiny MoE, and the re-placement cost"),
+        ("dp-balance", bench_dp_balance, "a skewed burst on 2 workers with DP balance off then on: requests per "
+                                         "worker over time, p50/p99 TPOT, migrations"),
         ("chaos", bench_chaos, "SIGKILL workers (and the scheduler) on a seeded schedule under greedy streams: "
                                "recovery time, migrations, extra latency, texts against a no-fault run"),
         ("fidelity", bench_fidelity, "greedy continuations of chat prompts on each numeric path (and llama.cpp): "

@@ -61,7 +61,9 @@ SERVE = Section(ServeConfig, "serve")
 # The services' settings `xllm serve` exposes: their own flags, except the kvstore's tier budgets,
 # which read as `--kvstore-dram/--kvstore-ssd` beside `--kvstore-dir`.
 SCHEDULER = Section(SchedulerConfig, "scheduler", only=("pd_policy", "ttft_slo_ms", "tpot_slo_ms", "suspect_after",
-                                                       "heartbeat_timeout"))
+                                                       "heartbeat_timeout", "dp_balance", "dp_balance_threshold",
+                                                       "dp_balance_interval_s", "dp_balance_max_per_tick",
+                                                       "dp_balance_cooldown_s", "dp_balance_recompute_below"))
 WORKER = Section(WorkerConfig, "worker", only=("kv_transfer_timeout", "kvstore_timeout", "step_watchdog_s"))
 KVSTORE = Section(KvStoreConfig, "kvstore (with --kvstore-dir)", only=("dram_bytes", "ssd_bytes"),
                   flags={"dram_bytes": "--kvstore-dram", "ssd_bytes": "--kvstore-ssd"})

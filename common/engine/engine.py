@@ -194,6 +194,10 @@ class LLMEngine:
         """Track a one-sequence request that is in no queue yet (its KV is arriving from elsewhere)."""
         self._requests[seq.request_id] = [seq]
 
+    def requests_of(self, request_id: str) -> list[Sequence]:
+        """The sequences of a request in flight here (none when unknown)."""
+        return list(self._requests.get(request_id, ()))
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from common.engine.block_manager import BlockManager
+from common.engine.block_manager import BlockManager, NoFreePagesError
 from common.engine.kv_transfer import KvExport, logprobs_from_plain, logprobs_to_plain, scatter_layers
 from common.engine.sampler import make_generator
 from common.engine.sampling_params import SamplingParams, validate_prompt_ids
@@ -39,6 +39,8 @@ class _Engine(Protocol):
     def validate_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> int: ...
 
     def adopt(self, seq: Sequence) -> None: ...
+
+    def requests_of(self, request_id: str) -> list[Sequence]: ...
 
     def finish_sequence(self, request_id: str, index: int, reason: str = "stop") -> None: ...
 
@@ -113,6 +115,26 @@ class KvHandoff:
         seq = self._held_seq(request_id)
         self._engine.finish_sequence(request_id, seq.index, "transferred")
 
+    def hold_running(self, request_id: str) -> int:
+        """DP balance: park a running decode sequence (as after prefill) so it can be exported;
+        returns its computed tokens. Raises ``ValueError`` when it cannot move: not a single
+        running sequence, not in its decode phase, or with state that does not travel (grammar)."""
+        seqs = self._engine.requests_of(request_id)
+        if len(seqs) != 1:
+            raise ValueError(f"request {request_id!r} is not a single running sequence here")
+        seq = seqs[0]
+        if seq.status is not SequenceStatus.RUNNING or request_id in self._held:
+            raise ValueError(f"request {request_id!r} is {seq.status.value}, not running")
+        # Decode phase: everything but the last sampled token is computed (a step boundary).
+        if seq.num_output_tokens == 0 or seq.num_uncomputed != 1:
+            raise ValueError(f"request {request_id!r} is not in its decode phase")
+        if seq.grammar is not None:
+            raise ValueError(f"request {request_id!r} has a grammar, whose state does not travel")
+        self._engine.scheduler.detach(seq)
+        seq.status = SequenceStatus.HELD
+        self._held[request_id] = seq
+        return seq.num_computed
+
     def resume_held(self, request_id: str) -> None:
         """No decode worker took it: keep decoding here."""
         seq = self._held_seq(request_id)
@@ -140,9 +162,13 @@ class KvHandoff:
         logprobs: list | None = None,
         num_cached_tokens: int = 0,
         generator_state: bytes | None = None,
+        recompute: bool = False,
     ) -> list[int]:
         """Create an incoming sequence and fresh pages for ``num_tokens`` tokens of KV.
 
+        With ``recompute`` (a migrated sequence, ``num_tokens == 0``) no KV arrives: the sequence
+        is queued to prefill prompt + outputs here, as after a preemption, and no pages are
+        reserved (the free pool must hold it now, or this raises :class:`NoFreePagesError`).
         Raises ``ValueError`` on a bad request, :class:`NoFreePagesError` when the pool cannot
         hold the pages even after evicting cached ones (running sequences are never preempted).
         """
@@ -154,7 +180,10 @@ class KvHandoff:
         if output_ids:
             validate_prompt_ids(list(output_ids), engine.vocab_size)
         total = len(prompt_ids) + len(output_ids)
-        if not 0 < num_tokens < total:
+        if recompute:
+            if num_tokens != 0 or not output_ids:
+                raise ValueError("a recomputed sequence carries output tokens and no KV (num_tokens == 0)")
+        elif not 0 < num_tokens < total:
             # At least the last token must be left to compute: its step samples the next one.
             raise ValueError(f"num_tokens must be in [1, {total - 1}], got {num_tokens}")
         if len(output_ids) >= max_tokens or total >= engine.max_model_len:
@@ -171,6 +200,13 @@ class KvHandoff:
         if logprobs:
             seq.logprobs = logprobs_from_plain(logprobs)
         seq.num_cached_prompt = num_cached_tokens
+        if recompute:
+            if engine.block_manager.pages_needed(seq.seq_id, total) > engine.block_manager.num_free_pages:
+                raise NoFreePagesError(f"no room to recompute {total} tokens")
+            seq.num_preemptions = 1  # prefilled again, like a preempted sequence: keeps num_cached_prompt
+            engine.adopt(seq)
+            engine.scheduler.add(seq)
+            return []
         pages = engine.block_manager.reserve(seq.seq_id, num_tokens)  # may raise NoFreePagesError
         seq.status = SequenceStatus.INCOMING
         self._incoming[request_id] = IncomingTransfer(seq, pages, num_tokens)

@@ -1,8 +1,8 @@
 """The backend channel: the scheduler's ROUTER, the DEALERs of workers (and encoders, kvstore).
 
 To the scheduler: Register, Heartbeat, Deregister, RequestFinished, RequestHandoff, FlipAck,
-KvEvent (a worker's HBM prefix blocks). To a worker: RegisterAck, Assign, AbortRequest,
-FinishChoice, KvSnapshotRequest. (FinishChoice and the two KV index messages are declared with
+MigrationResult, KvEvent (a worker's HBM prefix blocks). To a worker: RegisterAck, Assign,
+AbortRequest, MigrateRequest, FinishChoice, KvSnapshotRequest. (FinishChoice and the two KV index messages are declared with
 the channel they also travel on: `frontend`, `kvstore`.)
 """
 
@@ -27,6 +27,8 @@ __all__ = [
     "RequestFinished",
     "RequestHandoff",
     "FlipAck",
+    "MigrateRequest",
+    "MigrationResult",
 ]
 
 
@@ -179,3 +181,39 @@ class FlipAck(BackendMessage):
     instance_id: str
     flip_id: int
     role: str
+
+
+@register
+@BACKEND.carries(to="worker")
+class MigrateRequest(BackendMessage):
+    """DP load balance: move a running decode sequence to `target_instance` (its KV over the
+    target's kv socket, or recomputed there when it holds fewer than `recompute_below_tokens`).
+
+    Sent on the backend, not the control PUB, so it is ordered with the request's Assign and
+    AbortRequest. The source answers with MigrationResult; the target, once it owns the
+    sequence, with RequestHandoff (as after a P/D hand-off)."""
+
+    TAG: ClassVar[str] = "migrate_request"
+    migration_id: int
+    request_id: str
+    target_instance: str
+    target_kv_addr: str
+    target_flip_id: int = 0
+    recompute_below_tokens: int = 0
+
+
+@register
+@BACKEND.carries(to="scheduler")
+class MigrationResult(BackendMessage):
+    """The source's answer to a MigrateRequest: moved (`mode` "kv" or "recompute") or not (the
+    sequence keeps running on the source, or it had ended / was not in its decode phase)."""
+
+    TAG: ClassVar[str] = "migration_result"
+    migration_id: int
+    request_id: str
+    from_instance: str
+    to_instance: str
+    ok: bool
+    mode: str = ""
+    reason: str = ""
+    num_tokens: int = 0  # tokens whose KV moved (or the target recomputes)

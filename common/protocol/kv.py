@@ -8,6 +8,10 @@ One transfer moves one sequence's KV from a prefill worker to a decode worker:
                                  layer: that layer's pages, shape [2, kv_heads, pages, page_size, dim])
     D -> P  KvTransferAck       (after the last chunk: ok means D owns the sequence now)
     P -> D  KvTransferCancel    (at any point: the transfer will not complete)
+
+A DP-balance migration between two decode workers uses the same exchange; with `recompute` set
+no layer travels: the receiver takes the sequence in to prefill prompt + outputs itself, and its
+Ready(ok) is the end of the transfer.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class KvTransferBegin(KvMessage):
     # The receiver's flip generation when the scheduler named it as a decode candidate
     # (`DecodeCandidate.flip_id`); None: not named by the scheduler, its current role decides.
     candidate_flip_id: int | None = None
+    # DP-balance migration of a running sequence (num_tokens == 0, no chunks follow when recompute).
+    migration: bool = False
+    recompute: bool = False
 
 
 @register

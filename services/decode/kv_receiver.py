@@ -92,6 +92,7 @@ class KvReceiver:
         self.honoured_after_flip = 0  # taken although the worker left the decode role since
         self.cancelled = 0
         self.bytes_received = 0
+        self.recomputed_in = 0  # migrated sequences taken in to recompute (no KV received)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -102,6 +103,7 @@ class KvReceiver:
             "kv_handoffs_honoured_after_flip": self.honoured_after_flip,
             "kv_cancelled": self.cancelled,
             "kv_bytes_received": self.bytes_received,
+            "dp_recomputed_in": self.recomputed_in,
         }
 
     async def handle(self, sock: zmq.asyncio.Socket, identity: bytes, msg: KvMessage, tensors: list) -> None:
@@ -118,6 +120,10 @@ class KvReceiver:
         await bus.send(sock, KvTransferReady(transfer_id=msg.transfer_id, ok=refusal is None,
                                              reason=refusal.message if refusal is not None else ""),
                        identity=identity)
+        if refusal is None and msg.recompute:
+            # A migrated sequence to recompute: no layers follow, it is queued here already.
+            self.recomputed_in += 1
+            await self.on_committed(msg)
 
     async def _on_chunk(self, sock: zmq.asyncio.Socket, identity: bytes, msg: KvTransferChunk, tensors: list) -> None:
         reason = await self._chunk(identity, msg, tensors)
@@ -149,14 +155,15 @@ class KvReceiver:
                 lambda: engine.handoff.reserve_transfer(
                     msg.request_id, list(msg.prompt_ids), list(msg.output_ids), params, priority=msg.priority,
                     num_tokens=msg.num_tokens, logprobs=msg.logprobs, num_cached_tokens=msg.num_cached_tokens,
-                    generator_state=msg.generator_state,
+                    generator_state=msg.generator_state, recompute=msg.recompute,
                 )
             )
         except NoFreePagesError:
             return Admission(False, "no_pages", "no free KV pages")
         except (ValueError, TypeError, KeyError) as exc:
             return Admission(False, "other", str(exc))
-        self._incoming[msg.transfer_id] = _Incoming(identity, msg, time.monotonic() + self.timeout_s)
+        if not msg.recompute:  # a recomputed sequence is in the engine's queue already
+            self._incoming[msg.transfer_id] = _Incoming(identity, msg, time.monotonic() + self.timeout_s)
         if admission.reason == "promised":
             self.honoured_after_flip += 1
             logger.info("took KV of %s in after a flip: named as a decode candidate before it",

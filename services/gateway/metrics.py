@@ -95,6 +95,10 @@ class GatewayMetrics:
         self.requests_failed_migration = Counter(
             "xllm_requests_failed_migration", "Requests that failed because their migrations ran out or their "
             "deadline passed, by reason", ["reason"], registry=registry)
+        self.dp_migrations = Counter(
+            "xllm_dp_migrations", "Running sequences the scheduler's DP balancer moved to another worker, by "
+            "reason (running: sequence-count imbalance, kv_pages: KV-page pressure)", ["reason"], registry=registry)
+        self._dp_migrations_seen: dict[str, float] = {}
         self._worker_gauges = (self.worker_kv_usage, self.worker_used_pages, self.worker_prefix_hit,
                                self.worker_running, self.worker_waiting, self.worker_queued_prefill,
                                self.worker_flips, self.worker_flip_latency)
@@ -151,6 +155,15 @@ class GatewayMetrics:
 
     def update_scheduler(self, info: dict[str, Any]) -> None:
         self.pd_flips.set(_number(info.get("flips_total")))
+        balance = info.get("dp_balance")
+        moved = balance.get("migrations") if isinstance(balance, dict) else None
+        if isinstance(moved, dict):
+            for reason, total in moved.items():
+                # The scheduler reports totals; a restarted one starts again from 0.
+                seen = self._dp_migrations_seen.get(str(reason), 0.0)
+                total = _number(total)
+                self.dp_migrations.labels(str(reason)).inc(total - seen if total >= seen else total)
+                self._dp_migrations_seen[str(reason)] = total
         policy = info.get("policy")
         predictor = policy.get("ttft_predictor") if isinstance(policy, dict) else None
         if isinstance(predictor, dict):

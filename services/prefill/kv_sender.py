@@ -64,6 +64,10 @@ class HandoffRequest:
     arrival_time: float
     candidates: list[DecodeCandidate]  # best first
     ttft_s: float = -1.0
+    # A DP-balance migration of a running sequence (see services/worker/migrations.py); with
+    # `recompute` the target prefills it again instead of receiving its KV.
+    migration: bool = False
+    recompute: bool = False
 
 
 class _Peer:
@@ -174,7 +178,7 @@ class KvSender:
                 self.transfers_failed += 1
                 logger.warning("KV hand-off of %s to %s failed: %s", request.request_id, instance_id, reason)
             if self.engine.handoff.is_held(request.request_id):
-                self.fallbacks += 1
+                self.fallbacks += 0 if request.migration else 1
                 logger.warning("no decode worker took %s: decoding it here", request.request_id)
                 try:
                     await self.run_on_engine(self.engine.handoff.resume_held, request.request_id)
@@ -193,18 +197,21 @@ class KvSender:
             transfer_id=transfer_id, request_id=request.request_id, source_instance=self.instance_id,
             prompt_ids=list(export.prompt_ids), output_ids=list(export.output_ids), logprobs=export.logprobs,
             sampling=request.sampling, priority=request.priority, tokens_addr=request.tokens_addr,
-            arrival_time=request.arrival_time, num_tokens=int(export.num_tokens), num_layers=int(export.num_layers),
+            arrival_time=request.arrival_time, num_tokens=0 if request.recompute else int(export.num_tokens), num_layers=int(export.num_layers),
             page_size=int(self.engine.page_size), dtype=_DTYPE_NAMES.get(self.engine.kv_dtype, str(self.engine.kv_dtype)),
             namespace=self.engine.kv_namespace, num_cached_tokens=int(export.num_cached_tokens),
             ttft_s=request.ttft_s, generator_state=export.generator_state,
             # The promise the scheduler made: the peer honours it even if it flipped since.
             candidate_flip_id=candidate.flip_id,
+            migration=request.migration, recompute=request.recompute,
         )
         ready = await self._ask(peer, begin, KvTransferReady.TAG, transfer_id, address)
         if ready is None:
             return False, "no answer to the transfer request"
         if not ready.ok:
             return False, f"refused: {ready.reason}"
+        if request.recompute:
+            return True, ""  # no KV travels: the target took the sequence in to recompute it
         # One engine-thread hop for every layer: a hop per layer would wait behind a step each.
         layers = await self.run_on_engine(export.layers, 0, export.num_layers)
         acked = peer.expect(KvTransferAck.TAG, transfer_id)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from common.service_config import add_service_arguments
 from common.settings import SettingsParser, setting
+from services.scheduler.dp_balance import BalanceSettings
 from services.scheduler.pd_policy import POLICIES, PdPolicy, make_policy
 from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_SUSPECT_AFTER_S
 
@@ -27,6 +28,15 @@ class SchedulerConfig:
     kvstore: bool = setting(False, "follow the kvstore of this --run-dir (its DRAM/SSD blocks count for routing)")
     kvstore_addr: str | None = setting(None, "the kvstore's ROUTER address (implies --kvstore)")
     kvstore_events_addr: str | None = setting(None, "the kvstore's event PUB address")
+    dp_balance: bool = setting(False, "DP load balance: move running decode sequences from an overloaded "
+                                      "decode/mixed worker to one with room (KV moved, or recomputed when short)")
+    dp_balance_threshold: int = setting(4, "sequences more on one worker than another before --dp-balance moves "
+                                           "any (it then evens them to within 2)")
+    dp_balance_interval_s: float = setting(0.5, "seconds between --dp-balance decisions")
+    dp_balance_max_per_tick: int = setting(2, "sequences --dp-balance moves per decision at most")
+    dp_balance_cooldown_s: float = setting(1.0, "seconds a worker rests after a --dp-balance move from or to it")
+    dp_balance_recompute_below: int = setting(32, "sequences of fewer tokens are recomputed on the target "
+                                                  "instead of moving their KV (0: always move the KV)")
     expected_workers: int | None = setting(
         None, "workers this layout starts (xllm serve sets it): /health and /status report how many of them are up")
 
@@ -35,9 +45,18 @@ class SchedulerConfig:
         problems = [f"--{name.replace('_', '-')} must be > 0"
                     for name in ("heartbeat_timeout", "suspect_after", "ttft_slo_ms", "tpot_slo_ms", "policy_interval")
                     if getattr(self, name) <= 0]
+        problems += self.balance_settings().problems()
+        if self.dp_balance_interval_s <= 0:
+            problems.append("--dp-balance-interval-s must be > 0")
+        if self.dp_balance_recompute_below < 0:
+            problems.append("--dp-balance-recompute-below must be >= 0")
         if self.expected_workers is not None and self.expected_workers < 0:
             problems.append("--expected-workers must be >= 0")
         return problems
+
+    def balance_settings(self) -> BalanceSettings:
+        return BalanceSettings(threshold=self.dp_balance_threshold, max_per_tick=self.dp_balance_max_per_tick,
+                               cooldown_s=self.dp_balance_cooldown_s)
 
     def make_policy(self) -> PdPolicy:
         return make_policy(self.pd_policy, self.ttft_slo_ms / 1000.0, self.tpot_slo_ms / 1000.0)

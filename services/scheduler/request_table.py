@@ -32,6 +32,9 @@ class RequestEntry:
     charge: int = 0
     charged_at_heartbeat: int = 0
     prefill_instance: str = ""
+    max_tokens: int = 0  # as the request asked (0: not given); DP balance ranks sequences by it
+    n: int = 1
+    held_since: float = field(default_factory=time.monotonic)  # on its current instance
 
 
 class RequestTable:
@@ -48,8 +51,12 @@ class RequestTable:
     def get(self, request_id: str) -> RequestEntry | None:
         return self._entries.get(request_id)
 
+    def entries(self) -> list[RequestEntry]:
+        return list(self._entries.values())
+
     def add(self, instance: Instance, *, request_id: str, gateway_identity: bytes, gateway_id: str,
-            tokens_addr: str, prompt_len: int, cached_tokens: int, decode_candidates: list[str]) -> RequestEntry:
+            tokens_addr: str, prompt_len: int, cached_tokens: int, decode_candidates: list[str],
+            max_tokens: int = 0, n: int = 1) -> RequestEntry:
         """Record a request routed to `instance` and charge it the prompt tokens it must compute
         (a cached prefix costs the instance nothing)."""
         entry = RequestEntry(
@@ -57,6 +64,7 @@ class RequestTable:
             prompt_len=prompt_len, queued_prefill_tokens=instance.queued_prefill_tokens,
             decode_candidates=decode_candidates, charge=prompt_len - cached_tokens,
             charged_at_heartbeat=instance.heartbeats, prefill_instance=instance.instance_id,
+            max_tokens=max_tokens, n=n,
         )
         self._entries[request_id] = entry
         self.registry.assign(instance.instance_id, request_id)
@@ -81,11 +89,13 @@ class RequestTable:
         return entry
 
     def hand_over(self, entry: RequestEntry, to_instance: str) -> None:
-        """A decode worker took the request's KV: it holds the request from now on."""
+        """A decode worker took the request's KV (after prefill, or a DP-balance migration): it
+        holds the request from now on."""
         self.registry.release(entry.instance_id, entry.request_id)
         self._uncharge(entry)
         entry.instance_id = to_instance
         entry.decode_candidates = []
+        entry.held_since = time.monotonic()
         self.registry.assign(to_instance, entry.request_id)
 
     def take_requests_of(self, instance: Instance) -> list[RequestEntry]:

@@ -9,7 +9,8 @@ still answered with a 400).
 
 The request table (`request_table`) follows each request from its prefill worker to the decode
 worker that took its KV over (RequestHandoff), so aborts and failure handling always reach the
-worker that holds it. The PD
+worker that holds it; the DP balancer (`dp_migrations`) moves running sequences between decode
+workers the same way. The PD
 policy (`pd_policy`) sees every heartbeat and latency report and decides role flips on a timer.
 Errors about a request (no worker, worker died) go to the owning gateway's tokens socket, the
 same place workers send theirs, so a gateway has one source of per-request results.
@@ -46,6 +47,8 @@ from common.protocol import (
     KvEvent,
     KvSnapshotRequest,
     Message,
+    MigrateRequest,
+    MigrationResult,
     ProtocolError,
     Register,
     RegisterAck,
@@ -62,6 +65,7 @@ from common.gateway_push import GatewayPushers
 from common.log_limits import RateLimitedLog
 from common.service_config import ServiceAddresses
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.dp_migrations import DpMigrations
 from services.scheduler.kv_awareness import KvAwareness
 from services.scheduler.liveness import PeerMonitor, judge_disconnect
 from services.scheduler.pd_policy import PdPolicy
@@ -104,6 +108,9 @@ class SchedulerServer:
         self.flips = RoleFlips(self.registry, self._publish, self.policy.note_flip)
         self.reap_interval_s = reap_interval_s
         self.requests = RequestTable(self.registry)
+        self.balance = DpMigrations(self.registry, self.requests, self._send_migrate, config.balance_settings(),
+                                    enabled=config.dp_balance, recompute_below_tokens=config.dp_balance_recompute_below)
+        self.balance_interval_s = config.dp_balance_interval_s
         self.gateways: dict[str, tuple[bytes, str]] = {}  # gateway_id -> (identity, tokens_addr)
         self._context = context or zmq.asyncio.Context.instance()
         self.kv = kv or KvAwareness(self._context)
@@ -150,6 +157,8 @@ class SchedulerServer:
             asyncio.create_task(self._reap_loop(), name="reaper"),
             asyncio.create_task(self._policy_loop(), name="pd-policy"),
         ]
+        if self.balance.enabled:
+            tasks.append(asyncio.create_task(self._balance_loop(), name="dp-balance"))
         await self.kv.start()
         tasks += [asyncio.create_task(coro) for coro in self.kv.tasks()]
         try:
@@ -207,6 +216,22 @@ class SchedulerServer:
                 await self.flips.order(flip.instance_id, flip.role, flip.reason)
             await self.flips.resend_unacknowledged()
 
+    async def _balance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.balance_interval_s)
+            try:
+                await self.balance.tick()
+            except Exception:
+                logger.exception("DP balance failed to decide; no migration this round")
+
+    async def _send_migrate(self, instance: Instance, msg: MigrateRequest) -> None:
+        await bus.send(self.backend, msg, identity=instance.identity)
+
+    async def _on_migration_result(self, identity: bytes, msg: MigrationResult) -> None:
+        sender = self.registry.by_identity(identity)
+        if sender is not None and sender.instance_id == msg.from_instance:
+            self.balance.on_result(msg)
+
     async def _publish(self, msg: RoleFlip) -> None:
         await bus.send(self.control, msg, topic=msg.instance_id)
 
@@ -227,6 +252,7 @@ class SchedulerServer:
             "requests": len(self.requests),
             "policy": self.policy.snapshot() if hasattr(self.policy, "snapshot") else {},
             **self.kv.summary(),
+            **self.balance.summary(),
         }
 
     # ---- frontend: gateways -------------------------------------------------------------
@@ -293,6 +319,7 @@ class SchedulerServer:
             instance, request_id=msg.request_id, gateway_identity=identity, gateway_id=msg.gateway_id,
             tokens_addr=msg.tokens_addr, prompt_len=len(msg.prompt_ids),
             cached_tokens=cached.get(instance.instance_id, 0), decode_candidates=[d.instance_id for d in route.decode],
+            max_tokens=msg.sampling.max_tokens or 0, n=msg.sampling.n,
         )
         assign = Assign(
             request_id=msg.request_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling, priority=msg.priority,
@@ -432,5 +459,6 @@ class SchedulerServer:
         RequestFinished: _on_request_finished,
         RequestHandoff: _on_handoff,
         FlipAck: _on_flip_ack,
+        MigrationResult: _on_migration_result,
         KvEvent: _on_kv_event,
     }

@@ -40,6 +40,8 @@ class EngineHandoff(Protocol):
 
     def resume_held(self, request_id: str) -> None: ...
 
+    def hold_running(self, request_id: str) -> int: ...
+
     def reserve_transfer(
         self,
         request_id: str,
@@ -53,6 +55,7 @@ class EngineHandoff(Protocol):
         logprobs: list | None = None,
         num_cached_tokens: int = 0,
         generator_state: bytes | None = None,
+        recompute: bool = False,
     ) -> list[int]: ...
 
     def write_kv_layers(self, request_id: str, layer_start: int, tensors: list[torch.Tensor]) -> None: ...

@@ -1,7 +1,7 @@
 """What a worker does with each message the scheduler sends it.
 
-Backend (DEALER, the worker's end of the backend channel): Assign, AbortRequest and FinishChoice
-go to the engine loop's queue (an Assign via a prefix reload from the kvstore when one is
+Backend (DEALER, the worker's end of the backend channel): Assign, AbortRequest, FinishChoice
+and MigrateRequest go to the engine loop's queue (an Assign via a prefix reload from the kvstore when one is
 configured); KvSnapshotRequest and RegisterAck are answered here. Control (SUB, topics: own id
 and `all`): RoleFlip, Drain, Shutdown. Each socket is bound to its channel end, so the handler
 tables below cover everything that can arrive: the bus drops the rest.
@@ -25,6 +25,7 @@ from common.protocol import (
     FinishChoice,
     FlipAck,
     KvSnapshotRequest,
+    MigrateRequest,
     RegisterAck,
     RoleFlip,
     Shutdown,
@@ -37,7 +38,7 @@ __all__ = ["Inbox", "InboxOwner", "EngineWork"]
 
 logger = logging.getLogger(__name__)
 
-EngineWork = Assign | AbortRequest | FinishChoice  # applied by the engine loop between steps
+EngineWork = Assign | AbortRequest | FinishChoice | MigrateRequest  # applied by the engine loop between steps
 Handler = Callable[[Any, Any], Awaitable[None]]
 
 
@@ -93,6 +94,9 @@ class Inbox:
     async def _on_finish_choice(self, msg: FinishChoice) -> None:
         self.queue(msg)
 
+    async def _on_migrate_request(self, msg: MigrateRequest) -> None:
+        self.queue(msg)  # a running sequence is parked between steps only
+
     async def _on_snapshot_request(self, msg: KvSnapshotRequest) -> None:
         await self.worker.tiering.send_snapshot()
 
@@ -127,6 +131,7 @@ class Inbox:
         Assign: _on_assign,
         AbortRequest: _on_abort_request,
         FinishChoice: _on_finish_choice,
+        MigrateRequest: _on_migrate_request,
         KvSnapshotRequest: _on_snapshot_request,
         RegisterAck: _on_register_ack,
     }

@@ -89,6 +89,7 @@ class LoadReport:
             **worker.roles.stats(),
             **worker.sender.stats(),
             **worker.receiver.stats(),
+            **worker.book.migrations.stats(),
             **worker.tiering.stats(),
         )
         self.stats = stats

@@ -23,6 +23,7 @@ from common.protocol import (
     BackendMessage,
     FinishChoice,
     KvTransferBegin,
+    MigrateRequest,
     RequestError,
     RequestFinished,
     RequestHandoff,
@@ -32,6 +33,7 @@ from services.prefill.kv_sender import HandoffRequest, KvSender
 from services.worker.embed_queue import EmbedQueue
 from services.worker.engine_api import WorkerEngine
 from services.worker.kv_tiering import KvTiering
+from services.worker.migrations import Migrations
 from services.worker.request_state import RequestState
 from services.worker.role_state import RoleState
 
@@ -69,13 +71,17 @@ class RequestBook:
         self._handoffs: set[asyncio.Task] = set()
         # Embedding requests (an Assign with `embed`): computed apart, one engine call per batch.
         self.embeds = EmbedQueue(worker, run_on_engine, send_backend, self._embedding_done)
+        # DP-balance migrations of running sequences to another decode worker.
+        self.migrations = Migrations(self, run_on_engine, send_backend)
 
     def _embedding_done(self) -> None:
         self.load_dropped = True
 
-    async def apply(self, msg: Assign | AbortRequest | FinishChoice) -> None:
+    async def apply(self, msg: Assign | AbortRequest | FinishChoice | MigrateRequest) -> None:
         """Apply what the scheduler sent, between engine steps."""
-        if isinstance(msg, Assign):
+        if isinstance(msg, MigrateRequest):
+            await self.migrations.start(msg)
+        elif isinstance(msg, Assign):
             if msg.embed is None or msg.request_id in self.requests:
                 await self.add(msg)  # a generation (or a request id in use: refused there)
             else:
@@ -89,6 +95,7 @@ class RequestBook:
     def cancel_handoffs(self) -> None:
         for task in self._handoffs:
             task.cancel()
+        self.migrations.cancel()
 
     async def abort(self, request_id: str) -> None:
         """Stop a request wherever it is here: running, held for a hand-off, or KV arriving."""
@@ -134,7 +141,8 @@ class RequestBook:
             await self._reject(msg, 500, f"internal error: {type(exc).__name__}")
             return
         self.requests[msg.request_id] = RequestState(msg.tokens_addr, len(seqs), len(msg.prompt_ids), handoff=handoff,
-                                                     from_store=loaded)
+                                                     from_store=loaded, sampling=msg.sampling, priority=msg.priority,
+                                                     arrival_time=msg.arrival_time)
         self.total += 1
         worker.roles.started("prefill")
 
@@ -191,6 +199,7 @@ class RequestBook:
         self.requests[begin.request_id] = RequestState(
             begin.tokens_addr, 1, len(begin.prompt_ids), num_output_tokens=len(begin.output_ids),
             first_token_at=time.monotonic(), ttft_s=begin.ttft_s, from_kv=True,
+            sampling=begin.sampling, priority=begin.priority, arrival_time=begin.arrival_time,
         )
         self.total += 1
         self.worker.roles.started("decode")

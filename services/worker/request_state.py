@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from common.protocol import Sampling
 from services.prefill.kv_sender import HandoffRequest
 
 __all__ = ["RequestState"]
@@ -25,6 +26,10 @@ class RequestState:
     handoff: HandoffRequest | None = None  # prefill here, then hand the KV to a decode worker
     from_kv: bool = False  # prefilled elsewhere; its KV landed here
     from_store: dict[str, int] = field(default_factory=dict)  # prompt tokens reloaded from the kvstore, by tier
+    # What a DP-balance migration sends on with the sequence (from the Assign, or the KV transfer).
+    sampling: Sampling | None = None
+    priority: str = "online"
+    arrival_time: float = 0.0
 
     def tpot_s(self, now: float) -> float:
         """Mean time per output token after the first (for a handed-over request: per token

@@ -58,3 +58,19 @@ def test_moe_expert_load_becomes_gauges_and_leaves_with_the_worker() -> None:
     metrics.update_workers([{"instance_id": "dense", "stats": {}}])
     assert _labelled(metrics, "xllm_moe_expert_tokens") == {}
     assert _labelled(metrics, "xllm_moe_rank_load_imbalance") == {}
+
+
+def test_dp_migrations_follow_the_schedulers_totals() -> None:
+    metrics = GatewayMetrics("m")
+
+    def counted() -> dict[str, float]:
+        text = metrics.render().decode()
+        return {s.labels["reason"]: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "xllm_dp_migrations_total"}
+
+    metrics.update_scheduler({"dp_balance": {"migrations": {"running": 3}}})
+    metrics.update_scheduler({"dp_balance": {"migrations": {"running": 5, "kv_pages": 1}}})
+    assert counted() == {"running": 5, "kv_pages": 1}
+    # A restarted scheduler counts from 0 again: the counter never goes down.
+    metrics.update_scheduler({"dp_balance": {"migrations": {"running": 2, "kv_pages": 1}}})
+    assert counted() == {"running": 7, "kv_pages": 1}
