@@ -15,7 +15,7 @@ from common.models.int8_calibration import calibrate_int8_gemms
 from common.models.llama import LlamaForCausalLM
 from common.models.registry import int8_decode_rows, int8_gemm_enabled
 from kernels.cpu_ext import cpu_ops_module
-from kernels.linear import PackedLinear, packed_linear_supported, w8a8_silu_mlp
+from kernels.linear import PackedLinear, bf16_gemms, packed_linear_supported, w8a8_silu_mlp
 from _model_helpers import TINY, PagedDriver
 
 pytestmark = pytest.mark.skipif(
@@ -39,6 +39,21 @@ def test_bf16_path_is_bit_identical_to_f_linear():
     packed = PackedLinear(lin, int8_max_rows=0, w8a8=False)
     x = torch.randn(16, 128, dtype=torch.bfloat16)
     assert torch.equal(packed(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_bf16_gemms_suspends_w8a8_but_not_the_small_batch_path():
+    lin = _linear()
+    packed = PackedLinear(lin, int8_max_rows=4, w8a8=True)
+    x, small = torch.randn(32, 128, dtype=torch.bfloat16), torch.randn(2, 128, dtype=torch.bfloat16)
+    w8a8_out, int8_small = packed(x), packed(small)
+    with bf16_gemms():
+        assert not packed.runs_w8a8(32)
+        assert torch.equal(packed(x), F.linear(x, lin.weight, lin.bias))  # the bf16 GEMM exactly
+        assert torch.equal(packed(small), int8_small)  # decode rows keep their int8 weights
+        assert w8a8_silu_mlp(packed, packed, x) is None
+    with bf16_gemms(active=False):
+        assert torch.equal(packed(x), w8a8_out)
+    assert packed.runs_w8a8(32) and torch.equal(packed(x), w8a8_out)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 5, 64])
