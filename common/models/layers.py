@@ -111,7 +111,8 @@ class Attention(nn.Module):
         H, KVH = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x)
         ext = _cpu_ext(qkv)
-        if (ext is not None and self.q_norm is None and qkv.is_contiguous() and kv_cache.dtype == qkv.dtype
+        if (ext is not None and self.q_norm is None and qkv.is_contiguous()
+                and kv_cache.dtype in (qkv.dtype, torch.int8)
                 and cos.dtype == qkv.dtype):
             # One C++ call rotates q/k in place and stores k/v in their pages (no temporaries).
             ext.rotary_write_kv_(qkv, cos, sin, kv_cache, meta.slot_mapping, H, KVH)
