@@ -363,28 +363,28 @@ void run_decode(const Layout& L, const int64_t* ln, int64_t window, int64_t max_
       attend(b, h, t0, t1, s, p);
     }
   });
-  at::parallel_for(0, W, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> m(G), l(G), acc(G * D);
-    const Partial merged{m.data(), l.data(), acc.data()};
-    for (int64_t w = begin; w < end; ++w) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t c = 0; c < S; ++c) mx = std::max(mx, partial_at(w * S + c).m[g]);
-        float sum = 0.f;
-        for (int64_t c = 0; c < S; ++c) {
-          const Partial p = partial_at(w * S + c);
-          if (p.l[g] == 0.f) continue;
-          const float f = std::exp(p.m[g] - mx);
-          sum += p.l[g] * f;
-          for (int64_t d = 0; d < D; ++d) acc[g * D + d] += f * p.acc[g * D + d];
-        }
-        l[g] = sum;
+  // The merge is G * D * S multiply-adds per pair, and there are fewer pairs than 2 x threads:
+  // on the calling thread it costs less than a second fork/join.
+  std::vector<float> m(G), l(G), acc(G * D);
+  const Partial merged{m.data(), l.data(), acc.data()};
+  for (int64_t w = 0; w < W; ++w) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < S; ++c) mx = std::max(mx, partial_at(w * S + c).m[g]);
+      float sum = 0.f;
+      for (int64_t c = 0; c < S; ++c) {
+        const Partial p = partial_at(w * S + c);
+        if (p.l[g] == 0.f) continue;
+        const float f = std::exp(p.m[g] - mx);
+        sum += p.l[g] * f;
+        for (int64_t d = 0; d < D; ++d) acc[g * D + d] += f * p.acc[g * D + d];
       }
-      const int64_t b = w / L.KVH, h = w % L.KVH;
-      write_out(op + (b * L.H + h * G) * D, merged, G, D);
+      l[g] = sum;
     }
-  });
+    const int64_t b = w / L.KVH, h = w % L.KVH;
+    write_out(op + (b * L.H + h * G) * D, merged, G, D);
+  }
 }
 
 template <typename TQ, typename TC>
