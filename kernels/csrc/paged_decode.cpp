@@ -174,61 +174,80 @@ inline __m512 widen_i8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-// int8 cache, head_dim = 16 * DC: q widened to fp32 once, K/V rows widened in registers.
+// Rows dequantized per block into an L1 buffer, then shared by the G query heads of the KV head:
+// widening int8 is the costly part (two conversions per 16 values), done once per row, not G times.
+constexpr int64_t kI8Block = 16;
+
+// rows x D int8 rows (stride rs) -> fp32 in buf, each times its inline scale.
+template <int DC>
+inline void dequant_block(const int8_t* r0, int64_t rows, int64_t rs, float* __restrict buf) {
+  constexpr int64_t D = 16 * DC;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int8_t* r = r0 + i * rs;
+    const __m512 sv = _mm512_set1_ps(row_scale(r, D));
+    for (int c = 0; c < DC; ++c) _mm512_store_ps(buf + i * D + 16 * c, _mm512_mul_ps(widen_i8(r + 16 * c), sv));
+  }
+}
+
+// int8 cache, head_dim = 16 * DC.
 template <int DC, typename TQ>
 void attend_i8(const Args<TQ, int8_t>& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s,
                const Partial& out) {
   constexpr int64_t D = 16 * DC;
   const Layout& L = a.L;
-  const int64_t n = t1 - t0, RS = L.row_stride;
-  s.scores.resize(L.G * n);
+  const int64_t n = t1 - t0, RS = L.row_stride, G = L.G;
+  s.scores.resize(G * n);
+  s.qf.resize(G * D);
   const int8_t* kbase = a.k + h * L.head_stride;
   const int8_t* vbase = a.v + h * L.head_stride;
   const int64_t* pages = a.pages + b * L.P;
-  const TQ* qb = a.q + (b * L.H + h * L.G) * D;
-  for (int64_t g = 0; g < L.G; ++g) {
-    alignas(64) float qf[D];
-    for (int64_t d = 0; d < D; ++d) qf[d] = to_f32(qb[g * D + d]) * a.scale;  // scale folded into q
-    __m512 qv[DC];
-    for (int c = 0; c < DC; ++c) qv[c] = _mm512_load_ps(qf + 16 * c);
-    float* sg = s.scores.data() + g * n;
-    auto dot = [&](const int8_t* krow) {
-      __m512 acc = _mm512_mul_ps(qv[0], widen_i8(krow));
-      for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], widen_i8(krow + 16 * c), acc);
-      return acc;
-    };
+  const TQ* qb = a.q + (b * L.H + h * G) * D;
+  for (int64_t i = 0; i < G * D; ++i) s.qf[i] = to_f32(qb[i]) * a.scale;  // the softmax scale folded into q
+  alignas(64) float buf[kI8Block * D];
+  // Walks [t0, t1) in blocks of at most kI8Block rows inside one page run: f(first position, rows).
+  auto for_each_block = [&](const int8_t* base, auto&& f) {
     for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
-      const int8_t* k0 = kbase + page * L.page_stride + off * RS;
-      float* o = sg + (r0 - t0);
+      for (int64_t i = 0; i < run; i += kI8Block) {
+        const int64_t rows = std::min(kI8Block, run - i);
+        dequant_block<DC>(base + page * L.page_stride + (off + i) * RS, rows, RS, buf);
+        f(r0 + i - t0, rows);
+      }
+    });
+  };
+  for_each_block(kbase, [&](int64_t first, int64_t rows) {
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 qv[DC];
+      for (int c = 0; c < DC; ++c) qv[c] = _mm512_loadu_ps(s.qf.data() + g * D + 16 * c);
+      auto dot = [&](const float* k) {
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_load_ps(k));
+        for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_load_ps(k + 16 * c), acc);
+        return acc;
+      };
+      float* o = s.scores.data() + g * n + first;
       int64_t i = 0;
-      for (; i + 4 <= run; i += 4) {
-        const int8_t* k = k0 + i * RS;
-        const __m128 s4 = hsum4(dot(k), dot(k + RS), dot(k + 2 * RS), dot(k + 3 * RS));
-        const __m128 sc = _mm_setr_ps(row_scale(k, D), row_scale(k + RS, D), row_scale(k + 2 * RS, D),
-                                      row_scale(k + 3 * RS, D));
-        _mm_storeu_ps(o + i, _mm_mul_ps(s4, sc));
+      for (; i + 4 <= rows; i += 4) {
+        const float* k = buf + i * D;
+        _mm_storeu_ps(o + i, hsum4(dot(k), dot(k + D), dot(k + 2 * D), dot(k + 3 * D)));
       }
-      for (; i < run; ++i) o[i] = _mm512_reduce_add_ps(dot(k0 + i * RS)) * row_scale(k0 + i * RS, D);
-    });
-    if (a.soft_cap > 0)
-      for (int64_t i = 0; i < n; ++i) sg[i] = cap_score(sg[i], a.soft_cap);
-  }
-  exp_rows(s.scores.data(), L.G, n, out);
-  for (int64_t g = 0; g < L.G; ++g) {
-    __m512 acc[DC];
-    for (int c = 0; c < DC; ++c) acc[c] = _mm512_setzero_ps();
-    const float* sg = s.scores.data() + g * n;
-    for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
-      const int8_t* v0 = vbase + page * L.page_stride + off * RS;
-      const float* p0 = sg + (r0 - t0);
-      for (int64_t i = 0; i < run; ++i) {
-        const int8_t* vr = v0 + i * RS;
-        const __m512 p = _mm512_set1_ps(p0[i] * row_scale(vr, D));  // the row's scale folded into p
-        for (int c = 0; c < DC; ++c) acc[c] = _mm512_fmadd_ps(p, widen_i8(vr + 16 * c), acc[c]);
+      for (; i < rows; ++i) o[i] = _mm512_reduce_add_ps(dot(buf + i * D));
+    }
+  });
+  if (a.soft_cap > 0)
+    for (int64_t i = 0; i < G * n; ++i) s.scores[i] = cap_score(s.scores[i], a.soft_cap);
+  exp_rows(s.scores.data(), G, n, out);
+  std::fill(out.acc, out.acc + G * D, 0.f);
+  for_each_block(vbase, [&](int64_t first, int64_t rows) {
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc[DC];
+      for (int c = 0; c < DC; ++c) acc[c] = _mm512_loadu_ps(out.acc + g * D + 16 * c);
+      const float* p0 = s.scores.data() + g * n + first;
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m512 p = _mm512_set1_ps(p0[i]);
+        for (int c = 0; c < DC; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_load_ps(buf + i * D + 16 * c), acc[c]);
       }
-    });
-    for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out.acc + g * D + 16 * c, acc[c]);
-  }
+      for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out.acc + g * D + 16 * c, acc[c]);
+    }
+  });
 }
 #endif
 
