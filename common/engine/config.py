@@ -39,11 +39,8 @@ class EngineConfig:
     model: str | None = setting(None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     # "auto" picks the fastest correct dtype for the device (see resolved_dtype).
     dtype: str = setting("auto", "weights/activations: auto | float32 | bfloat16 | float16")
-    # int8 KV is the bf16 CPU default: it costs ~20x less KL against fp32 than the W8A8 GEMMs already
-    # do (`xllm bench quality`) and halves the bytes decode attention reads.
-    kv_dtype: str = setting("auto", "KV page dtype: auto (int8 with bf16 on CPU, else = --dtype) | int8 "
-                                    "(per-token, per-head scales) | bfloat16 | float32 | float16",
-                            flag="--kv-cache-dtype")
+    kv_dtype: str = setting("auto", "KV page dtype: auto (= --dtype) | int8 (per-token, per-head scales, half "
+                                    "the bytes of bf16) | bfloat16 | float32 | float16", flag="--kv-cache-dtype")
     page_size: int = setting(16, "tokens per KV page")
     kv_cache_memory: str | int | None = setting(
         None, "KV pool size in bytes or e.g. 2GiB (default: a fraction of free memory)")
@@ -85,8 +82,7 @@ class EngineConfig:
 
     def resolved_kv_dtype(self) -> torch.dtype:
         if self.kv_dtype == "auto":
-            dtype = self.resolved_dtype()
-            return torch.int8 if dtype == torch.bfloat16 and torch.device(self.device).type == "cpu" else dtype
+            return self.resolved_dtype()
         if self.kv_dtype.lower() == "int8":
             return torch.int8
         try:
