@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_handoff import PAGE, PROMPTS, drain, hand_off, prompt, tiny_path, tokens  # noqa: F401
+from test_engine_handoff import PAGE, PROMPTS, drain, prompt, tiny_path, tokens  # noqa: F401 (tiny_path: a fixture)
 
 from common.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from common.engine.block_manager import prefix_hashes
