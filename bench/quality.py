@@ -1,8 +1,9 @@
 """`xllm bench quality`: what the fast numeric paths cost in accuracy, against fp32.
 
 Teacher-forced over a text file: the model is loaded once per mode (fp32 reference, plain bf16,
-bf16 + weight-only int8, bf16 + W8A8), the text is prefilled in chunks through the paged KV
-cache, and each mode reports perplexity, top-1 agreement with fp32 and KL(fp32 || mode) per
+bf16 + weight-only int8, bf16 + W8A8, and the int8 KV cache on plain bf16 and on W8A8), the text
+is prefilled in chunks through the paged KV cache (every chunk attends to the pages written
+before it, so an int8 cache's rounding reaches every later token), and each mode reports perplexity, top-1 agreement with fp32 and KL(fp32 || mode) per
 token. Chunks of 4 tokens exercise the small-batch (weight-only int8) path, larger chunks the
 GEMM path, as in serving.
 """
@@ -28,12 +29,17 @@ __all__ = ["add_arguments", "run", "measure", "MODES"]
 
 _README = Path(__file__).resolve().parents[1] / "README.md"
 
-# name -> (dtype, environment, prefill chunk)
-MODES: dict[str, tuple[torch.dtype, dict[str, str], int]] = {
-    "fp32": (torch.float32, {}, 256),
-    "bf16": (torch.bfloat16, {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "0"}, 256),
-    "bf16+int8-weights (<=4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}, 4),
-    "bf16+w8a8 (>4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "1"}, 256),
+_PLAIN = {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "0"}
+_W8A8 = {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "1"}
+
+# name -> (dtype, environment, prefill chunk, KV cache dtype; None = the model's dtype)
+MODES: dict[str, tuple[torch.dtype, dict[str, str], int, torch.dtype | None]] = {
+    "fp32": (torch.float32, {}, 256, None),
+    "bf16": (torch.bfloat16, _PLAIN, 256, None),
+    "bf16+int8-weights (<=4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}, 4, None),
+    "bf16+w8a8 (>4 rows)": (torch.bfloat16, _W8A8, 256, None),
+    "bf16+int8-kv": (torch.bfloat16, _PLAIN, 256, torch.int8),
+    "bf16+w8a8+int8-kv": (torch.bfloat16, _W8A8, 256, torch.int8),
 }
 
 
@@ -47,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_progress_argument(p)
 
 
-def _logits(path: str, dtype: torch.dtype, env: dict[str, str], chunk: int, ids: list[int]) -> torch.Tensor:
+def _logits(path: str, dtype: torch.dtype, env: dict[str, str], chunk: int, ids: list[int],
+            kv_dtype: torch.dtype | None = None) -> torch.Tensor:
     from common.models.registry import load_model
 
     saved = {k: os.environ.get(k) for k in env}
@@ -60,7 +67,7 @@ def _logits(path: str, dtype: torch.dtype, env: dict[str, str], chunk: int, ids:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return model.score(ids, chunk_size=chunk)
+    return model.score(ids, chunk_size=chunk, kv_dtype=kv_dtype)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,9 +88,9 @@ def measure(args: argparse.Namespace) -> dict:
     ref = None
     results = {}
     with progress_bar(len(MODES), "quality", "mode", args=args) as bar:
-        for name, (dtype, env, chunk) in MODES.items():
+        for name, (dtype, env, chunk, kv_dtype) in MODES.items():
             bar.set_postfix_str(name)
-            logits = _logits(path, dtype, env, chunk, ids)[:-1]
+            logits = _logits(path, dtype, env, chunk, ids, kv_dtype)[:-1]
             bar.update(1)
             if ref is None:
                 ref = logits

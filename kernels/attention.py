@@ -19,8 +19,10 @@ padded, masked flash SDPA (which does not skip masked blocks at these sizes).
 Everything that depends only on the batch layout (gather indices, masks) is built once per
 step in :func:`build_attention_metadata` and shared by every layer.
 
-KV cache layout, one tensor per layer: ``[2, num_kv_heads, num_pages, page_size, head_dim]``.
-Head-major pages make a gather of a batch's pages come out as ``[KVH, B, L, D]``, contiguous
+KV cache layout, one tensor per layer: ``[2, num_kv_heads, num_pages, page_size, row]``; a row is
+``head_dim`` values, or in an int8 cache ``head_dim`` int8 values and their scale (``kernels/kv_quant.py``):
+writes quantize, the C++ kernel dequantizes as it reads, this reference path dequantizes the
+gathered pages. Head-major pages make a gather of a batch's pages come out as ``[KVH, B, L, D]``, contiguous
 and ready for batched matmuls, without a transposing copy.
 """
 
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cpu_ext import paged_decode_module
+from kernels.kv_quant import dequantize_kv_rows, quantize_kv_rows
 
 __all__ = [
     "AttentionGroup",
@@ -190,8 +193,10 @@ def build_attention_metadata(
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store new keys/values ``[T, KVH, D]`` at their flat slots."""
-    flat = kv_cache.view(2, kv_cache.shape[1], -1, kv_cache.shape[-1])  # [2, KVH, slots, D]
+    """Store new keys/values ``[T, KVH, D]`` at their flat slots (quantized in an int8 cache)."""
+    flat = kv_cache.view(2, kv_cache.shape[1], -1, kv_cache.shape[-1])  # [2, KVH, slots, row]
+    if flat.dtype == torch.int8:
+        k, v = quantize_kv_rows(k), quantize_kv_rows(v)
     flat[0].index_copy_(1, slot_mapping, k.transpose(0, 1).to(flat.dtype))
     flat[1].index_copy_(1, slot_mapping, v.transpose(0, 1).to(flat.dtype))
 
@@ -226,8 +231,10 @@ def _group_attention(
     L = group.pages.shape[1] * group.page_size
     # Gather whole pages (contiguous runs of page_size * D per head), not single slots.
     flat_pages = group.pages.reshape(-1)
-    k = k_pages.index_select(1, flat_pages).view(KVH, B, L, D)
-    v = v_pages.index_select(1, flat_pages).view(KVH, B, L, D)
+    k = k_pages.index_select(1, flat_pages).view(KVH, B, L, -1)
+    v = v_pages.index_select(1, flat_pages).view(KVH, B, L, -1)
+    if k.dtype == torch.int8:
+        k, v = dequantize_kv_rows(k, q.dtype), dequantize_kv_rows(v, q.dtype)
     if Q == 1:
         # Fold the query heads that share a KV head into the query axis: no GQA expansion.
         qh = qg.view(B, KVH, H // KVH, D).transpose(0, 1)  # [KVH, B, G, D]
@@ -265,7 +272,8 @@ def paged_attention(
     (itself included); ``soft_cap`` applies ``tanh`` capping to the scores.
     """
     T, H, D = q.shape
-    q = q.to(kv_cache.dtype)
+    if kv_cache.dtype != torch.int8:
+        q = q.to(kv_cache.dtype)
     if kv_cache.device.type == "cpu" and (ext := paged_decode_module()) is not None:
         # Every token a query of its own (see the module docstring): the output is already in
         # token order, no gather of q, no scatter of the result.

@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import fidelity as bench_fidelity
     from bench import eplb as bench_eplb
     from bench import dp_balance as bench_dp_balance
+    from bench import decode_attention as bench_decode_attention
 
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
@@ -123,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "machine, over several seeds (SLO attainment mean and spread, flips, predictor error)"),
         ("kv", bench_kv, "tiered KV storage on vs off under multi-turn chats and shared system prompts (TTFT, "
                          "prefix hit rate per tier, throughput)"),
-        ("quality", bench_quality, "accuracy of the bf16 / int8 / W8A8 paths against fp32 (perplexity, top-1 "
-                                   "agreement, KL) on a text file"),
+        ("quality", bench_quality, "accuracy of the bf16 / int8 / W8A8 paths and the int8 KV cache against fp32 "
+                                   "(perplexity, top-1 agreement, KL) on a text file"),
+        ("decode-attention", bench_decode_attention, "the paged decode attention kernel alone per KV dtype, with "
+                                                     "and without the flash-decoding split (ms per call, KV GB/s)"),
         ("colocate", bench_colocate, "online traffic alone, then with a large Batch API job beside it: online SLO "
                                      "attainment and TTFT/TPOT p50/p99 in both runs, offline tokens/s absorbed"),
         ("soak", bench_soak, "many short requests of every kind, malformed and abandoned ones included: errors "

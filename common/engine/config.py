@@ -39,7 +39,8 @@ class EngineConfig:
     model: str | None = setting(None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     # "auto" picks the fastest correct dtype for the device (see resolved_dtype).
     dtype: str = setting("auto", "weights/activations: auto | float32 | bfloat16 | float16")
-    kv_dtype: str = setting("auto", "KV page dtype; auto = same as --dtype")
+    kv_dtype: str = setting("auto", "KV page dtype: auto (= --dtype) | int8 (per-token, per-head scales, half "
+                                    "the bytes of bf16) | bfloat16 | float32 | float16", flag="--kv-cache-dtype")
     page_size: int = setting(16, "tokens per KV page")
     kv_cache_memory: str | int | None = setting(
         None, "KV pool size in bytes or e.g. 2GiB (default: a fraction of free memory)")
@@ -89,7 +90,13 @@ class EngineConfig:
     def resolved_kv_dtype(self) -> torch.dtype:
         if self.kv_dtype == "auto":
             return self.resolved_dtype()
-        return parse_dtype(self.kv_dtype)
+        if self.kv_dtype.lower() == "int8":
+            return torch.int8
+        try:
+            return parse_dtype(self.kv_dtype)
+        except ValueError:
+            raise ValueError(f"unknown KV cache dtype {self.kv_dtype!r}; choose auto, int8 or one of "
+                             f"{sorted(_DTYPES)}") from None
 
 
 def add_engine_arguments(parser: SettingsParser) -> None:

@@ -1,7 +1,8 @@
 """The KV page pool: sizing it and allocating it.
 
-One tensor per layer shaped ``[2, num_kv_heads, num_pages, page_size, head_dim]`` (K then V).
-The layout is fixed because ``kernels/attention.py`` reads it. Which page belongs to which
+One tensor per layer shaped ``[2, num_kv_heads, num_pages, page_size, row]`` (K then V), where a
+row is ``head_dim`` values, or for an int8 pool ``head_dim`` int8 values and their inline fp32
+scale (``kernels/kv_quant.py``). The layout is fixed because ``kernels/attention.py`` reads it. Which page belongs to which
 sequence is the block manager's business (``common/engine/block_manager.py``); this module
 only owns the memory.
 """
@@ -16,6 +17,7 @@ import os
 import torch
 
 from common.settings import parse_memory_size
+from kernels.kv_quant import kv_row_width
 
 __all__ = [
     "kv_page_bytes",
@@ -36,6 +38,7 @@ _DTYPES_BY_NAME: dict[str, torch.dtype] = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
+    "int8": torch.int8,
 }
 
 
@@ -59,8 +62,8 @@ def kv_page_bytes(
 ) -> int:
     """Bytes one page takes across all layers, K and V together."""
     _check_positive(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size)
-    element_size = _resolve_dtype(dtype).itemsize
-    return 2 * num_layers * page_size * num_kv_heads * head_dim * element_size
+    dtype = _resolve_dtype(dtype)
+    return 2 * num_layers * page_size * num_kv_heads * kv_row_width(head_dim, dtype) * dtype.itemsize
 
 
 def num_pages_for_budget(
@@ -123,7 +126,7 @@ def allocate_kv_caches(
     dtype: torch.dtype | str,
     device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
-    """One zeroed ``[2, num_kv_heads, num_pages, page_size, head_dim]`` tensor per layer."""
+    """One zeroed ``[2, num_kv_heads, num_pages, page_size, row]`` tensor per layer (row: see the module doc)."""
     _check_positive(
         num_pages=num_pages,
         num_layers=num_layers,
@@ -132,7 +135,7 @@ def allocate_kv_caches(
         page_size=page_size,
     )
     dtype = _resolve_dtype(dtype)
-    shape = (2, num_kv_heads, num_pages, page_size, head_dim)
+    shape = (2, num_kv_heads, num_pages, page_size, kv_row_width(head_dim, dtype))
     caches = [_zeros(shape, dtype, device) for _ in range(num_layers)]
     total = kv_page_bytes(num_layers, num_kv_heads, head_dim, page_size, dtype) * num_pages
     logger.info(

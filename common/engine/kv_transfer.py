@@ -1,7 +1,8 @@
 """Moving KV pages in and out of the page pool: the wire formats, and the tiered KV store's hooks.
 
-Two wire formats, both over the fixed pool layout ``[2, kv_heads, num_pages, page_size, head_dim]``
-per layer:
+Two wire formats, both over the fixed pool layout ``[2, kv_heads, num_pages, page_size, row]``
+per layer (``row`` = head_dim, or for int8 pages head_dim values and the row's inline scale, so the
+scales move with the pages in both formats; see ``kernels/kv_quant.py``):
 
 * **hand-off, per layer**: one sequence's pages of one layer, ``[2, kv_heads, n_pages, page_size,
   head_dim]`` (``index_select`` on the page dim), so a transfer can stream layer by layer;
@@ -111,6 +112,9 @@ def scatter_layers(
             raise ValueError(f"layer {layer_start + j}: expected a tensor, got {type(t).__name__}")
         if tuple(t.shape) != want:
             raise ValueError(f"layer {layer_start + j}: KV block shape {tuple(t.shape)}, expected {want}")
+        if t.dtype != cache.dtype and torch.int8 in (t.dtype, cache.dtype):
+            # int8 rows carry their scales (kernels/kv_quant.py): a cast would turn them into garbage.
+            raise ValueError(f"layer {layer_start + j}: KV block dtype {t.dtype} cannot go into a {cache.dtype} pool")
     index = torch.tensor(list(page_ids), dtype=torch.long, device=cache.device)
     for j, t in enumerate(tensors):
         target = caches[layer_start + j]

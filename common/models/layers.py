@@ -22,6 +22,7 @@ from common.models.rope import RotaryEmbedding
 from kernels.activation import act_and_mul
 from kernels.attention import AttentionMetadata, build_attention_metadata, paged_attention, write_kv
 from kernels.cpu_ext import cpu_ops_module
+from kernels.kv_quant import kv_row_width
 from kernels.linear import pack_linears, packed_linear_supported, w8a8_silu_mlp
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary
@@ -112,7 +113,8 @@ class Attention(nn.Module):
         H, KVH = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x)
         ext = _cpu_ext(qkv)
-        if (ext is not None and self.q_norm is None and qkv.is_contiguous() and kv_cache.dtype == qkv.dtype
+        if (ext is not None and self.q_norm is None and qkv.is_contiguous()
+                and kv_cache.dtype in (qkv.dtype, torch.int8)
                 and cos.dtype == qkv.dtype):
             # One C++ call rotates q/k in place and stores k/v in their pages (no temporaries).
             ext.rotary_write_kv_(qkv, cos, sin, kv_cache, meta.slot_mapping, H, KVH)
@@ -322,13 +324,16 @@ class DecoderForCausalLM(nn.Module):
         return pack_linears(self, int8_max_rows, w8a8, int8_states)
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int], chunk_size: int = 256, page_size: int = 16) -> torch.Tensor:
+    def score(self, token_ids: list[int], chunk_size: int = 256, page_size: int = 16,
+              kv_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``[T, vocab]`` fp32 logits of every position of one sequence, prefilled in chunks of
-        ``chunk_size`` through scratch KV pages (calibration and accuracy checks, not serving)."""
+        ``chunk_size`` through scratch KV pages (calibration and accuracy checks, not serving);
+        ``kv_dtype`` (default: the weights' dtype) may be ``torch.int8`` (``kernels/kv_quant.py``)."""
         config = self.config
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = kv_dtype or self.model.embed_tokens.weight.dtype
         num_pages = -(-len(token_ids) // page_size)
-        caches = [torch.zeros((2, config.num_key_value_heads, num_pages, page_size, config.head_dim), dtype=dtype)
+        row = kv_row_width(config.head_dim, dtype)
+        caches = [torch.zeros((2, config.num_key_value_heads, num_pages, page_size, row), dtype=dtype)
                   for _ in range(config.num_hidden_layers)]
         table = list(range(num_pages))
         logits = []

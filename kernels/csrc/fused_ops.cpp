@@ -3,7 +3,9 @@
 // dtype at the same points as the PyTorch reference in kernels/{norm,rotary,activation}.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "common.h"
 
@@ -58,17 +60,35 @@ void silu_mul_impl(const T* x, T* out, int64_t rows, int64_t I) {
   });
 }
 
+// A K or V head row into the cache: copied as is, or quantized into an int8 row with its fp32
+// scale appended (kernels/kv_quant.py: scale = max|x| / 127, round half to even).
 template <typename T>
-void rotary_kv_impl(T* qkv, const T* cos, const T* sin, int64_t cs_stride, T* cache, const int64_t* slots,
-                    int64_t tokens, int64_t H, int64_t KVH, int64_t D, int64_t cache_slots) {
+inline void store_row(T* dst, const T* src, int64_t D) {
+  std::memcpy(dst, src, D * sizeof(T));
+}
+template <typename T>
+inline void store_row(int8_t* dst, const T* src, int64_t D) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_f32(src[d])));
+  const float scale = amax / 127.f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float q = scale > 0.f ? std::nearbyint(to_f32(src[d]) / scale) : 0.f;
+    dst[d] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, q)));
+  }
+  std::memcpy(dst + D, &scale, sizeof(scale));
+}
+
+template <typename T, typename TC>
+void rotary_kv_impl(T* qkv, const T* cos, const T* sin, int64_t cs_stride, TC* cache, const int64_t* slots,
+                    int64_t tokens, int64_t H, int64_t KVH, int64_t D, int64_t row, int64_t cache_slots) {
   const int64_t half = D / 2, width = (H + 2 * KVH) * D;
   at::parallel_for(0, tokens, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      T* row = qkv + t * width;
+      T* qrow = qkv + t * width;
       const T* c = cos + t * cs_stride;
       const T* s = sin + t * cs_stride;
       for (int64_t h = 0; h < H + KVH; ++h) {  // q heads then k heads, rotated in place
-        T* x = row + h * D;
+        T* x = qrow + h * D;
 #pragma omp simd
         for (int64_t j = 0; j < half; ++j) {
           const float x1 = to_f32(x[j]), x2 = to_f32(x[j + half]);
@@ -79,8 +99,8 @@ void rotary_kv_impl(T* qkv, const T* cos, const T* sin, int64_t cs_stride, T* ca
       }
       const int64_t slot = slots[t];
       for (int64_t h = 0; h < KVH; ++h) {
-        std::memcpy(cache + (h * cache_slots + slot) * D, row + (H + h) * D, D * sizeof(T));
-        std::memcpy(cache + ((KVH + h) * cache_slots + slot) * D, row + (H + KVH + h) * D, D * sizeof(T));
+        store_row(cache + (h * cache_slots + slot) * row, qrow + (H + h) * D, D);
+        store_row(cache + ((KVH + h) * cache_slots + slot) * row, qrow + (H + KVH + h) * D, D);
       }
     }
   });
@@ -127,24 +147,43 @@ at::Tensor silu_and_mul(at::Tensor x) {
 
 void rotary_write_kv_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor kv_cache, at::Tensor slot_mapping,
                       int64_t num_heads, int64_t num_kv_heads) {
-  const int64_t D = kv_cache.size(-1), T = qkv.size(0);
-  TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == T * (num_heads + 2 * num_kv_heads) * D, "rotary_write_kv_: qkv");
-  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 5 && kv_cache.size(1) == num_kv_heads, "rotary_write_kv_: cache");
+  const int64_t T_ = qkv.size(0);
+  if (T_ == 0) return;
+  const int64_t D = qkv.numel() / (T_ * (num_heads + 2 * num_kv_heads));
+  const bool int8_cache = kv_cache.scalar_type() == at::kChar;
+  const int64_t row = int8_cache ? D + 4 : D;  // an int8 row carries its fp32 scale (kernels/kv_quant.py)
+  TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == T_ * (num_heads + 2 * num_kv_heads) * D, "rotary_write_kv_: qkv");
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 5 && kv_cache.size(1) == num_kv_heads &&
+              kv_cache.size(4) == row, "rotary_write_kv_: cache");
   // cos/sin are usually the two halves of one [T, D] table row: any row stride, unit column stride.
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == D / 2 && cos.stride(1) == 1 && cos.sizes() == sin.sizes() &&
-              cos.strides() == sin.strides() && cos.size(0) == T, "rotary_write_kv_: cos/sin must be [T, D/2]");
-  TORCH_CHECK(qkv.scalar_type() == kv_cache.scalar_type() && cos.scalar_type() == qkv.scalar_type() &&
-              sin.scalar_type() == qkv.scalar_type(), "rotary_write_kv_: one dtype for qkv, cos/sin and cache");
+              cos.strides() == sin.strides() && cos.size(0) == T_, "rotary_write_kv_: cos/sin must be [T, D/2]");
+  TORCH_CHECK((int8_cache || qkv.scalar_type() == kv_cache.scalar_type()) && cos.scalar_type() == qkv.scalar_type() &&
+              sin.scalar_type() == qkv.scalar_type(),
+              "rotary_write_kv_: one dtype for qkv and cos/sin, and the cache in it or int8");
   auto slots = slot_mapping.to(at::kLong).contiguous();
   const int64_t cache_slots = kv_cache.size(2) * kv_cache.size(3);
   AT_DISPATCH_SWITCH(qkv.scalar_type(), "rotary_write_kv_",
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      rotary_kv_impl<c10::BFloat16>(qkv.data_ptr<c10::BFloat16>(), cos.data_ptr<c10::BFloat16>(), sin.data_ptr<c10::BFloat16>(),
-                                    cos.stride(0), kv_cache.data_ptr<c10::BFloat16>(), slots.data_ptr<int64_t>(), T, num_heads,
-                                    num_kv_heads, D, cache_slots);
+      using T = c10::BFloat16;
+      auto* q = qkv.data_ptr<T>();
+      if (int8_cache) {
+        rotary_kv_impl<T, int8_t>(q, cos.data_ptr<T>(), sin.data_ptr<T>(), cos.stride(0), kv_cache.data_ptr<int8_t>(),
+                                  slots.data_ptr<int64_t>(), T_, num_heads, num_kv_heads, D, row, cache_slots);
+      } else {
+        rotary_kv_impl<T, T>(q, cos.data_ptr<T>(), sin.data_ptr<T>(), cos.stride(0), kv_cache.data_ptr<T>(),
+                             slots.data_ptr<int64_t>(), T_, num_heads, num_kv_heads, D, row, cache_slots);
+      }
     })
     AT_DISPATCH_CASE(at::kFloat, [&] {
-      rotary_kv_impl<float>(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), cos.stride(0), kv_cache.data_ptr<float>(),
-                            slots.data_ptr<int64_t>(), T, num_heads, num_kv_heads, D, cache_slots);
+      using T = float;
+      auto* q = qkv.data_ptr<T>();
+      if (int8_cache) {
+        rotary_kv_impl<T, int8_t>(q, cos.data_ptr<T>(), sin.data_ptr<T>(), cos.stride(0), kv_cache.data_ptr<int8_t>(),
+                                  slots.data_ptr<int64_t>(), T_, num_heads, num_kv_heads, D, row, cache_slots);
+      } else {
+        rotary_kv_impl<T, T>(q, cos.data_ptr<T>(), sin.data_ptr<T>(), cos.stride(0), kv_cache.data_ptr<T>(),
+                             slots.data_ptr<int64_t>(), T_, num_heads, num_kv_heads, D, row, cache_slots);
+      }
     }));
 }

@@ -2,7 +2,8 @@
 #include <torch/extension.h>
 
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor pages,
-                                  at::Tensor lens, double scale, int64_t window, double soft_cap);
+                                  at::Tensor lens, double scale, int64_t window, double soft_cap,
+                                  int64_t max_splits);
 at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> bias);
 std::vector<at::Tensor> quantize_rows_s8(at::Tensor x, c10::optional<at::Tensor> channel_scale);
 at::Tensor dequant_rows(at::Tensor acc, at::Tensor x_scale, at::Tensor w_scale, c10::optional<at::Tensor> bias,
@@ -16,7 +17,12 @@ void rotary_write_kv_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
                       int64_t num_heads, int64_t num_kv_heads);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention over paged KV (bf16, fp32 or int8 pages); max_splits: chunks per context "
+        "(-1 = chosen by batch size and context length, 1 = never split)",
+        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("pages"),
+        pybind11::arg("lens"), pybind11::arg("scale"), pybind11::arg("window"), pybind11::arg("soft_cap"),
+        pybind11::arg("max_splits") = -1);
   m.def("int8_linear", &int8_linear, "weight-only int8 linear for small batches");
   m.def("quantize_rows_s8", &quantize_rows_s8, "per-row symmetric int8 quantization of activations",
         pybind11::arg("x"), pybind11::arg("channel_scale") = pybind11::none());

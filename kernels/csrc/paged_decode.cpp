@@ -1,239 +1,226 @@
-// Decode attention over paged KV, reading pages in place (no gather copy).
+// Decode attention over paged KV, reading pages in place (no gather copy). The per-(sequence,
+// kv head) variants are in paged_decode_attend.h; this file splits the work and merges.
 //
 // One query token per sequence. Work is split over (sequence, kv head) pairs across the intra-op
 // threads; each pair reads its K rows once for all the query heads that share that KV head, then
-// its V rows once. Scores and accumulation are fp32; q, the cache and the output may be bf16 or
-// fp32. A bf16 cache with head_dim a multiple of 32 takes an AVX-512 BF16 path (dot products
-// with vdpbf16ps, V rows widened in registers); anything else the portable loop.
+// its V rows once. Scores and accumulation are fp32; q and the output may be bf16 or fp32, the
+// cache bf16, fp32 or int8 (rows of head_dim int8 values and their fp32 scale, kernels/kv_quant.py:
+// dequantized in registers, so a row costs head_dim + 4 bytes of reads instead of 2 * head_dim).
+// A bf16 cache with bf16 q and head_dim a multiple of 32 takes an AVX-512 BF16 path (dot products
+// with vdpbf16ps), an int8 cache with head_dim a multiple of 16 an AVX-512 path; anything else
+// (or a CPU without AVX-512) the portable loop.
+//
+// Flash-decoding split: when there are fewer (sequence, kv head) pairs than twice the threads
+// (batch 1 of a model with 3 KV heads on 2 threads leaves one thread idle a third of the time),
+// each context is cut into chunks attended by different threads, and the partial softmax results
+// (running max, sum of exponentials, unnormalised accumulator) are merged afterwards.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-#include "common.h"
+#include "paged_decode_attend.h"
 
 namespace {
 
-using xllm::from_f32;
-using xllm::to_f32;
+using namespace xllm::decode;
 
-struct Layout {
-  int64_t B, H, D, KVH, G, PS, P, head_stride, page_stride;
-};
+// A chunk shorter than this costs more in the merge and the fork than it gains in balance.
+constexpr int64_t kMinSplitTokens = 128;
 
-// Softmax over each of the G score rows in place (n scores per row).
-inline void softmax_rows(float* scores, int64_t G, int64_t n) {
+// How many chunks each context is cut into (1: no split). Enough chunks that every thread gets
+// at least two work items and the item count divides evenly among the threads.
+int64_t choose_splits(int64_t work, int64_t longest, int64_t max_splits) {
+  const int64_t threads = at::get_num_threads();
+  if (max_splits == 1 || threads <= 1 || work >= 2 * threads) return 1;
+  int64_t splits = (2 * threads + work - 1) / work;
+  for (int64_t s = splits; s < splits + threads; ++s) {
+    if ((work * s) % threads == 0) { splits = s; break; }
+  }
+  splits = std::min(splits, (longest + kMinSplitTokens - 1) / kMinSplitTokens);
+  if (max_splits > 0) splits = std::min(splits, max_splits);
+  return std::max<int64_t>(splits, 1);
+}
+
+template <typename TQ>
+void write_out(TQ* ob, const Partial& p, int64_t G, int64_t D) {
   for (int64_t g = 0; g < G; ++g) {
-    float* __restrict sg = scores + g * n;
-    float mx = -std::numeric_limits<float>::max();
-#pragma omp simd reduction(max : mx)
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sg[i]);
-    float sum = 0.f;
-    // A simd loop lets the compiler use the vector expf from glibc's libmvec.
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) { sg[i] = std::exp(sg[i] - mx); sum += sg[i]; }
-    const float inv = 1.f / sum;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
+    const float inv = p.l[g] > 0 ? 1.f / p.l[g] : 0.f;
+    for (int64_t d = 0; d < D; ++d) ob[g * D + d] = from_f32<TQ>(p.acc[g * D + d] * inv);
   }
 }
 
-inline float cap_score(float s, double soft_cap) {
-  return soft_cap > 0 ? static_cast<float>(std::tanh(s / soft_cap) * soft_cap) : s;
-}
-
-// Walks positions [start, len) one page run at a time: f(first position, page id, offset in the
-// page, run length). Position -> (page, offset) costs an integer division, which per row and per
-// head was the kernel's single largest cost; per run it is noise.
-template <typename F>
-inline void for_each_run(int64_t start, int64_t len, int64_t page_size, const int64_t* pages, F&& f) {
-  for (int64_t t = start; t < len;) {
-    const int64_t page = t / page_size, off = t - page * page_size;
-    const int64_t run = std::min(page_size - off, len - t);
-    f(t, pages[page], off, run);
-    t += run;
+// Runs `attend(b, h, t0, t1, scratch, partial)` over every (sequence, kv head), split or not.
+template <typename TQ, typename Attend>
+void run_decode(const Layout& L, const int64_t* ln, int64_t window, int64_t max_splits, TQ* op, Attend&& attend) {
+  const int64_t W = L.B * L.KVH, G = L.G, D = L.D;
+  auto start_of = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, ln[b] - window) : 0; };
+  int64_t longest = 0;
+  for (int64_t b = 0; b < L.B; ++b) longest = std::max(longest, ln[b] - start_of(b));
+  const int64_t S = choose_splits(W, longest, max_splits);
+  if (S == 1) {
+    at::parallel_for(0, W, 1, [&](int64_t begin, int64_t end) {
+      Scratch s;
+      std::vector<float> m(G), l(G), acc(G * D);
+      const Partial p{m.data(), l.data(), acc.data()};
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t b = w / L.KVH, h = w % L.KVH;
+        attend(b, h, start_of(b), ln[b], s, p);
+        write_out(op + (b * L.H + h * G) * D, p, G, D);
+      }
+    });
+    return;
+  }
+  const int64_t slot = G * (D + 2);  // m[G], l[G], acc[G * D] of one chunk
+  std::vector<float> parts(W * S * slot);
+  auto partial_at = [&](int64_t item) {
+    float* base = parts.data() + item * slot;
+    return Partial{base, base + G, base + 2 * G};
+  };
+  at::parallel_for(0, W * S, 1, [&](int64_t begin, int64_t end) {
+    Scratch s;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t w = item / S, c = item % S, b = w / L.KVH, h = w % L.KVH;
+      const int64_t start = start_of(b), n = ln[b] - start;
+      // Chunks end on page boundaries where they can, so no page run is cut in two.
+      const int64_t chunk = ((n + S - 1) / S + L.PS - 1) / L.PS * L.PS;
+      const int64_t t0 = std::min(ln[b], start + c * chunk), t1 = std::min(ln[b], t0 + chunk);
+      const Partial p = partial_at(item);
+      if (t0 >= t1) {
+        std::fill(p.m, p.m + G, -std::numeric_limits<float>::infinity());
+        std::fill(p.l, p.l + G, 0.f);
+        std::fill(p.acc, p.acc + G * D, 0.f);
+        continue;
+      }
+      attend(b, h, t0, t1, s, p);
+    }
+  });
+  // The merge is G * D * S multiply-adds per pair, and there are fewer pairs than 2 x threads:
+  // on the calling thread it costs less than a second fork/join.
+  std::vector<float> m(G), l(G), acc(G * D);
+  const Partial merged{m.data(), l.data(), acc.data()};
+  for (int64_t w = 0; w < W; ++w) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < S; ++c) mx = std::max(mx, partial_at(w * S + c).m[g]);
+      float sum = 0.f;
+      for (int64_t c = 0; c < S; ++c) {
+        const Partial p = partial_at(w * S + c);
+        if (p.l[g] == 0.f) continue;
+        const float f = std::exp(p.m[g] - mx);
+        sum += p.l[g] * f;
+        for (int64_t d = 0; d < D; ++d) acc[g * D + d] += f * p.acc[g * D + d];
+      }
+      l[g] = sum;
+    }
+    const int64_t b = w / L.KVH, h = w % L.KVH;
+    write_out(op + (b * L.H + h * G) * D, merged, G, D);
   }
 }
 
-// Portable path: any dtype, any head_dim.
 template <typename TQ, typename TC>
-void decode_generic(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pg, const int64_t* ln, TQ* op,
-                    const Layout& L, double scale, int64_t window, double soft_cap) {
-  at::parallel_for(0, L.B * L.KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf(L.G * L.D), row(L.D), acc(L.G * L.D);
-    for (int64_t work = begin; work < end; ++work) {
-      const int64_t b = work / L.KVH, h = work % L.KVH;
-      const int64_t len = ln[b];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - start;
-      scores.assign(L.G * n, 0.f);
-      for (int64_t i = 0; i < L.G * L.D; ++i) qf[i] = to_f32(qp[(b * L.H + h * L.G) * L.D + i]);
-      for_each_run(start, len, L.PS, pg + b * L.P, [&](int64_t t0, int64_t page, int64_t off, int64_t run) {
-        for (int64_t t = t0; t < t0 + run; ++t) {
-          const TC* krow = kp + h * L.head_stride + page * L.page_stride + (off + t - t0) * L.D;
-          float* __restrict r = row.data();
-#pragma omp simd
-          for (int64_t d = 0; d < L.D; ++d) r[d] = to_f32(krow[d]);
-          for (int64_t g = 0; g < L.G; ++g) {
-            const float* __restrict qg = qf.data() + g * L.D;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < L.D; ++d) s += qg[d] * r[d];
-            scores[g * n + (t - start)] = cap_score(s * static_cast<float>(scale), soft_cap);
-          }
-        }
-      });
-      softmax_rows(scores.data(), L.G, n);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_run(start, len, L.PS, pg + b * L.P, [&](int64_t t0, int64_t page, int64_t off, int64_t run) {
-        for (int64_t t = t0; t < t0 + run; ++t) {
-          const TC* vrow = vp + h * L.head_stride + page * L.page_stride + (off + t - t0) * L.D;
-          float* __restrict r = row.data();
-#pragma omp simd
-          for (int64_t d = 0; d < L.D; ++d) r[d] = to_f32(vrow[d]);
-          for (int64_t g = 0; g < L.G; ++g) {
-            const float p = scores[g * n + (t - start)];
-            float* __restrict og = acc.data() + g * L.D;
-#pragma omp simd
-            for (int64_t d = 0; d < L.D; ++d) og[d] += p * r[d];
-          }
-        }
-      });
-      TQ* ob = op + (b * L.H + h * L.G) * L.D;
-      for (int64_t i = 0; i < L.G * L.D; ++i) ob[i] = from_f32<TQ>(acc[i]);
-    }
-  });
-}
-
-inline __m512 widen_bf16(const c10::BFloat16* p) {
-  // bf16 -> fp32 is a 16-bit left shift of each lane.
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// Horizontal sums of four vectors: {sum(a), sum(b), sum(c), sum(d)}.
-inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a,b,a,b per 128-bit lane
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  // a,b,c,d per lane
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-}
-
-// bf16 cache, bf16 q/out, head_dim = 32 * DC (DC <= 4 chunks, i.e. head_dim <= 128).
-template <int DC>
-void decode_bf16(const c10::BFloat16* qp, const c10::BFloat16* kp, const c10::BFloat16* vp, const int64_t* pg,
-                 const int64_t* ln, c10::BFloat16* op, const Layout& L, double scale, int64_t window,
-                 double soft_cap) {
-  constexpr int64_t D = 32 * DC;
-  at::parallel_for(0, L.B * L.KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t work = begin; work < end; ++work) {
-      const int64_t b = work / L.KVH, h = work % L.KVH;
-      const int64_t len = ln[b];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - start;
-      scores.resize(L.G * n);
-      const c10::BFloat16* qb = qp + (b * L.H + h * L.G) * D;
-      const c10::BFloat16* kbase = kp + h * L.head_stride;
-      const c10::BFloat16* vbase = vp + h * L.head_stride;
-      const int64_t* pages = pg + b * L.P;
-      const float fscale = static_cast<float>(scale);
-      for (int64_t g = 0; g < L.G; ++g) {
-        __m512bh qv[DC];
-        for (int c = 0; c < DC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qb + g * D + 32 * c);
-        float* sg = scores.data() + g * n;
-        auto dot = [&](const c10::BFloat16* krow) {
-          __m512 a = _mm512_setzero_ps();
-          for (int c = 0; c < DC; ++c) a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(krow + 32 * c));
-          return a;
-        };
-        for_each_run(start, len, L.PS, pages, [&](int64_t t0, int64_t page, int64_t off, int64_t run) {
-          const c10::BFloat16* k0 = kbase + page * L.page_stride + off * D;
-          float* out = sg + (t0 - start);
-          int64_t i = 0;
-          // Four positions at a time share one horizontal reduction (a third of the shuffles).
-          for (; i + 4 <= run; i += 4) {
-            const c10::BFloat16* k = k0 + i * D;
-            const __m128 s4 = hsum4(dot(k), dot(k + D), dot(k + 2 * D), dot(k + 3 * D));
-            _mm_storeu_ps(out + i, _mm_mul_ps(s4, _mm_set1_ps(fscale)));
-          }
-          for (; i < run; ++i) out[i] = _mm512_reduce_add_ps(dot(k0 + i * D)) * fscale;
-        });
-        if (soft_cap > 0)
-          for (int64_t i = 0; i < n; ++i) sg[i] = cap_score(sg[i], soft_cap);
-      }
-      softmax_rows(scores.data(), L.G, n);
-      c10::BFloat16* ob = op + (b * L.H + h * L.G) * D;
-      // One query head at a time keeps its accumulator in registers; the V rows of this
-      // (sequence, kv head) stay in L1/L2 between the G passes.
-      for (int64_t g = 0; g < L.G; ++g) {
-        __m512 acc[2 * DC];
-        for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_setzero_ps();
-        const float* sg = scores.data() + g * n;
-        for_each_run(start, len, L.PS, pages, [&](int64_t t0, int64_t page, int64_t off, int64_t run) {
-          const c10::BFloat16* v0 = vbase + page * L.page_stride + off * D;
-          const float* p0 = sg + (t0 - start);
-          for (int64_t i = 0; i < run; ++i) {
-            const __m512 p = _mm512_set1_ps(p0[i]);
-            for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_fmadd_ps(p, widen_bf16(v0 + i * D + 16 * c), acc[c]);
-          }
-        });
-        alignas(64) float tmp[D];
-        for (int c = 0; c < 2 * DC; ++c) _mm512_store_ps(tmp + 16 * c, acc[c]);
-        for (int64_t d = 0; d < D; ++d) ob[g * D + d] = from_f32<c10::BFloat16>(tmp[d]);
+void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, const int64_t* lnp, TQ* op,
+                  const Layout& L, double scale, int64_t window, double soft_cap, int64_t max_splits) {
+  const Args<TQ, TC> a{qp, kp, vp, pgp, L, static_cast<float>(scale), soft_cap};
+  auto generic = [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
+    attend_generic(a, b, h, t0, t1, s, p);
+  };
+#ifdef XLLM_DECODE_AVX512
+  if constexpr (std::is_same_v<TC, int8_t>) {
+    if (L.D % 16 == 0 && L.D <= 128) {
+      auto run = [&](auto dc) {
+        run_decode(L, lnp, window, max_splits, op,
+                   [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
+                     attend_i8<decltype(dc)::value>(a, b, h, t0, t1, s, p);
+                   });
+      };
+      switch (L.D / 16) {
+        case 1: run(std::integral_constant<int, 1>{}); return;
+        case 2: run(std::integral_constant<int, 2>{}); return;
+        case 3: run(std::integral_constant<int, 3>{}); return;
+        case 4: run(std::integral_constant<int, 4>{}); return;
+        case 5: run(std::integral_constant<int, 5>{}); return;
+        case 6: run(std::integral_constant<int, 6>{}); return;
+        case 7: run(std::integral_constant<int, 7>{}); return;
+        default: run(std::integral_constant<int, 8>{}); return;
       }
     }
-  });
+  }
+#endif
+#ifdef XLLM_DECODE_AVX512_BF16
+  if constexpr (std::is_same_v<TC, c10::BFloat16> && std::is_same_v<TQ, c10::BFloat16>) {
+    if (L.D % 32 == 0 && L.D <= 128) {
+      auto run = [&](auto dc) {
+        run_decode(L, lnp, window, max_splits, op,
+                   [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
+                     attend_bf16<decltype(dc)::value>(a, b, h, t0, t1, s, p);
+                   });
+      };
+      switch (L.D / 32) {
+        case 1: run(std::integral_constant<int, 1>{}); return;
+        case 2: run(std::integral_constant<int, 2>{}); return;
+        case 3: run(std::integral_constant<int, 3>{}); return;
+        default: run(std::integral_constant<int, 4>{}); return;
+      }
+    }
+  }
+#endif
+  run_decode(L, lnp, window, max_splits, op, generic);
+}
+
+template <typename TQ>
+void decode_cache_dispatch(const at::Tensor& qc, const at::Tensor& k, const at::Tensor& v, const int64_t* pgp,
+                           const int64_t* lnp, at::Tensor& out, const Layout& L, double scale, int64_t window,
+                           double soft_cap, int64_t max_splits) {
+  const TQ* qp = qc.data_ptr<TQ>();
+  TQ* op = out.data_ptr<TQ>();
+  switch (k.scalar_type()) {
+    case at::kBFloat16:
+      decode_typed(qp, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), pgp, lnp, op, L, scale, window,
+                   soft_cap, max_splits);
+      break;
+    case at::kChar:
+      decode_typed(qp, k.data_ptr<int8_t>(), v.data_ptr<int8_t>(), pgp, lnp, op, L, scale, window, soft_cap,
+                   max_splits);
+      break;
+    default:
+      decode_typed(qp, k.data_ptr<float>(), v.data_ptr<float>(), pgp, lnp, op, L, scale, window, soft_cap,
+                   max_splits);
+  }
 }
 
 }  // namespace
 
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor pages,
-                                  at::Tensor lens, double scale, int64_t window, double soft_cap) {
+                                  at::Tensor lens, double scale, int64_t window, double soft_cap,
+                                  int64_t max_splits) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "bad ranks");
-  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3), "pages must be row-contiguous");
   TORCH_CHECK(k_cache.strides() == v_cache.strides(), "K and V must share a layout");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V must share a dtype");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "q must be bfloat16 or float32");
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(cache_type == at::kBFloat16 || cache_type == at::kFloat || cache_type == at::kChar,
+              "KV cache must be bfloat16, float32 or int8");
+  // An int8 row is head_dim values and a 4-byte fp32 scale (kernels/kv_quant.py).
+  const int64_t row = cache_type == at::kChar ? q.size(2) + 4 : q.size(2);
+  TORCH_CHECK(k_cache.size(3) == row, "KV rows hold ", k_cache.size(3), " elements, expected ", row);
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == row, "pages must be row-contiguous");
   auto qc = q.contiguous();
   auto pg = pages.to(at::kLong).contiguous();
   auto ln = lens.to(at::kLong).contiguous();
   auto out = at::empty_like(qc);
-  Layout L{q.size(0), q.size(1), q.size(2), k_cache.size(0), q.size(1) / k_cache.size(0), k_cache.size(2),
-           pg.size(1), k_cache.stride(0), k_cache.stride(1)};
+  const Layout L{q.size(0), q.size(1), q.size(2), k_cache.size(0), q.size(1) / k_cache.size(0), k_cache.size(2),
+                 pg.size(1), k_cache.stride(0), k_cache.stride(1), row};
   const int64_t* pgp = pg.data_ptr<int64_t>();
   const int64_t* lnp = ln.data_ptr<int64_t>();
-  const bool bf16_cache = k_cache.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16_cache || k_cache.scalar_type() == at::kFloat, "KV cache must be bfloat16 or float32");
-  if (bf16_cache && q.scalar_type() == at::kBFloat16 && L.D % 32 == 0 && L.D <= 128) {
-    auto* qp = qc.data_ptr<c10::BFloat16>();
-    auto* kp = k_cache.data_ptr<c10::BFloat16>();
-    auto* vp = v_cache.data_ptr<c10::BFloat16>();
-    auto* opp = out.data_ptr<c10::BFloat16>();
-    switch (L.D / 32) {
-      case 1: decode_bf16<1>(qp, kp, vp, pgp, lnp, opp, L, scale, window, soft_cap); break;
-      case 2: decode_bf16<2>(qp, kp, vp, pgp, lnp, opp, L, scale, window, soft_cap); break;
-      case 3: decode_bf16<3>(qp, kp, vp, pgp, lnp, opp, L, scale, window, soft_cap); break;
-      default: decode_bf16<4>(qp, kp, vp, pgp, lnp, opp, L, scale, window, soft_cap); break;
-    }
-    return out;
-  }
-  auto dispatch = [&](auto* qp, auto* opp) {
-    if (bf16_cache) {
-      decode_generic(qp, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), pgp, lnp, opp, L, scale,
-                     window, soft_cap);
-    } else {
-      decode_generic(qp, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), pgp, lnp, opp, L, scale, window,
-                     soft_cap);
-    }
-  };
   if (q.scalar_type() == at::kBFloat16) {
-    dispatch(qc.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
+    decode_cache_dispatch<c10::BFloat16>(qc, k_cache, v_cache, pgp, lnp, out, L, scale, window, soft_cap, max_splits);
   } else {
-    dispatch(qc.data_ptr<float>(), out.data_ptr<float>());
+    decode_cache_dispatch<float>(qc, k_cache, v_cache, pgp, lnp, out, L, scale, window, soft_cap, max_splits);
   }
   return out;
 }

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from kernels.attention import build_attention_metadata
+from kernels.kv_quant import kv_row_width
 
 TINY = dict(
     vocab_size=256,
@@ -90,7 +91,7 @@ class PagedDriver:
         self.page_size = page_size
         dtype = dtype or next(model.parameters()).dtype
         self.kv_caches = [
-            torch.zeros(2, cfg.num_key_value_heads, num_pages, page_size, cfg.head_dim, dtype=dtype)
+            torch.zeros(2, cfg.num_key_value_heads, num_pages, page_size, kv_row_width(cfg.head_dim, dtype), dtype=dtype)
             for _ in range(cfg.num_hidden_layers)
         ]
         self.free_pages = list(range(num_pages))

@@ -300,3 +300,23 @@ def test_gated_activations_match_transformers():
     fused = torch.cat((gate, up), -1)
     torch.testing.assert_close(silu_and_mul(fused), ACT2FN["silu"](gate) * up)
     torch.testing.assert_close(gelu_tanh_and_mul(fused), ACT2FN["gelu_pytorch_tanh"](gate) * up)
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpp", "pytorch"])
+def test_int8_kv_cache_stays_close_to_hf(pair, cpu_kernels, monkeypatch):
+    """Every variant over an int8 KV cache (quantised on write, dequantised on read): prefill,
+    then one token at a time, close to transformers' fp32 logits (not equal: int8 rounds)."""
+    import common.models.layers as layers
+    import kernels.attention as attention
+
+    name, hf, ours = pair
+    if not cpu_kernels:
+        monkeypatch.setattr(attention, "paged_decode_module", lambda: None)
+        monkeypatch.setattr(layers, "_cpu_ext", lambda x: None)
+    driver = PagedDriver(ours, page_size=4, dtype=torch.int8)
+    tokens = _tokens(20, seed=8)
+    got = torch.cat([driver.step([(0, tokens[:12])])[0], *(driver.step([(0, [t])])[0] for t in tokens[12:])])
+    ref = hf_logits(hf, tokens)
+    rel = (got - ref).abs().max() / ref.abs().max()
+    assert rel < 0.05, f"{name}: int8 KV relative error {rel:.3f}"
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9

@@ -1,0 +1,304 @@
+// The per-(sequence, kv head) attention variants of the paged decode kernel (paged_decode.cpp):
+// each attends one range of positions of one KV head for its G query heads and returns the
+// partial softmax (max, sum, unnormalised accumulator) that paged_decode.cpp normalises or merges.
+// Included by paged_decode.cpp only.
+#pragma once
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#define XLLM_DECODE_AVX512 1
+#endif
+
+namespace xllm::decode {
+
+using xllm::from_f32;
+using xllm::to_f32;
+
+struct Layout {
+  int64_t B, H, D, KVH, G, PS, P, head_stride, page_stride, row_stride;
+};
+
+// Thread-local buffers of one work item.
+struct Scratch {
+  std::vector<float> scores, qf, row;
+};
+
+// Partial attention of the G query heads of one (sequence, kv head) over a range of positions:
+// m = max score, l = sum of exp(score - m), acc = sum of exp(score - m) * v (not normalised).
+struct Partial {
+  float* m;
+  float* l;
+  float* acc;
+};
+
+inline float cap_score(float s, double soft_cap) {
+  return soft_cap > 0 ? static_cast<float>(std::tanh(s / soft_cap) * soft_cap) : s;
+}
+
+inline float row_scale(const int8_t* row, int64_t D) {
+  float s;
+  std::memcpy(&s, row + D, sizeof(s));
+  return s;
+}
+
+// scores[g] <- exp(scores[g] - max); m[g] = max, l[g] = sum.
+inline void exp_rows(float* scores, int64_t G, int64_t n, const Partial& out) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* __restrict sg = scores + g * n;
+    float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sg[i]);
+    float sum = 0.f;
+    // A simd loop lets the compiler use the vector expf from glibc's libmvec.
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) { sg[i] = std::exp(sg[i] - mx); sum += sg[i]; }
+    out.m[g] = mx;
+    out.l[g] = sum;
+  }
+}
+
+// Walks positions [start, len) one page run at a time: f(first position, page id, offset in the
+// page, run length). Position -> (page, offset) costs an integer division, which per row and per
+// head was the kernel's single largest cost; per run it is noise.
+template <typename F>
+inline void for_each_run(int64_t start, int64_t len, int64_t page_size, const int64_t* pages, F&& f) {
+  for (int64_t t = start; t < len;) {
+    const int64_t page = t / page_size, off = t - page * page_size;
+    const int64_t run = std::min(page_size - off, len - t);
+    f(t, pages[page], off, run);
+    t += run;
+  }
+}
+
+inline void load_row(const float* p, float* __restrict r, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) r[d] = p[d];
+}
+inline void load_row(const c10::BFloat16* p, float* __restrict r, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) r[d] = to_f32(p[d]);
+}
+inline void load_row(const int8_t* p, float* __restrict r, int64_t D) {
+  const float s = row_scale(p, D);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) r[d] = static_cast<float>(p[d]) * s;
+}
+
+// Everything one kernel variant needs to attend a range of one (sequence, kv head).
+template <typename TQ, typename TC>
+struct Args {
+  const TQ* q;
+  const TC* k;
+  const TC* v;
+  const int64_t* pages;
+  const Layout& L;
+  float scale;
+  double soft_cap;
+};
+
+// Portable path: any dtype, any head_dim.
+template <typename TQ, typename TC>
+void attend_generic(const Args<TQ, TC>& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s,
+                    const Partial& out) {
+  const Layout& L = a.L;
+  const int64_t n = t1 - t0, D = L.D;
+  s.scores.resize(L.G * n);
+  s.qf.resize(L.G * D);
+  s.row.resize(D);
+  for (int64_t i = 0; i < L.G * D; ++i) s.qf[i] = to_f32(a.q[(b * L.H + h * L.G) * D + i]);
+  const TC* kbase = a.k + h * L.head_stride;
+  const TC* vbase = a.v + h * L.head_stride;
+  const int64_t* pages = a.pages + b * L.P;
+  for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
+    for (int64_t i = 0; i < run; ++i) {
+      load_row(kbase + page * L.page_stride + (off + i) * L.row_stride, s.row.data(), D);
+      const float* __restrict r = s.row.data();
+      for (int64_t g = 0; g < L.G; ++g) {
+        const float* __restrict qg = s.qf.data() + g * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * r[d];
+        s.scores[g * n + (r0 - t0) + i] = cap_score(dot * a.scale, a.soft_cap);
+      }
+    }
+  });
+  exp_rows(s.scores.data(), L.G, n, out);
+  std::fill(out.acc, out.acc + L.G * D, 0.f);
+  for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
+    for (int64_t i = 0; i < run; ++i) {
+      load_row(vbase + page * L.page_stride + (off + i) * L.row_stride, s.row.data(), D);
+      const float* __restrict r = s.row.data();
+      for (int64_t g = 0; g < L.G; ++g) {
+        const float p = s.scores[g * n + (r0 - t0) + i];
+        float* __restrict og = out.acc + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) og[d] += p * r[d];
+      }
+    }
+  });
+}
+
+#ifdef XLLM_DECODE_AVX512
+// Horizontal sums of four vectors: {sum(a), sum(b), sum(c), sum(d)}.
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a,b,a,b per 128-bit lane
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  // a,b,c,d per lane
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+inline __m512 widen_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Rows dequantized per block into an L1 buffer, then shared by the G query heads of the KV head:
+// widening int8 is the costly part (two conversions per 16 values), done once per row, not G times.
+constexpr int64_t kI8Block = 16;
+
+// rows x D int8 rows (stride rs) -> fp32 in buf, each times its inline scale.
+template <int DC>
+inline void dequant_block(const int8_t* r0, int64_t rows, int64_t rs, float* __restrict buf) {
+  constexpr int64_t D = 16 * DC;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int8_t* r = r0 + i * rs;
+    const __m512 sv = _mm512_set1_ps(row_scale(r, D));
+    for (int c = 0; c < DC; ++c) _mm512_store_ps(buf + i * D + 16 * c, _mm512_mul_ps(widen_i8(r + 16 * c), sv));
+  }
+}
+
+// int8 cache, head_dim = 16 * DC.
+template <int DC, typename TQ>
+void attend_i8(const Args<TQ, int8_t>& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s,
+               const Partial& out) {
+  constexpr int64_t D = 16 * DC;
+  const Layout& L = a.L;
+  const int64_t n = t1 - t0, RS = L.row_stride, G = L.G;
+  s.scores.resize(G * n);
+  s.qf.resize(G * D);
+  const int8_t* kbase = a.k + h * L.head_stride;
+  const int8_t* vbase = a.v + h * L.head_stride;
+  const int64_t* pages = a.pages + b * L.P;
+  const TQ* qb = a.q + (b * L.H + h * G) * D;
+  for (int64_t i = 0; i < G * D; ++i) s.qf[i] = to_f32(qb[i]) * a.scale;  // the softmax scale folded into q
+  alignas(64) float buf[kI8Block * D];
+  // Walks [t0, t1) in blocks of at most kI8Block rows inside one page run: f(first position, rows).
+  auto for_each_block = [&](const int8_t* base, auto&& f) {
+    for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
+      for (int64_t i = 0; i < run; i += kI8Block) {
+        const int64_t rows = std::min(kI8Block, run - i);
+        dequant_block<DC>(base + page * L.page_stride + (off + i) * RS, rows, RS, buf);
+        f(r0 + i - t0, rows);
+      }
+    });
+  };
+  for_each_block(kbase, [&](int64_t first, int64_t rows) {
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 qv[DC];
+      for (int c = 0; c < DC; ++c) qv[c] = _mm512_loadu_ps(s.qf.data() + g * D + 16 * c);
+      auto dot = [&](const float* k) {
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_load_ps(k));
+        for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_load_ps(k + 16 * c), acc);
+        return acc;
+      };
+      float* o = s.scores.data() + g * n + first;
+      int64_t i = 0;
+      for (; i + 4 <= rows; i += 4) {
+        const float* k = buf + i * D;
+        _mm_storeu_ps(o + i, hsum4(dot(k), dot(k + D), dot(k + 2 * D), dot(k + 3 * D)));
+      }
+      for (; i < rows; ++i) o[i] = _mm512_reduce_add_ps(dot(buf + i * D));
+    }
+  });
+  if (a.soft_cap > 0)
+    for (int64_t i = 0; i < G * n; ++i) s.scores[i] = cap_score(s.scores[i], a.soft_cap);
+  exp_rows(s.scores.data(), G, n, out);
+  std::fill(out.acc, out.acc + G * D, 0.f);
+  for_each_block(vbase, [&](int64_t first, int64_t rows) {
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc[DC];
+      for (int c = 0; c < DC; ++c) acc[c] = _mm512_loadu_ps(out.acc + g * D + 16 * c);
+      const float* p0 = s.scores.data() + g * n + first;
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m512 p = _mm512_set1_ps(p0[i]);
+        for (int c = 0; c < DC; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_load_ps(buf + i * D + 16 * c), acc[c]);
+      }
+      for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out.acc + g * D + 16 * c, acc[c]);
+    }
+  });
+}
+#endif
+
+#if defined(XLLM_DECODE_AVX512) && defined(__AVX512BF16__)
+#define XLLM_DECODE_AVX512_BF16 1
+inline __m512 widen_bf16(const c10::BFloat16* p) {
+  // bf16 -> fp32 is a 16-bit left shift of each lane.
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// bf16 cache, bf16 q, head_dim = 32 * DC (DC <= 4 chunks, i.e. head_dim <= 128).
+template <int DC>
+void attend_bf16(const Args<c10::BFloat16, c10::BFloat16>& a, int64_t b, int64_t h, int64_t t0, int64_t t1,
+                 Scratch& s, const Partial& out) {
+  constexpr int64_t D = 32 * DC;
+  const Layout& L = a.L;
+  const int64_t n = t1 - t0;
+  s.scores.resize(L.G * n);
+  const c10::BFloat16* qb = a.q + (b * L.H + h * L.G) * D;
+  const c10::BFloat16* kbase = a.k + h * L.head_stride;
+  const c10::BFloat16* vbase = a.v + h * L.head_stride;
+  const int64_t* pages = a.pages + b * L.P;
+  for (int64_t g = 0; g < L.G; ++g) {
+    __m512bh qv[DC];
+    for (int c = 0; c < DC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qb + g * D + 32 * c);
+    float* sg = s.scores.data() + g * n;
+    auto dot = [&](const c10::BFloat16* krow) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < DC; ++c) acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(krow + 32 * c));
+      return acc;
+    };
+    for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
+      const c10::BFloat16* k0 = kbase + page * L.page_stride + off * D;
+      float* o = sg + (r0 - t0);
+      int64_t i = 0;
+      // Four positions at a time share one horizontal reduction (a third of the shuffles).
+      for (; i + 4 <= run; i += 4) {
+        const c10::BFloat16* k = k0 + i * D;
+        const __m128 s4 = hsum4(dot(k), dot(k + D), dot(k + 2 * D), dot(k + 3 * D));
+        _mm_storeu_ps(o + i, _mm_mul_ps(s4, _mm_set1_ps(a.scale)));
+      }
+      for (; i < run; ++i) o[i] = _mm512_reduce_add_ps(dot(k0 + i * D)) * a.scale;
+    });
+    if (a.soft_cap > 0)
+      for (int64_t i = 0; i < n; ++i) sg[i] = cap_score(sg[i], a.soft_cap);
+  }
+  exp_rows(s.scores.data(), L.G, n, out);
+  // One query head at a time keeps its accumulator in registers; the V rows of this
+  // (sequence, kv head) stay in L1/L2 between the G passes.
+  for (int64_t g = 0; g < L.G; ++g) {
+    __m512 acc[2 * DC];
+    for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_setzero_ps();
+    const float* sg = s.scores.data() + g * n;
+    for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
+      const c10::BFloat16* v0 = vbase + page * L.page_stride + off * D;
+      const float* p0 = sg + (r0 - t0);
+      for (int64_t i = 0; i < run; ++i) {
+        const __m512 p = _mm512_set1_ps(p0[i]);
+        for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_fmadd_ps(p, widen_bf16(v0 + i * D + 16 * c), acc[c]);
+      }
+    });
+    for (int c = 0; c < 2 * DC; ++c) _mm512_storeu_ps(out.acc + g * D + 16 * c, acc[c]);
+  }
+}
+#endif
+
+}  // namespace xllm::decode
