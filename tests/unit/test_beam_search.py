@@ -195,7 +195,7 @@ def test_fork_shares_full_pages_and_copies_the_partial_one():
     (dict(allowed_token_ids=[5, 6]), "allowed_token_ids"),
 ])
 def test_invalid_beam_parameters_are_refused(changes, param):
-    values = dict(n=4, use_beam_search=True, temperature=0.0, **{k: v for k, v in changes.items()})
+    values = {"n": 4, "use_beam_search": True, "temperature": 0.0, **changes}
     with pytest.raises(InvalidSamplingParameter) as info:
         SamplingParams(**values).validate()
     assert info.value.param == param

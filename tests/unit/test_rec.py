@@ -37,7 +37,10 @@ def test_fixed_steps_overlap_on_and_off_agree_with_engine_beam_search(engine):
     engine.check_integrity()
     assert engine.block_manager.num_used_pages == 0
     results = runs[(True, 2)]
-    assert all(run == results for run in runs.values())
+    for run in runs.values():  # the same beams; scores agree to rounding (the batches differ)
+        assert [[b.token_ids for b in r] for r in run] == [[b.token_ids for b in r] for r in results]
+        assert [b.cumulative_logprob for r in run for b in r] == pytest.approx(
+            [b.cumulative_logprob for r in results for b in r], abs=1e-4)
     for per_prompt in results:
         assert len(per_prompt) == WIDTH
         assert all(len(b.token_ids) == STEPS and set(b.token_ids) <= set(ITEMS) for b in per_prompt)
