@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict:
     doc = {
         "bench": "rec",
         "model": engine.model_path,
-        "dtype": str(engine.model.dtype) if hasattr(engine.model, "dtype") else config.dtype,
+        "dtype": str(config.resolved_dtype()),
         "device": config.device,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
