@@ -85,15 +85,19 @@ class FixedStepDecoder:
         half = (len(requests) + 1) // 2
         groups = [requests[:half], requests[half:]] if self.micro_batches == 2 else [requests]
         groups = [g for g in groups if g]
+        # The forward passes run on one worker thread in every mode, so the modes differ only in
+        # whether the host work waits for them (on this 2-core box, passes run from the main thread
+        # measured many times slower than from a worker thread; see bench/rec.py).
         try:
-            for group in groups:
-                self._admit(group)
-            if self.overlap and len(groups) == 2:
-                self._run_overlapped(*groups)
-            else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rec-compute") as pool:
                 for group in groups:
-                    while self._unfinished(group):
-                        self._finish_step(group, self._compute(self._prepare(group)))
+                    self._admit(group)
+                if self.overlap and len(groups) == 2:
+                    self._run_overlapped(pool, *groups)
+                else:
+                    for group in groups:
+                        while self._unfinished(group):
+                            self._finish_step(group, pool.submit(self._compute, self._prepare(group)).result())
         finally:
             for request in requests:
                 self._free(request)
@@ -103,22 +107,21 @@ class FixedStepDecoder:
         return SamplingParams(n=self.beam_width, use_beam_search=True, temperature=0.0, max_tokens=self.num_steps,
                               ignore_eos=True, allowed_token_ids=self.allowed)
 
-    def _run_overlapped(self, first: list[_Request], second: list[_Request]) -> None:
+    def _run_overlapped(self, pool: ThreadPoolExecutor, first: list[_Request], second: list[_Request]) -> None:
         # Two-stage pipeline: the worker thread computes one micro-batch while this thread finishes
         # the other's previous step and builds its next inputs.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rec-compute") as pool:
-            pending = pool.submit(self._compute, self._prepare(first))
-            waiting, waiting_inputs = second, self._prepare(second)
-            running = first
-            while pending is not None:
-                logprobs = pending.result()
-                pending = pool.submit(self._compute, waiting_inputs) if waiting_inputs is not None else None
-                self._finish_step(running, logprobs)
-                next_inputs = self._prepare(running) if self._unfinished(running) else None
-                if pending is None and next_inputs is not None:
-                    pending = pool.submit(self._compute, next_inputs)
-                    continue
-                running, waiting, waiting_inputs = waiting, running, next_inputs
+        pending = pool.submit(self._compute, self._prepare(first))
+        waiting, waiting_inputs = second, self._prepare(second)
+        running = first
+        while pending is not None:
+            logprobs = pending.result()
+            pending = pool.submit(self._compute, waiting_inputs) if waiting_inputs is not None else None
+            self._finish_step(running, logprobs)
+            next_inputs = self._prepare(running) if self._unfinished(running) else None
+            if pending is None and next_inputs is not None:
+                pending = pool.submit(self._compute, next_inputs)
+                continue
+            running, waiting, waiting_inputs = waiting, running, next_inputs
 
     # ---- host work ------------------------------------------------------------------------
 
