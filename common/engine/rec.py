@@ -86,8 +86,8 @@ class FixedStepDecoder:
         groups = [requests[:half], requests[half:]] if self.micro_batches == 2 else [requests]
         groups = [g for g in groups if g]
         # The forward passes run on one worker thread in every mode, so the modes differ only in
-        # whether the host work waits for them (on this 2-core box, passes run from the main thread
-        # measured many times slower than from a worker thread; see bench/rec.py).
+        # whether the host work waits for them. (On the loaded 2-core dev box, passes issued from
+        # the main thread measured 10-40x slower than from a worker thread; the cause was not found.)
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rec-compute") as pool:
                 for group in groups:
