@@ -56,6 +56,13 @@ def _cmd_bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_rec(args: argparse.Namespace) -> int:
+    from bench import rec
+
+    rec.run(args, engine_config_from_args(args))
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from xllm.serve import run_serve
 
@@ -108,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     offline.add_arguments(off)
     off.set_defaults(func=_cmd_bench_offline)
+    rec = bench_sub.add_parser("rec", help="generative recommendation: fixed-step beam search over an item "
+                                           "vocabulary, with and without overlapping host work and compute")
+    add_engine_arguments(rec)
+    from bench import rec as bench_rec
+
+    bench_rec.add_arguments(rec)
+    rec.set_defaults(func=_cmd_bench_rec)
     from bench import kv as bench_kv, pd as bench_pd, quality as bench_quality, serve as bench_serve
     from bench import chaos as bench_chaos, soak as bench_soak
     from bench import colocate as bench_colocate

@@ -12,6 +12,8 @@ _EXPORTS = {
     "LLM": "common.engine.llm",
     "RequestOutput": "common.engine.llm",
     "CompletionOutput": "common.engine.llm",
+    "BeamSearchOutput": "common.engine.llm",
+    "BeamSequence": "common.engine.llm",
     "LLMEngine": "common.engine.engine",
     "SequenceOutput": "common.engine.engine",
     "EngineConfig": "common.engine.config",

@@ -237,6 +237,37 @@ class BlockManager:
         seq.num_hashed = full
         self._emit("stored", stored)
 
+    def fork(self, parent_seq_id: Hashable, child_seq_id: Hashable) -> tuple[int, int] | None:
+        """Start ``child_seq_id`` as a copy of the parent's page table (beam search).
+
+        Every page whose slots are all computed is shared by reference. The page the next token
+        goes into, when partly filled, is copied on write: the child gets a fresh page and the
+        returned ``(source, destination)`` pair, whose KV the caller copies in the pool before
+        either sequence computes again. Raises :class:`NoFreePagesError` (changing nothing) when
+        that page cannot be had.
+        """
+        if child_seq_id in self._seqs:
+            raise ValueError(f"sequence {child_seq_id!r} is already admitted")
+        parent = self._seqs[parent_seq_id]
+        num_full = parent.num_computed // self.page_size
+        partial = parent.num_computed % self.page_size != 0
+        if partial and self.num_free_pages < 1:
+            raise NoFreePagesError("no free page for the copy-on-write of a forked sequence's last page")
+        pages = parent.pages[:num_full]
+        for page in pages:
+            self._take_reference(page)
+        copy: tuple[int, int] | None = None
+        if partial:
+            evicted: list[tuple[int, bytes]] = []
+            page = self._allocate_page(evicted)
+            self._emit_reclaimed(evicted)
+            copy = (parent.pages[num_full], page)
+            pages = pages + [page]
+        self._seqs[child_seq_id] = _Sequence(
+            pages, list(parent.hashes), num_hashed=parent.num_hashed, num_computed=parent.num_computed
+        )
+        return copy
+
     def free(self, seq_id: Hashable) -> None:
         """Drop a finished or aborted sequence; unknown ids are ignored."""
         seq = self._seqs.pop(seq_id, None)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from common.engine.beam_groups import BeamGroup, BeamGroups
 from common.engine.block_manager import BlockManager, NoFreePagesError
 from common.engine.config import EngineConfig
 from common.engine.expert_parallel import ExpertParallel
@@ -47,6 +48,7 @@ class SequenceOutput:
     num_output_tokens: int
     num_cached_tokens: int
     held: bool = False  # prefilled and parked for a P/D hand-off (see KvHandoff.export_kv)
+    cumulative_logprob: float | None = None  # beam search: the beam's summed log-probability
 
 
 @dataclass
@@ -111,6 +113,7 @@ class LLMEngine:
         self.vocab_size = mc.vocab_size
         self._requests: dict[str, list[Sequence]] = {}
         self.handoff = KvHandoff(self)
+        self.beams = BeamGroups(self.scheduler, self.block_manager, kv_caches, self.eos_token_ids)
         self.stats = EngineStats()
         logger.info(
             "engine ready: model=%s dtype=%s kv_pages=%d x %d tokens (%.1f MiB) max_model_len=%d",
@@ -136,10 +139,16 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         max_tokens = self.validate_request(request_id, prompt_ids, params)
-        if hold_after_prefill and params.n != 1:
-            raise ValueError(f"hold_after_prefill needs n == 1, got n={params.n}")
+        if hold_after_prefill and (params.n != 1 or params.use_beam_search):
+            raise ValueError(f"hold_after_prefill needs n == 1 without beam search, got n={params.n}")
         prio = Priority.parse(priority)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
+        if params.use_beam_search:  # one sequence (the prompt) that forks into the beams
+            seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, max_tokens=max_tokens,
+                           priority=prio, arrival_time=arrival)
+            self.scheduler.add(seq)
+            self._requests[request_id] = self.beams.start(seq).live
+            return self._requests[request_id]
         seqs = []
         for index in range(params.n):
             gen = make_generator(params.seed + index) if params.seed is not None else None
@@ -162,6 +171,8 @@ class LLMEngine:
         params.validate_for_model(len(prompt_ids), self.max_model_len, self.vocab_size)
         max_tokens = params.resolved_max_tokens(len(prompt_ids), self.max_model_len)
         pages = -(-(len(prompt_ids) + max_tokens) // self.page_size)
+        if params.use_beam_search:  # the beams share the prompt's pages; each needs its own for the rest
+            pages = len(prompt_ids) // self.page_size + params.n * (-(-max_tokens // self.page_size) + 1)
         if pages > self.num_pages:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) needs {pages} KV pages but the "
@@ -176,6 +187,7 @@ class LLMEngine:
             return False
         # Held and incoming sequences are in neither queue; remove() still frees their pages.
         self.handoff.forget(request_id)
+        self.beams.forget(request_id)
         for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
@@ -210,6 +222,8 @@ class LLMEngine:
     def step(self) -> list[SequenceOutput]:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        if not batch and self.beams.release_parked():
+            batch = self.scheduler.schedule()  # parked beams' pages were all that blocked the queue
         if not batch:
             return []
         sampled = self.runner.run(batch)
@@ -235,6 +249,10 @@ class LLMEngine:
                 self.stats.prompt_tokens += item.num_new_tokens
             self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed)
             if not samples:
+                continue
+            if seq.params.use_beam_search:  # no token sampled: its log-probs go to its beam group
+                self.beams.collect(seq, sampled.beam_logprobs[seq.seq_id])
+                self.stats.generated_tokens += 1
                 continue
             token = sampled.token_ids[k]
             lp = sampled.logprobs[k]
@@ -262,7 +280,23 @@ class LLMEngine:
             )
             if reason is not None:
                 self._forget_if_done(seq.request_id)
+        for group in self.beams.advance():
+            outputs.extend(self._beam_outputs(group))
         return outputs
+
+    def _beam_outputs(self, group: BeamGroup) -> list[SequenceOutput]:
+        """A finished beam request's beams, best first, as choices 0..n-1 (each in one piece)."""
+        self._forget_if_done(group.request_id)
+        first = group.live[0]
+        return [
+            SequenceOutput(
+                request_id=group.request_id, index=index, new_token_ids=list(beam.token_ids), new_logprobs=None,
+                finish_reason=beam.finish_reason, num_prompt_tokens=first.num_prompt_tokens,
+                num_output_tokens=len(beam.token_ids), num_cached_tokens=first.num_cached_prompt,
+                cumulative_logprob=beam.cumulative_logprob,
+            )
+            for index, beam in enumerate(group.results or [])
+        ]
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

@@ -20,7 +20,7 @@ from common.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLM", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "RequestOutput", "CompletionOutput", "BeamSearchOutput", "BeamSequence"]
 
 
 @dataclass
@@ -30,6 +30,36 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None  # beam search: the beam's summed log-probability
+
+
+@dataclass
+class BeamSequence:
+    """One beam of `LLM.beam_search`: its output tokens (with the stop token that ended it, if
+    any), their text, and its summed log-probability."""
+
+    token_ids: list[int]
+    text: str
+    cumulative_logprob: float
+    finish_reason: str | None
+
+
+@dataclass
+class BeamSearchOutput:
+    """One prompt's beams, best first (by length-penalised score); indexable like a list."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[BeamSequence]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> BeamSequence:
+        return self.sequences[index]
+
+    def __iter__(self):
+        return iter(self.sequences)
 
 
 @dataclass
@@ -136,6 +166,34 @@ class LLM:
             raise
         return [results[rid] for rid in order]
 
+    def beam_search(
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        beam_width: int = 4,
+        max_tokens: int = 16,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        allowed_token_ids: list[int] | None = None,
+        priority: str = "online",
+    ) -> list[BeamSearchOutput]:
+        """Beam search per prompt (vLLM's ``LLM.beam_search``): its ``beam_width`` best beams, best
+        first, scored and stopped as transformers' ``generate(num_beams=beam_width)``. Prompts
+        are strings or token-id lists. ``allowed_token_ids`` restricts every generated token."""
+        params = SamplingParams(
+            n=beam_width, use_beam_search=True, temperature=0.0, max_tokens=max_tokens, length_penalty=length_penalty,
+            early_stopping=early_stopping, ignore_eos=ignore_eos, min_tokens=min_tokens,
+            allowed_token_ids=allowed_token_ids,
+        )
+        return [
+            BeamSearchOutput(result.prompt, result.prompt_token_ids, [
+                BeamSequence(list(choice.token_ids), choice.text, choice.cumulative_logprob, choice.finish_reason)
+                for choice in result.outputs
+            ])
+            for result in self.generate(prompts, params, priority=priority)
+        ]
+
     def embed(
         self,
         prompts: str | list[int] | list[str] | list[list[int]],
@@ -156,6 +214,8 @@ class LLM:
         if out.new_logprobs and choice.logprobs is not None:
             choice.logprobs.extend(out.new_logprobs)
         result.num_cached_tokens = out.num_cached_tokens
+        if out.cumulative_logprob is not None:
+            choice.cumulative_logprob = out.cumulative_logprob
         finish = out.finish_reason
         if choice_text.push(out.new_token_ids) and finish is None:
             finish = "stop"

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from common.engine.beam_search import beam_logprobs
 from common.engine.grammar_mask import GrammarMasker
 from common.engine.sampler import Sampler, SamplerOutput
 from common.engine.scheduler import ScheduledBatch
@@ -50,6 +51,8 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sampled_seqs = []
+        beam_rows: list[int] = []  # beam-search rows: log-probs for the engine's beam groups, not a sample
+        beam_seqs = []
         for item in batch.items:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed
@@ -58,7 +61,10 @@ class ModelRunner:
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(self._page_table(seq.seq_id))
-            if item.samples:
+            if item.samples and seq.params.use_beam_search:
+                beam_rows.append(len(input_ids) - 1)
+                beam_seqs.append(seq)
+            elif item.samples:
                 sample_rows.append(len(input_ids) - 1)
                 sampled_seqs.append(seq)
 
@@ -68,14 +74,20 @@ class ModelRunner:
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
-        if not sampled_seqs:
+        if not sampled_seqs and not beam_seqs:
             return None
+        sample_rows = sample_rows + beam_rows  # the beam rows' logits come last
         if len(sample_rows) != hidden.shape[0]:
             # Only the rows that sample reach the lm head. index_select: aten::index (hidden[rows])
             # is far slower on CPU.
             rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
             hidden = hidden.index_select(0, rows)
         logits = self.model.compute_logits(hidden)
+        beam_out: dict[int, torch.Tensor] = {}
+        if beam_seqs:
+            beam_lp = beam_logprobs(logits[len(sampled_seqs):], [s.params.allowed_token_ids for s in beam_seqs])
+            beam_out = {s.seq_id: row for s, row in zip(beam_seqs, beam_lp)}
+            logits = logits[: len(sampled_seqs)]
         token_mask = self.grammar.wait(mask_job) if mask_job is not None else None
         out = self.sampler(
             logits,
@@ -87,4 +99,5 @@ class ModelRunner:
         )
         if token_mask is not None:
             self.grammar.advance(sampled_seqs, out.token_ids)
+        out.beam_logprobs = beam_out
         return out

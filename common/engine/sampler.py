@@ -16,10 +16,11 @@ per-row tensors and picks the cheapest path for the batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from common.engine.beam_search import mask_disallowed
 from common.engine.sampling_params import SamplingParams
 from common.engine.token_mask import TokenMask, apply_token_mask
 from kernels import sampling as ops
@@ -41,6 +42,8 @@ class TokenLogprobs:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]  # None where params.logprobs is None
+    # Beam-search rows sample nothing: seq_id -> fp32 next-token log-probs (common.engine.beam_groups)
+    beam_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class SeededGenerator(torch.Generator):
@@ -107,6 +110,7 @@ class Sampler:
         # Hot path: the engine's default (greedy, nothing else) is one argmax for the whole batch.
         if all(
             p.is_greedy and not p.has_penalties and p.logprobs is None and not _needs_min_tokens_mask(p, len(out))
+            and p.allowed_token_ids is None
             for p, out in zip(params, output_ids)
         ):
             if token_mask is not None:  # structured greedy rows: nothing reads the raw logits after this
@@ -117,6 +121,9 @@ class Sampler:
         work = logits.float().clone()
         self._apply_penalties(work, params, prompt_ids, output_ids)
         self._apply_min_tokens(work, params, output_ids)
+        for row, p in enumerate(params):
+            if p.allowed_token_ids is not None:
+                mask_disallowed(work, row, p.allowed_token_ids)
         if token_mask is not None:
             self._apply_token_mask(work, logits, token_mask, params, output_ids)
 

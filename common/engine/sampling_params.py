@@ -63,6 +63,13 @@ class SamplingParams:
     # A migrated continuation's prompt ends with the outputs streamed so far: the last this-many
     # prompt tokens were generated under the grammar, and its matcher replays them first.
     structured_prefix_tokens: int = 0
+    # Beam search (common.engine.beam_search): `n` is the beam width and the request returns its
+    # n best beams; scoring and stopping follow transformers' `generate(num_beams=n)`.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True | False | "never", as transformers
+    # Only these token ids may be generated (None: all); vLLM's `allowed_token_ids`.
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         # OpenAI accepts a single stop string; keep the canonical form a list
@@ -72,6 +79,8 @@ class SamplingParams:
             self.stop = list(self.stop)
         if isinstance(self.stop_token_ids, tuple):
             self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
 
     # ---- derived ------------------------------------------------------------------------
 
@@ -141,6 +150,48 @@ class SamplingParams:
             if self.logprobs > MAX_LOGPROBS:
                 raise InvalidSamplingParameter("logprobs", f"must be <= {MAX_LOGPROBS}, got {self.logprobs}")
         self._check_structured()
+        self._check_allowed_tokens()
+        self._check_beam_search()
+
+    def _check_allowed_tokens(self) -> None:
+        allowed = self.allowed_token_ids
+        if allowed is None:
+            return
+        if not isinstance(allowed, list) or not allowed:
+            raise InvalidSamplingParameter("allowed_token_ids", "must be a non-empty list of token ids")
+        for token_id in allowed:
+            if not _is_int(token_id) or token_id < 0:
+                raise InvalidSamplingParameter("allowed_token_ids", f"must hold non-negative ints, got {token_id!r}")
+
+    def _check_beam_search(self) -> None:
+        if not isinstance(self.use_beam_search, bool):
+            raise InvalidSamplingParameter("use_beam_search", f"must be a boolean, got {self.use_beam_search!r}")
+        self._check_float("length_penalty", self.length_penalty)
+        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
+            raise InvalidSamplingParameter(
+                "early_stopping", f"must be true, false or \"never\", got {self.early_stopping!r}")
+        if not self.use_beam_search:
+            return
+        # Beam search is deterministic: it ranks by the model's own log-probabilities, so the
+        # knobs that reshape or randomise a sampled distribution have nothing to act on.
+        if not self.is_greedy:
+            raise InvalidSamplingParameter(
+                "temperature", f"beam search is deterministic: temperature must be 0, got {self.temperature}")
+        unsupported = {
+            "top_p": self.top_p != 1.0, "top_k": self.top_k > 0, "min_p": self.min_p != 0.0,
+            "presence_penalty": self.presence_penalty != 0.0, "frequency_penalty": self.frequency_penalty != 0.0,
+            "repetition_penalty": self.repetition_penalty != 1.0, "logprobs": self.logprobs is not None,
+            "stop": bool(self.stop), "structured_kind": self.structured_kind is not None,
+        }
+        for name, is_set in unsupported.items():
+            if is_set:
+                raise InvalidSamplingParameter(name, "is not supported with beam search")
+        if self.allowed_token_ids is not None and len(set(self.allowed_token_ids)) < self.n:
+            raise InvalidSamplingParameter(
+                "allowed_token_ids",
+                f"beam search of width n={self.n} needs at least {self.n} distinct allowed tokens, "
+                f"got {len(set(self.allowed_token_ids))}",
+            )
 
     def _check_structured(self) -> None:
         # Shape only: compiling the spec against a tokenizer (common.engine.grammar) is what
@@ -232,11 +283,12 @@ class SamplingParams:
             raise InvalidSamplingParameter(
                 "min_tokens", f"min_tokens ({self.min_tokens}) exceeds the {max_tokens} tokens that fit"
             )
-        for token_id in self.stop_token_ids:
-            if token_id >= vocab_size:
-                raise InvalidSamplingParameter(
-                    "stop_token_ids", f"token id {token_id} is outside the vocabulary (size {vocab_size})"
-                )
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            for token_id in getattr(self, name) or ():
+                if token_id >= vocab_size:
+                    raise InvalidSamplingParameter(
+                        name, f"token id {token_id} is outside the vocabulary (size {vocab_size})"
+                    )
 
     # ---- wire form ----------------------------------------------------------------------
 

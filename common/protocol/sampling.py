@@ -37,6 +37,10 @@ class Sampling(Record):
     structured_kind: str | None = None
     structured_spec: str | None = None
     structured_prefix_tokens: int = 0
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    allowed_token_ids: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Field name -> value (lists copied), the form `SamplingParams.from_dict` takes."""

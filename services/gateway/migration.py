@@ -278,6 +278,9 @@ class Migrator:
         lost_at = attempt.lost_at if reason != "worker_lost" and attempt.lost_at is not None else time.monotonic()
         self.end(attempt)
         self.client.abort_soon(attempt.sub_id, f"migrated: {why}")  # in case it still runs somewhere
+        if attempt.sampling.use_beam_search:
+            await self._restart_beams(attempt, reason, why, lost_at)
+            return
         for choice in attempt.choices:
             if not attempt.owns(choice) or choice.finish_reason is not None:
                 continue
@@ -308,3 +311,28 @@ class Migrator:
             logger.info("request %s choice %d -> %s (%s: %s; %d tokens carried)", self.request_id, choice.index,
                         sub_id, reason, why, len(choice.token_ids))
             await self.submit(new)
+
+    async def _restart_beams(self, attempt: Attempt, reason: str, why: str, lost_at: float) -> None:
+        """A beam search streams nothing before its end, and its beams depend on each other: it
+        starts over whole, as one new attempt with the same choice numbering."""
+        unfinished = [c for c in attempt.choices if attempt.owns(c) and c.finish_reason is None]
+        if not unfinished:
+            return
+        if reason in COUNTED_REASONS:
+            for choice in unfinished:
+                choice.migrations += 1
+            if max(c.migrations for c in unfinished) > self.policy.max_migrations:
+                self.metrics.requests_failed_migration.labels("limit").inc()
+                raise MigrationFailed(
+                    503, f"the beam search lost its worker too often (last: {why}); giving up after "
+                         f"{self.policy.max_migrations} migrations", "worker_lost")
+        self._counter += 1
+        sub_id = f"{self.request_id}~{self._counter}"
+        for choice in unfinished:
+            choice.sub = sub_id
+        new = self.add(sub_id, attempt.prompt_index, self.prompts[attempt.prompt_index], attempt.sampling,
+                       attempt.choices)
+        new.lost_at, new.reason = lost_at, reason
+        self.metrics.requests_migrated.labels(reason).inc()
+        logger.info("request %s: beam search -> %s (%s: %s), restarted whole", self.request_id, sub_id, reason, why)
+        await self.submit(new)

@@ -109,14 +109,35 @@ def _reject_unsupported(fields: Fields) -> None:
     # tools / tool_choice / parallel_tool_calls are validated by services.gateway.tools (chat only)
 
 
+def _allowed_token_ids(fields: Fields) -> list[int] | None:
+    value = fields.body.get("allowed_token_ids")
+    if value is None:
+        return None
+    if not _is_token_list(value) or not value:
+        raise bad_request("'allowed_token_ids' must be a non-empty array of integers", param="allowed_token_ids",
+                          code="invalid_type")
+    return value
+
+
+def _early_stopping(fields: Fields) -> bool | str:
+    value = fields.body.get("early_stopping", False)
+    if value is None:
+        return False
+    if not isinstance(value, bool) and value != "never":
+        raise bad_request(f"'early_stopping' must be true, false or \"never\", got {value!r}", param="early_stopping")
+    return value
+
+
 def _sampling(fields: Fields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     n = fields.int("n", 1)
     if n is not None and n > MAX_N:
         raise bad_request(f"'n' must be <= {MAX_N}, got {n}", param="n")
     structured_kind, structured_spec = parse_structured(fields.body)
+    # vLLM's extension: `n` is the beam width; beam search is deterministic, so temperature 0 unless given.
+    beam = bool(fields.bool("use_beam_search", False))
     params = SamplingParams(
         n=n,
-        temperature=fields.number("temperature", 1.0),
+        temperature=fields.number("temperature", 0.0 if beam else 1.0),
         top_p=fields.number("top_p", 1.0),
         top_k=fields.int("top_k", 0),
         min_p=fields.number("min_p", 0.0),
@@ -133,7 +154,15 @@ def _sampling(fields: Fields, max_tokens: int | None, logprobs: int | None) -> S
         skip_special_tokens=fields.bool("skip_special_tokens", True),
         structured_kind=structured_kind,
         structured_spec=structured_spec,
+        use_beam_search=beam,
+        length_penalty=fields.number("length_penalty", 1.0),
+        early_stopping=_early_stopping(fields),
+        allowed_token_ids=_allowed_token_ids(fields),
     )
+    if beam and fields.bool("stream", False):
+        # The beams are only known once the search is over: there is nothing to stream before.
+        raise bad_request("'use_beam_search' cannot be used with 'stream': the beams are only known at the end",
+                          param="use_beam_search", code="unsupported_parameter")
     try:
         params.validate()
     except InvalidSamplingParameter as exc:
@@ -281,6 +310,9 @@ def _best_of(fields: Fields, n: int, stream: bool) -> int | None:
     best_of = fields.int("best_of")
     if best_of is None or best_of == n:
         return None
+    if fields.bool("use_beam_search", False):
+        raise bad_request("'best_of' cannot be used with 'use_beam_search' ('n' is the beam width)", param="best_of",
+                          code="unsupported_parameter")
     if best_of < n:
         raise bad_request(f"'best_of' must be at least n ({n}), got {best_of}", param="best_of")
     if best_of > MAX_N:

@@ -118,7 +118,7 @@ class RequestBook:
         try:
             params = SamplingParams.from_dict(msg.sampling.to_dict())
             # Only single-choice requests are handed over; the scheduler serves n > 1 whole.
-            hold = bool(msg.decode_candidates) and params.n == 1
+            hold = bool(msg.decode_candidates) and params.n == 1 and not params.use_beam_search
             if hold:
                 handoff = HandoffRequest(
                     request_id=msg.request_id, sampling=msg.sampling, priority=msg.priority,
@@ -132,7 +132,7 @@ class RequestBook:
                 return worker.engine.add_request(msg.request_id, list(msg.prompt_ids), params, priority=msg.priority,
                                                  hold_after_prefill=hold), loaded
 
-            seqs, loaded = await self.run_on_engine(add)
+            _, loaded = await self.run_on_engine(add)
         except (ValueError, TypeError) as exc:
             await self._reject(msg, 400, str(exc))
             return
@@ -140,7 +140,8 @@ class RequestBook:
             logger.exception("could not add request %s", msg.request_id)
             await self._reject(msg, 500, f"internal error: {type(exc).__name__}")
             return
-        self.requests[msg.request_id] = RequestState(msg.tokens_addr, len(seqs), len(msg.prompt_ids), handoff=handoff,
+        # params.n choices come back (a beam request starts as one sequence and returns n beams)
+        self.requests[msg.request_id] = RequestState(msg.tokens_addr, params.n, len(msg.prompt_ids), handoff=handoff,
                                                      from_store=loaded, sampling=msg.sampling, priority=msg.priority,
                                                      arrival_time=msg.arrival_time)
         self.total += 1
