@@ -9,13 +9,17 @@ All sources go into one module (one compile, one load). It is built with OpenMP 
 The module's name carries a hash of its sources and flags: torch keeps one build directory per
 name, so two checkouts (or two versions) of xllm on one machine would otherwise rebuild it over
 each other on every start (minutes of compiling); with the hash each keeps its own, and a
-restarted worker always finds its build. The hash covers the source folder's path as well: the
+restarted worker always finds its build. Builds and loads of one module queue on an ``flock`` in its
+build folder, which dies with its holder; torch's own ``lock`` file does not, and a build killed
+half way left it behind to hang every later start, so one found while holding the flock is stale
+and is removed. The hash covers the source folder's path as well: the
 build files torch writes name the sources by path, so two checkouts of the same sources sharing
 one name would still rebuild each other's.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -28,8 +32,9 @@ __all__ = ["paged_decode_module", "cpu_ops_module"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("paged_decode.cpp", "int8_linear.cpp", "w8a8.cpp", "fused_ops.cpp", "module.cpp")
-_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
-_LDFLAGS = ["-fopenmp"]
+# Tuples: torch's load() appends to the flag lists it is given, which changed this module's name.
+_CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
 
 
 def _module_name() -> str:
@@ -51,18 +56,30 @@ def cpu_ops_module():
     if os.environ.get("XLLM_NO_CPU_EXT"):
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name=_module_name(),
-            sources=[str(_CSRC / name) for name in _SOURCES],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
-            verbose=False,
-        )
+        return _build_and_load(_module_name())
     except Exception as exc:  # a missing compiler or ninja: the PyTorch path still works
         logger.warning("C++ CPU kernels unavailable (%s); using the PyTorch path", exc)
         return None
+
+
+def _build_and_load(name: str):
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    build_dir = Path(_get_build_directory(name, False))
+    with open(build_dir / "xllm-build.flock", "a+") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        baton = build_dir / "lock"
+        if baton.exists():
+            logger.warning("removing %s, left behind by a build that died", baton)
+            baton.unlink(missing_ok=True)
+        return load(
+            name=name,
+            sources=[str(_CSRC / source) for source in _SOURCES],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=str(build_dir),
+            verbose=False,
+        )
 
 
 def paged_decode_module():
