@@ -40,13 +40,15 @@ PROMPTS = [
     "Describe the water cycle.",
 ]
 
-# name -> (dtype, environment for load_model); "default" is what `xllm serve` runs.
-MODES: dict[str, tuple[str, dict[str, str]]] = {
-    "fp32": ("float32", {}),
-    "default (auto)": ("auto", {}),
-    "bf16": ("bfloat16", {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "0"}),
-    "bf16+int8-weights": ("bfloat16", {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}),
-    "bf16+w8a8": ("bfloat16", {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "1"}),
+# name -> (dtype, environment for load_model, EngineConfig fields); "default" is what `xllm serve` runs.
+MODES: dict[str, tuple[str, dict[str, str], dict[str, object]]] = {
+    "fp32": ("float32", {}, {}),
+    "default (auto)": ("auto", {}, {}),
+    "default, --w8a8-prompts": ("auto", {}, {"w8a8_prompts": True}),
+    "bf16": ("bfloat16", {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "0"}, {}),
+    "bf16+int8-weights": ("bfloat16", {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}, {}),
+    "bf16+w8a8": ("bfloat16", {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "1"}, {"w8a8_prompts": True}),
+    "default, int8 KV": ("auto", {}, {"kv_dtype": "int8"}),
 }
 
 
@@ -154,8 +156,9 @@ def run(args: argparse.Namespace) -> int:
     outputs: dict[str, list[list[int]]] = {}
     with progress_bar(len(modes) + bool(args.llama_bin_dir), "fidelity", "path", args=args) as bar:
         for name in modes:
-            dtype, env = MODES[name]
-            outputs[name] = _generate(path, dtype, env, prompts, args.max_tokens, {} if name == "fp32" else extra)
+            dtype, env, fields = MODES[name]
+            outputs[name] = _generate(path, dtype, env, prompts, args.max_tokens,
+                                      fields if name == "fp32" else {**fields, **extra})
             bar.update(1)
         if args.llama_bin_dir:
             llama = _llama_generate(args.llama_bin_dir, path, args.llama_port, prompts, args.max_tokens, args)

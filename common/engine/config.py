@@ -53,6 +53,8 @@ class EngineConfig:
     device: str = setting("cpu", "torch device: cpu, cuda, cuda:N")
     num_threads: int | None = setting(None, "torch intra-op threads (default: torch's own; `xllm serve` "
                                          "splits the CPUs among its workers)", flag="--threads")
+    w8a8_prompts: bool = setting(False, "run prompt tokens on the W8A8 int8 GEMMs too (faster prefill; their KV "
+                                        "drifts further from fp32: see xllm bench fidelity)")
     # A restarted worker reads its packed weights and calibrated int8 scales back (common.weights.cache).
     weight_cache: bool = setting(True, "do not keep dequantized/prepacked weights and calibrated int8 scales "
                                        "on disk for the next start", flag="--no-weight-cache")

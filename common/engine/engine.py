@@ -103,6 +103,7 @@ class LLMEngine:
             self.model, kv_caches, self.page_size, Sampler(set(mc.eos_token_ids)),
             self.block_manager.page_table, config.device,
             grammar=GrammarMasker(self.model_path, mc.vocab_size, mc.eos_token_ids),
+            w8a8_prompts=config.w8a8_prompts,
         )
         if torch.device(config.device).type == "cpu":
             # Build (or load the cached build of) the C++ decode kernel now, while starting up,

@@ -16,6 +16,7 @@ from common.engine.grammar_mask import GrammarMasker
 from common.engine.sampler import Sampler, SamplerOutput
 from common.engine.scheduler import ScheduledBatch
 from kernels.attention import build_attention_metadata
+from kernels.linear import bf16_gemms
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class ModelRunner:
         page_tables: Callable[[int], list[int]],
         device: torch.device | str = "cpu",
         grammar: GrammarMasker | None = None,
+        w8a8_prompts: bool = False,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -40,6 +42,7 @@ class ModelRunner:
         self._page_table = page_tables
         self.device = torch.device(device)
         self.grammar = grammar  # token masks of structured outputs; None: the engine has none
+        self.w8a8_prompts = w8a8_prompts
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SamplerOutput | None:
@@ -73,7 +76,10 @@ class ModelRunner:
         meta = build_attention_metadata(query_lens, context_lens, tables, self.page_size, self.device)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
+        # Prompt tokens skip the W8A8 GEMMs: every later token reads their KV (see kernels.linear).
+        has_prompt = not self.w8a8_prompts and any(it.seq.num_computed < it.seq.num_prompt_tokens for it in batch.items)
+        with bf16_gemms(has_prompt):
+            hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
         if not sampled_seqs and not beam_seqs:
             return None
         sample_rows = sample_rows + beam_rows  # the beam rows' logits come last
