@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from common.protocol.base import Channel, Message, Record, register
 from common.protocol.embedding import EmbedTask
+from common.protocol.image import ImageMeta
 from common.protocol.sampling import Sampling
 
 __all__ = [
@@ -134,6 +135,8 @@ class Assign(BackendMessage):
     decode_candidates: list[DecodeCandidate] = []
     # Set: an embedding request (the worker pools a prefill-only forward; no decode, no hand-off).
     embed: EmbedTask | None = None
+    # A multimodal request's images, each with one raw tensor frame in this order (common.image_frames).
+    images: list[ImageMeta] = []
 
 
 @register

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import torch
 import zmq
 import zmq.asyncio
 
@@ -76,7 +77,7 @@ _REFUSED_FLIPS = RateLimitedLog(logger, "refused flip requests")
 __all__ = ["SchedulerServer"]
 
 # A handler of one message type: (server, sender identity, message).
-Handler = Callable[[Any, bytes, Any], Awaitable[None]]
+Handler = Callable[..., Awaitable[None]]  # (server, identity, msg[, tensors])
 
 
 class SchedulerServer:
@@ -163,9 +164,14 @@ class SchedulerServer:
                             on_refused: bus.OnRefused | None = None) -> None:
         while True:
             # Malformed messages, and those not for this socket's channel end, are dropped there.
-            identity, msg, _ = await bus.recv(sock, on_refused=on_refused)
+            identity, msg, tensors = await bus.recv(sock, on_refused=on_refused)
             try:
-                await handlers[type(msg)](self, identity, msg)
+                if type(msg) in self._TAKES_TENSORS:
+                    await handlers[type(msg)](self, identity, msg, tensors)
+                elif tensors:
+                    logger.warning("dropped %s from %r: it carries no tensor frames", type(msg).__name__, identity)
+                else:
+                    await handlers[type(msg)](self, identity, msg)
             except Exception:
                 # A handler bug on one message must not stop the scheduler.
                 logger.exception("error handling %s from %r", type(msg).__name__, identity)
@@ -270,7 +276,7 @@ class SchedulerServer:
         logger.info("gateway %s connected (tokens at %s)", msg.gateway_id, msg.tokens_addr)
         self.gateways[msg.gateway_id] = (identity, msg.tokens_addr)
 
-    async def _on_submit(self, identity: bytes, msg: Submit) -> None:
+    async def _on_submit(self, identity: bytes, msg: Submit, tensors: list[torch.Tensor]) -> None:
         if not msg.tokens_addr.startswith(("ipc://", "tcp://")):
             # Nowhere to send tokens or even an error: refuse before a worker spends time on it.
             logger.warning("dropped submit %s from %r: bad tokens address %r", msg.request_id, identity,
@@ -282,6 +288,14 @@ class SchedulerServer:
                 return  # the same gateway sent it again (it could not tell it arrived): done already
             await self._send_error(msg.tokens_addr, msg.request_id, 409, f"request id {msg.request_id!r} is in use")
             return
+        if len(tensors) != len(msg.images):
+            await self._send_error(msg.tokens_addr, msg.request_id, 400,
+                                   f"{len(msg.images)} image(s) but {len(tensors)} tensor frame(s)")
+            return
+        await self._route_submit(identity, msg, tensors)
+
+    async def _route_submit(self, identity: bytes, msg: Submit, tensors: list[torch.Tensor]) -> None:
+        """Pick the worker(s) of a checked Submit and send them its Assign (with its image frames)."""
         instances = self.registry.instances()
         cached = self.kv.cached_tokens(instances, msg.prompt_ids)
         route = self.router.route(instances, len(msg.prompt_ids), msg.sampling.n, cached, msg.priority)
@@ -289,22 +303,26 @@ class SchedulerServer:
             await self._send_error(msg.tokens_addr, msg.request_id, 503, "no worker available", reason="no_worker")
             return
         instance = route.prefill
+        # An image request is served whole where it is prefilled: a decode peer taking its KV would
+        # not have the images its M-RoPE positions depend on.
+        decode = [] if msg.images else route.decode
         self.requests.add(
             instance, request_id=msg.request_id, gateway_identity=identity, gateway_id=msg.gateway_id,
             tokens_addr=msg.tokens_addr, prompt_len=len(msg.prompt_ids),
-            cached_tokens=cached.get(instance.instance_id, 0), decode_candidates=[d.instance_id for d in route.decode],
+            cached_tokens=cached.get(instance.instance_id, 0), decode_candidates=[d.instance_id for d in decode],
         )
         assign = Assign(
             request_id=msg.request_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling, priority=msg.priority,
             gateway_id=msg.gateway_id, tokens_addr=msg.tokens_addr, prefill_instance=instance.instance_id,
-            decode_instance=route.decode[0].instance_id if route.decode else instance.instance_id,
+            decode_instance=decode[0].instance_id if decode else instance.instance_id,
             arrival_time=msg.arrival_time,
             decode_candidates=[DecodeCandidate(instance_id=d.instance_id, kv_addr=d.kv_addr, flip_id=d.flip_id)
-                               for d in route.decode],
+                               for d in decode],
             embed=msg.embed,  # an embedding request: the worker ignores the decode candidates
+            images=msg.images,
         )
         logger.debug("request %s -> %s", msg.request_id, instance.instance_id)
-        await bus.send(self.backend, assign, identity=instance.identity)
+        await bus.send(self.backend, assign, *tensors, identity=instance.identity)
 
     async def _on_abort(self, identity: bytes, msg: Abort) -> None:
         entry = self.requests.abort(msg.request_id)
@@ -417,6 +435,7 @@ class SchedulerServer:
 
     # ---- dispatch: exactly what each socket's channel end takes -------------------------
 
+    _TAKES_TENSORS: frozenset[type[Message]] = frozenset({Submit})  # handlers called with the frames too
     _ON_FRONTEND: Mapping[type[Message], Handler] = {
         Submit: _on_submit,
         Abort: _on_abort,
