@@ -56,6 +56,8 @@ class Register(BackendMessage):
     # incarnation is a new instance, and the old one's requests are not its own.
     incarnation: str = ""
     pid: int = 0  # lets the scheduler tell which ipc:// peer a socket disconnect was (liveness)
+    # An encoder (role `encode`) sharing a device with this worker (ED-P); empty: standalone.
+    colocated_with: str = ""
 
 
 @register
