@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from common.service_config import add_service_arguments
 from common.settings import SettingsParser, setting
+from services.scheduler.encode_pool import DEFAULT_ENCODE_TIMEOUT_S
+from services.scheduler.epd_placement import EP_D, PLACEMENTS
 from services.scheduler.pd_policy import POLICIES, PdPolicy, make_policy
 from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_SUSPECT_AFTER_S
 
@@ -27,13 +29,18 @@ class SchedulerConfig:
     kvstore: bool = setting(False, "follow the kvstore of this --run-dir (its DRAM/SSD blocks count for routing)")
     kvstore_addr: str | None = setting(None, "the kvstore's ROUTER address (implies --kvstore)")
     kvstore_events_addr: str | None = setting(None, "the kvstore's event PUB address")
+    epd_placement: str = setting(EP_D, "where images are encoded: ep-d (the prefill worker), ed-p (encoders beside "
+                                       "the decode workers), e-p-d (standalone encoders)", choices=PLACEMENTS)
+    encode_timeout: float = setting(DEFAULT_ENCODE_TIMEOUT_S, "seconds an encoder may take on a request's images "
+                                                              "before they are encoded elsewhere")
     expected_workers: int | None = setting(
         None, "workers this layout starts (xllm serve sets it): /health and /status report how many of them are up")
 
     def problems(self) -> list[str]:
         """What makes this configuration unusable, as flag-named messages."""
         problems = [f"--{name.replace('_', '-')} must be > 0"
-                    for name in ("heartbeat_timeout", "suspect_after", "ttft_slo_ms", "tpot_slo_ms", "policy_interval")
+                    for name in ("heartbeat_timeout", "suspect_after", "ttft_slo_ms", "tpot_slo_ms", "policy_interval",
+                                 "encode_timeout")
                     if getattr(self, name) <= 0]
         if self.expected_workers is not None and self.expected_workers < 0:
             problems.append("--expected-workers must be >= 0")

@@ -37,8 +37,11 @@ from common.protocol import (
     Abort,
     AbortRequest,
     Assign,
+    ENCODE_ROLE,
     DecodeCandidate,
     Deregister,
+    EncodeRequest,
+    EncodeResult,
     FinishChoice,
     FlipAck,
     FlipRequest,
@@ -63,6 +66,7 @@ from common.gateway_push import GatewayPushers
 from common.log_limits import RateLimitedLog
 from common.service_config import ServiceAddresses
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.encode_pool import EncodePool
 from services.scheduler.kv_awareness import KvAwareness
 from services.scheduler.liveness import PeerMonitor, judge_disconnect
 from services.scheduler.pd_policy import PdPolicy
@@ -105,6 +109,9 @@ class SchedulerServer:
         self.flips = RoleFlips(self.registry, self._publish, self.policy.note_flip)
         self.reap_interval_s = reap_interval_s
         self.requests = RequestTable(self.registry)
+        # Multimodal Submits wait here for an encoder under ED-P / E-P-D (`encode_pool`).
+        self.encode = EncodePool(config.epd_placement, self.registry, self._send_encode, self._route_submit,
+                                 config.encode_timeout)
         self.gateways: dict[str, tuple[bytes, str]] = {}  # gateway_id -> (identity, tokens_addr)
         self._context = context or zmq.asyncio.Context.instance()
         self.kv = kv or KvAwareness(self._context)
@@ -180,6 +187,7 @@ class SchedulerServer:
         while True:
             await asyncio.sleep(self.reap_interval_s)
             suspects, dead = self.registry.tick()
+            await self.encode.expire()
             for instance in suspects:
                 logger.warning("instance %s is suspect (%s): no new work", instance.instance_id,
                                instance.suspect_reason)
@@ -200,6 +208,8 @@ class SchedulerServer:
         self.policy.forget(instance.instance_id)
         self.kv.forget(instance.instance_id)
         await self._fail_requests_of(instance, "worker died")
+        if instance.role == ENCODE_ROLE:
+            await self.encode.encoder_gone(instance)
 
     async def _policy_loop(self) -> None:
         while True:
@@ -233,6 +243,7 @@ class SchedulerServer:
             "requests": len(self.requests),
             "policy": self.policy.snapshot() if hasattr(self.policy, "snapshot") else {},
             **self.kv.summary(),
+            **self.encode.summary(),
         }
 
     # ---- frontend: gateways -------------------------------------------------------------
@@ -292,7 +303,7 @@ class SchedulerServer:
             await self._send_error(msg.tokens_addr, msg.request_id, 400,
                                    f"{len(msg.images)} image(s) but {len(tensors)} tensor frame(s)")
             return
-        await self._route_submit(identity, msg, tensors)
+        await self.encode.submit(identity, msg, tensors)
 
     async def _route_submit(self, identity: bytes, msg: Submit, tensors: list[torch.Tensor]) -> None:
         """Pick the worker(s) of a checked Submit and send them its Assign (with its image frames)."""
@@ -325,6 +336,8 @@ class SchedulerServer:
         await bus.send(self.backend, assign, *tensors, identity=instance.identity)
 
     async def _on_abort(self, identity: bytes, msg: Abort) -> None:
+        if self.encode.abort(msg.request_id):
+            return  # aborted while its images encoded: no worker holds it
         entry = self.requests.abort(msg.request_id)
         if entry is None:
             # Finished already, or submitted before this scheduler (re)started: a worker may still
@@ -344,7 +357,9 @@ class SchedulerServer:
 
     async def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
         instance = self.registry.heartbeat(identity, msg)
-        if instance is not None:
+        if instance is not None and instance.role == ENCODE_ROLE:
+            pass  # an encoder: no prefill/decode load for the PD policy
+        elif instance is not None:
             # The policy's role of record is the one it ordered, while the worker has not answered.
             self.policy.observe_heartbeat(msg, instance.ordered_role)
         else:
@@ -377,6 +392,8 @@ class SchedulerServer:
             self.policy.forget(msg.instance_id)
             self.kv.forget(msg.instance_id)
             await self._fail_requests_of(instance, "worker left")
+            if instance.role == ENCODE_ROLE:
+                await self.encode.encoder_gone(instance)
 
     async def _on_flip_ack(self, identity: bytes, msg: FlipAck) -> None:
         instance = self.registry.by_identity(identity)
@@ -406,6 +423,8 @@ class SchedulerServer:
                            msg.instance_id, len(old.inflight))
             self.kv.forget(msg.instance_id)
             await self._fail_requests_of(old, "worker restarted")
+            if old.role == ENCODE_ROLE:
+                await self.encode.encoder_gone(old)
         if outcome is not RegisterOutcome.REFRESHED:
             logger.info("instance %s registered: role=%s pages=%d model=%s",
                         msg.instance_id, msg.role, msg.num_pages, msg.model)
@@ -417,6 +436,12 @@ class SchedulerServer:
             for request_id in orphans:
                 await bus.send(self.backend, AbortRequest(request_id=request_id), identity=identity)
         await bus.send(self.backend, RegisterAck(instance_id=msg.instance_id, accepted=True), identity=identity)
+
+    async def _on_encode_result(self, identity: bytes, msg: EncodeResult, tensors: list[torch.Tensor]) -> None:
+        await self.encode.on_result(identity, msg, tensors)
+
+    async def _send_encode(self, encoder: Instance, msg: EncodeRequest, tensors: list[torch.Tensor]) -> None:
+        await bus.send(self.backend, msg, *tensors, identity=encoder.identity)
 
     async def _fail_requests_of(self, instance: Instance, reason: str) -> None:
         """Its requests are lost with it: retriable, so their gateways migrate them."""
@@ -435,7 +460,7 @@ class SchedulerServer:
 
     # ---- dispatch: exactly what each socket's channel end takes -------------------------
 
-    _TAKES_TENSORS: frozenset[type[Message]] = frozenset({Submit})  # handlers called with the frames too
+    _TAKES_TENSORS: frozenset[type[Message]] = frozenset({Submit, EncodeResult})  # handlers called with the frames too
     _ON_FRONTEND: Mapping[type[Message], Handler] = {
         Submit: _on_submit,
         Abort: _on_abort,
@@ -452,4 +477,5 @@ class SchedulerServer:
         RequestHandoff: _on_handoff,
         FlipAck: _on_flip_ack,
         KvEvent: _on_kv_event,
+        EncodeResult: _on_encode_result,
     }
