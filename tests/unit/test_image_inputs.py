@@ -23,8 +23,7 @@ from common.image_inputs import (
     image_content_hash,
 )
 from common.protocol import Sampling, Submit
-from tests.unit._vl_model import make_image_processor
-from tests.unit._vl_model import test_image as make_test_image
+from tests.unit._vl_model import make_image_processor, sample_image
 
 LIMITS = {"max_bytes": 1 << 20, "max_pixels": 1 << 20}
 PAD = 7  # an image pad token id for the placeholder tests
@@ -47,7 +46,7 @@ def processor(tmp_path_factory) -> ImageProcessor:
 
 
 def test_png_and_lossless_formats_decode_to_the_same_rgb_pixels() -> None:
-    image = make_test_image(40, 30, seed=1)
+    image = sample_image(40, 30, seed=1)
     from_png = decode_image(encoded(image, "PNG"), **LIMITS)
     from_bmp = decode_image(encoded(image, "BMP"), **LIMITS)
     assert from_png.mode == from_bmp.mode == "RGB" and from_png.size == (40, 30)
@@ -56,7 +55,7 @@ def test_png_and_lossless_formats_decode_to_the_same_rgb_pixels() -> None:
 
 
 def test_content_hash_tells_pixels_and_sizes_apart() -> None:
-    a = make_test_image(32, 32, seed=1)
+    a = sample_image(32, 32, seed=1)
     b = a.copy()
     b.putpixel((5, 5), (0, 0, 0) if a.getpixel((5, 5)) != (0, 0, 0) else (1, 1, 1))
     assert image_content_hash(a) != image_content_hash(b)
@@ -72,7 +71,7 @@ def test_transparency_is_composited_over_white_as_transformers_does() -> None:
 
 
 def test_a_jpeg_decodes() -> None:
-    rgb = decode_image(encoded(make_test_image(64, 48), "JPEG"), **LIMITS)
+    rgb = decode_image(encoded(sample_image(64, 48), "JPEG"), **LIMITS)
     assert rgb.size == (64, 48) and rgb.mode == "RGB"
 
 
@@ -83,20 +82,20 @@ def test_bytes_that_are_no_image_are_refused(data: bytes) -> None:
 
 
 def test_a_truncated_png_is_corrupt() -> None:
-    data = encoded(make_test_image(64, 64))
+    data = encoded(sample_image(64, 64))
     with pytest.raises(CorruptImageError, match="corrupt or truncated"):
         decode_image(data[: len(data) // 2], **LIMITS)
 
 
 def test_a_damaged_jpeg_is_corrupt() -> None:
-    data = bytearray(encoded(make_test_image(64, 64), "JPEG"))
+    data = bytearray(encoded(sample_image(64, 64), "JPEG"))
     data[200:] = b"\x00" * (len(data) - 200)  # the entropy-coded data and the end marker are gone
     with pytest.raises(CorruptImageError):
         decode_image(bytes(data[:400]), **LIMITS)
 
 
 def test_too_many_bytes_is_refused_before_decoding() -> None:
-    data = encoded(make_test_image(64, 64))
+    data = encoded(sample_image(64, 64))
     with pytest.raises(ImageTooLargeError, match=f"{len(data)} bytes"):
         decode_image(data, max_bytes=len(data) - 1, max_pixels=1 << 20)
     assert decode_image(data, max_bytes=len(data), max_pixels=1 << 20).size == (64, 64)
@@ -118,7 +117,7 @@ def test_every_refusal_is_a_value_error() -> None:
 
 
 def test_items_equal_the_transformers_processor_output(processor: ImageProcessor) -> None:
-    images = [make_test_image(56, 56, seed=0), make_test_image(90, 60, seed=2)]
+    images = [sample_image(56, 56, seed=0), sample_image(90, 60, seed=2)]
     items = processor.items(images)
     reference = make_image_processor()(images=images, return_tensors="pt")
     grids = [tuple(row) for row in reference["image_grid_thw"].tolist()]
@@ -171,7 +170,7 @@ def _submit(metas) -> Submit:
 
 
 def test_items_cross_the_codec_as_raw_frames(processor: ImageProcessor) -> None:
-    items = processor.items([make_test_image(56, 56), make_test_image(84, 56, seed=3)])
+    items = processor.items([sample_image(56, 56), sample_image(84, 56, seed=3)])
     expand_image_placeholders([PAD, 9, PAD], items, PAD)
     embedded = ImageItem(content_hash="cd" * 32, grid_thw=(1, 2, 4), num_tokens=2, offset=40,
                          embeddings=torch.randn(2, 64))
@@ -190,7 +189,7 @@ def test_items_cross_the_codec_as_raw_frames(processor: ImageProcessor) -> None:
 
 
 def test_frames_that_disagree_with_their_metadata_are_refused(processor: ImageProcessor) -> None:
-    (item,) = processor.items([make_test_image(56, 56)])
+    (item,) = processor.items([sample_image(56, 56)])
     item.offset = 3
     metas, tensors = image_frames([item])
     with pytest.raises(ValueError, match="1 image"):
