@@ -38,14 +38,12 @@ class PendingImage:
     pixel_values: torch.Tensor
 
 
-def load_vision_tower(model_path: str, dtype: torch.dtype, device: str) -> tuple[Any, Any]:
-    """(model, model config) for `model_path`; a ValueError when the model has no vision tower."""
-    from common.models.registry import load_model
+def load_vision_tower(model_path: str, dtype: torch.dtype, device: str) -> tuple[VisionTower, Any]:
+    """(vision tower, model config) of a vision-language model directory: only the vision
+    weights are loaded (an encoder needs no language model). ValueError for a text-only model."""
+    from common.models.registry import load_vision_tower as load
 
-    model, config = load_model(model_path, dtype=dtype, device=device)
-    if not callable(getattr(model, "encode_images", None)):
-        raise ValueError(f"{model_path} is not a multimodal model: it has no vision tower to serve")
-    return model, config
+    return load(model_path, dtype=dtype, device=device)
 
 
 class BatchEncoder:
