@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ImageItem", "MultimodalState", "build_multimodal_state", "mrope_positions", "virtual_token_base"]
+__all__ = ["ImageItem", "MultimodalState", "MultimodalChunk", "build_multimodal_state", "mrope_positions",
+           "virtual_token_base", "encode_missing", "batch_inputs"]
 
 # Virtual ids start here: no real token id reaches it, so they cannot alias a text page.
 _VIRTUAL_ID_FLOOR = 1 << 32
@@ -146,3 +147,66 @@ def build_multimodal_state(prompt_ids: list[int], images: list[ImageItem], image
         hash_ids[item.offset : item.offset + item.num_tokens] = range(base, base + item.num_tokens)
     return MultimodalState(images=images, positions=positions, rope_delta=delta, hash_prompt_ids=hash_ids,
                            embeddings=[item.embeddings for item in images])
+
+
+@dataclass
+class MultimodalChunk:
+    """One scheduled chunk of a sequence with images: its first row in the flat batch and the
+    prompt/output indices ``[start, start + num_tokens)`` it computes."""
+
+    row: int
+    state: MultimodalState
+    start: int
+    num_tokens: int
+
+
+def _overlapping(chunk: MultimodalChunk) -> list[int]:
+    end = chunk.start + chunk.num_tokens
+    return [k for k, item in enumerate(chunk.state.images)
+            if item.offset < end and item.offset + item.num_tokens > chunk.start]
+
+
+def encode_missing(model, chunks: list[MultimodalChunk], device: torch.device) -> int:
+    """Run the vision tower once over every image this step needs and nobody has encoded yet (EP-D);
+    returns how many images it encoded."""
+    todo: dict[tuple[int, int], tuple[MultimodalState, int]] = {}
+    for chunk in chunks:
+        for k in _overlapping(chunk):
+            if chunk.state.embeddings[k] is None:
+                todo[(id(chunk.state), k)] = (chunk.state, k)
+    if not todo:
+        return 0
+    jobs = list(todo.values())
+    pixels = torch.cat([state.images[k].pixel_values for state, k in jobs]).to(device)
+    encoded = model.encode_images(pixels, [state.images[k].grid_thw for state, k in jobs])
+    for (state, k), embeddings in zip(jobs, encoded):
+        state.embeddings[k] = embeddings
+    return len(jobs)
+
+
+def batch_inputs(chunks: list[MultimodalChunk], positions: list[int],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[3, T]`` M-RoPE positions of the whole flat batch (text rows on all three axes), the
+    batch rows that take image embeddings, and those embeddings (every needed image encoded)."""
+    pos = torch.tensor(positions, dtype=torch.long).expand(3, -1).clone()
+    rows: list[torch.Tensor] = []
+    embeds: list[torch.Tensor] = []
+    for chunk in chunks:
+        state, start, n, row = chunk.state, chunk.start, chunk.num_tokens, chunk.row
+        num_prompt = state.positions.shape[1]
+        in_prompt = max(0, min(start + n, num_prompt) - start)
+        if in_prompt:
+            pos[:, row : row + in_prompt] = state.positions[:, start : start + in_prompt]
+        if in_prompt < n:
+            pos[:, row + in_prompt : row + n] += state.rope_delta
+        for k in _overlapping(chunk):
+            item = state.images[k]
+            lo, hi = max(start, item.offset), min(start + n, item.offset + item.num_tokens)
+            rows.append(torch.arange(row + lo - start, row + hi - start))
+            embeds.append(state.embeddings[k][lo - item.offset : hi - item.offset].to(device))
+    if rows:
+        image_rows = torch.cat(rows).to(device)
+        image_embeds = torch.cat(embeds)
+    else:
+        image_rows, image_embeds = torch.empty(0, dtype=torch.long, device=device), None
+    return pos.to(device), image_rows, image_embeds

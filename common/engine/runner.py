@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from common.engine.grammar_mask import GrammarMasker
+from common.engine.multimodal import MultimodalChunk, batch_inputs, encode_missing
 from common.engine.sampler import Sampler, SamplerOutput
 from common.engine.scheduler import ScheduledBatch
 from kernels.attention import build_attention_metadata
@@ -50,9 +51,12 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sampled_seqs = []
+        mm_chunks: list[MultimodalChunk] = []
         for item in batch.items:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed
+            if seq.mm is not None:
+                mm_chunks.append(MultimodalChunk(len(input_ids), seq.mm, start, n))
             input_ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             query_lens.append(n)
@@ -66,8 +70,13 @@ class ModelRunner:
         mask_job = self.grammar.start(sampled_seqs, self.device) if self.grammar is not None and sampled_seqs else None
         meta = build_attention_metadata(query_lens, context_lens, tables, self.page_size, self.device)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
+        if mm_chunks:
+            encode_missing(self.model, mm_chunks, self.device)
+            pos_t, image_rows, image_embeds = batch_inputs(mm_chunks, positions, self.device)
+            hidden = self.model(ids_t, pos_t, meta, self.kv_caches, image_rows=image_rows, image_embeds=image_embeds)
+        else:
+            pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+            hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
         if not sampled_seqs:
             return None
         if len(sample_rows) != hidden.shape[0]:

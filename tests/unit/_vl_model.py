@@ -115,7 +115,7 @@ def build_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> str:
     return str(path)
 
 
-def test_image(width: int, height: int, seed: int = 0) -> Image.Image:
+def sample_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A deterministic RGB image with structure (gradients plus noise), so patches differ."""
     gen = torch.Generator().manual_seed(seed)
     ys = torch.linspace(0, 1, height)[:, None]
