@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(command)
         command.set_defaults(func=module.run)
 
+    profile = sub.add_parser("profile", help="measure this machine and choose settings from the numbers")
+    profile_sub = profile.add_subparsers(dest="profile_command", required=True)
+    from bench import epd_profile
+
+    epd = profile_sub.add_parser("epd", help="encode/prefill/decode cost of a multimodal model here; writes the "
+                                              "EPD placement `xllm serve --epd-placement auto` uses, and why")
+    add_engine_arguments(epd)
+    epd_profile.add_arguments(epd)
+    epd.set_defaults(func=epd_profile.run)
+
     from xllm.batch_cli import add_batch_commands
 
     add_batch_commands(sub)
