@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import kv as bench_kv, pd as bench_pd, quality as bench_quality, serve as bench_serve
     from bench import chaos as bench_chaos, soak as bench_soak
     from bench import colocate as bench_colocate
+    from bench import mm as bench_mm
 
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "attainment and TTFT/TPOT p50/p99 in both runs, offline tokens/s absorbed"),
         ("soak", bench_soak, "many short requests of every kind, malformed and abandoned ones included: errors "
                              "by kind, worker RSS and used KV pages over time, leak verdicts"),
+        ("mm", bench_mm, "multimodal requests (some images repeated) through each EPD placement: TTFT, throughput, "
+                         "encoder embedding-cache hit rate"),
         ("chaos", bench_chaos, "SIGKILL workers (and the scheduler) on a seeded schedule under greedy streams: "
                                "recovery time, migrations, extra latency, texts against a no-fault run"),
     ):
