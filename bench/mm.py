@@ -96,7 +96,7 @@ def summarize(results: list[RequestResult], wall: float, before: dict, after: di
     images = pool["encoded_images"]
     return {
         "requests": len(results), "completed": len(ok), "errors": distinct_errors(results),
-        "ttft_ms": {"p50": percentile_ms(ttfts, 50), "p90": percentile_ms(ttfts, 90),
+        "ttft_ms": {"p50": percentile_ms(ttfts, 0.5), "p90": percentile_ms(ttfts, 0.9),
                     "mean": 1000 * sum(ttfts) / len(ttfts) if ttfts else None},
         "requests_per_s": len(ok) / wall if wall > 0 else 0.0,
         "output_tok_per_s": sum(r.output_tokens for r in ok) / wall if wall > 0 else 0.0,

@@ -223,3 +223,47 @@ def test_the_router_never_routes_a_request_to_an_encoder() -> None:
 def test_unknown_placement_is_refused() -> None:
     with pytest.raises(ValueError, match="placement"):
         EncodePool("sideways", Registry(), None, None)  # type: ignore[arg-type]
+
+
+# ---- xllm serve: resolving the placement, which encoders start ----------------------------
+
+
+def _model_dir(tmp_path, multimodal: bool):
+    path = tmp_path / ("vl" if multimodal else "text")
+    path.mkdir()
+    config = {"architectures": ["X"], **({"vision_config": {"depth": 1}} if multimodal else {})}
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_serve_resolves_auto_from_the_profilers_file_and_refuses_what_cannot_run(tmp_path) -> None:
+    from xllm.epd_serve import resolve_placement
+
+    text, vl = _model_dir(tmp_path, False), _model_dir(tmp_path, True)
+    assert resolve_placement("auto", None, text)[0] == EP_D  # nothing to encode, no profile needed
+    assert resolve_placement("e-p-d", None, vl) == (E_P_D, "as asked")
+    with pytest.raises(ValueError, match="needs a multimodal model"):
+        resolve_placement("ed-p", None, text)
+    with pytest.raises(ValueError, match="xllm profile epd"):
+        resolve_placement("auto", str(tmp_path / "none.json"), vl)
+    profile = tmp_path / "p.json"
+    write_choice(profile, choose_placement(_profile(encode_s_per_image=0.3, prefill_s=0.1, decode_s=0.3,
+                                                    shared_compute=False)), vl)
+    placement, why = resolve_placement("auto", str(profile), vl)
+    assert placement == E_P_D and str(profile) in why and "e-p-d chosen" in why
+
+
+def test_serve_places_ed_p_encoders_beside_decode_workers_and_e_p_d_ones_alone() -> None:
+    from xllm.epd_serve import encoder_argv, encoder_ids
+
+    pd = [("prefill-0", "prefill"), ("decode-0", "decode"), ("decode-1", "decode")]
+    assert encoder_ids(ED_P, 3, pd) == [("encoder-0", "decode-0"), ("encoder-1", "decode-1"),
+                                        ("encoder-2", "decode-0")]
+    assert encoder_ids(ED_P, 1, [("worker-0", "mixed")]) == [("encoder-0", "worker-0")]
+    assert encoder_ids(E_P_D, 2, pd) == [("encoder-0", ""), ("encoder-1", "")]
+    assert encoder_ids(EP_D, 2, pd) == [] and encoder_ids(E_P_D, 0, pd) == []
+    from common.engine.config import EngineConfig
+
+    argv = encoder_argv("encoder-0", "decode-0", EngineConfig(model="/m", dtype="float32", max_num_seqs=3))
+    assert argv[:4] == ["--instance-id", "encoder-0", "--colocated-with", "decode-0"]
+    assert "--model" in argv and "--dtype" in argv and "--max-num-seqs" not in argv  # engine-only flags stay out
