@@ -48,6 +48,15 @@ CONVERSATIONS = [
 ]
 
 
+def _scheduler_when(server, predicate) -> dict:  # noqa: ANN001
+    """The scheduler's figures in `/status` once `predicate` holds for them."""
+    def figures() -> dict | None:
+        scheduler = server.status()["scheduler"]
+        return scheduler if predicate(scheduler) else None
+
+    return wait_until(figures, 30, "the scheduler's figures in /status")
+
+
 def _client(server) -> openai.OpenAI:  # noqa: ANN001
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=180)
 
@@ -115,7 +124,9 @@ def test_greedy_outputs_are_the_same_in_every_placement(tiny_vl_model_dir, refer
         if placement == "ep-d":
             assert scheduler["encoded_requests"] == 0 and scheduler["encoders"] == 0
         else:
-            # Two image requests, three images, the repeated one served from the encoder's cache.
+            # Two image requests, three images, the repeated one served from the encoder's cache
+            # (the gateway's /status is a periodic copy of the scheduler's: wait for it).
+            scheduler = _scheduler_when(server, lambda s: s["encoded_requests"] >= 2)
             assert scheduler["encoded_requests"] == 2 and scheduler["encoded_images"] == 3
             assert scheduler["encoder_cache_hits"] == 1 and scheduler["encode_fallbacks"] == 0
             encoder = next(i for i in server.status()["instances"] if i["role"] == "encode")
@@ -141,7 +152,7 @@ def test_encoders_join_while_serving_and_a_killed_one_costs_no_request(tiny_vl_m
     try:
         client = _client(server)
         assert _ask(client, CONVERSATIONS[1]) == reference[1]
-        assert server.status()["scheduler"]["encoded_requests"] == 0
+        assert _scheduler_when(server, lambda s: s["requests"] == 0)["encoded_requests"] == 0
         # A slow encoder (each batch waits 4 s) joins: the next image request waits there.
         slow = add_encoder("enc-slow", "--batch-wait-ms", "4000")
         answers: list[str] = []
@@ -151,12 +162,12 @@ def test_encoders_join_while_serving_and_a_killed_one_costs_no_request(tiny_vl_m
         slow.send_signal(signal.SIGKILL)
         asker.join(timeout=180)
         assert answers == [reference[0]]
-        scheduler = server.status()["scheduler"]
+        scheduler = _scheduler_when(server, lambda s: s["encode_fallbacks"] >= 1)
         assert scheduler["encode_fallbacks"] == 1 and scheduler["encoded_requests"] == 0
         # A healthy encoder joins and takes the next image request.
         add_encoder("enc-b")
         assert _ask(client, CONVERSATIONS[0]) == reference[0]
-        assert server.status()["scheduler"]["encoded_requests"] == 1
+        assert _scheduler_when(server, lambda s: s["encoded_requests"] >= 1)["encoded_requests"] == 1
     finally:
         for proc in extra:
             if proc.poll() is None:
