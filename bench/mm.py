@@ -89,6 +89,18 @@ def _status(url: str) -> dict:
         return json.loads(resp.read())
 
 
+def _scheduler_after(url: str, moment: float, timeout_s: float = 30.0) -> dict:
+    """The scheduler's figures from a status the gateway received after `moment` (monotonic):
+    the gateway's `/status` is a copy it refreshes periodically."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = _status(url)
+        age = status.get("status_age_s")
+        if (age is not None and time.monotonic() - age > moment) or time.monotonic() > deadline:
+            return status["scheduler"]
+        time.sleep(0.1)
+
+
 def summarize(results: list[RequestResult], wall: float, before: dict, after: dict) -> dict:
     ok = [r for r in results if r.ok]
     ttfts = [r.ttft for r in ok]
@@ -123,10 +135,10 @@ def run_placement(args: argparse.Namespace, placement: str, workload: list[list[
         # One unmeasured request with an image nobody else sends (kernels, allocator caches).
         asyncio.run(_send_all(url, make_workload(1, 1, 0.0, args.width, args.height, seed=10**6),
                               1, args.max_tokens, args.timeout))
-        before = _status(url)["scheduler"]
+        before = _scheduler_after(url, time.monotonic())
         print(f"[{placement}] ready; {len(workload)} requests, concurrency {args.concurrency}", flush=True)
         results, wall = asyncio.run(_send_all(url, workload, args.concurrency, args.max_tokens, args.timeout))
-        return summarize(results, wall, before, _status(url)["scheduler"])
+        return summarize(results, wall, before, _scheduler_after(url, time.monotonic()))
 
 
 def print_table(runs: dict[str, dict]) -> None:
