@@ -21,7 +21,7 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -287,7 +287,7 @@ class SchedulerServer:
         logger.info("gateway %s connected (tokens at %s)", msg.gateway_id, msg.tokens_addr)
         self.gateways[msg.gateway_id] = (identity, msg.tokens_addr)
 
-    async def _on_submit(self, identity: bytes, msg: Submit, tensors: list[torch.Tensor]) -> None:
+    async def _on_submit(self, identity: bytes, msg: Submit, tensors: Sequence[torch.Tensor] = ()) -> None:
         if not msg.tokens_addr.startswith(("ipc://", "tcp://")):
             # Nowhere to send tokens or even an error: refuse before a worker spends time on it.
             logger.warning("dropped submit %s from %r: bad tokens address %r", msg.request_id, identity,
