@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 class _Job:
     msg: EncodeRequest
     images: list[PendingImage]
-    received_at: float
 
 
 class EncoderService:
@@ -79,7 +78,8 @@ class EncoderService:
         self.jobs_done = 0
         self.jobs_failed = 0
         self._context = context or zmq.asyncio.Context.instance()
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._queue: deque[_Job] = deque()
+        self._arrived = asyncio.Event()
         self._running_images = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-tower")
         self.backend: zmq.asyncio.Socket | None = None
@@ -125,9 +125,9 @@ class EncoderService:
                         colocated_with=self.colocated_with)
 
     def heartbeat_message(self) -> Heartbeat:
-        waiting = sum(len(job.images) for job in self._queue._queue)  # noqa: SLF001 (a snapshot)
+        waiting = sum(len(job.images) for job in self._queue)
         stats = {"pid": os.getpid(), "colocated_with": self.colocated_with, "jobs_done": self.jobs_done,
-                 "jobs_failed": self.jobs_failed, "queued_jobs": self._queue.qsize(), **self.encoder.stats()}
+                 "jobs_failed": self.jobs_failed, "queued_jobs": len(self._queue), **self.encoder.stats()}
         return Heartbeat(
             instance_id=self.instance_id, role=ENCODE_ROLE, waiting=waiting, running=self._running_images,
             free_pages=0, total_pages=0, used_pages=0,
@@ -172,7 +172,8 @@ class EncoderService:
         images = [PendingImage(content_hash=meta.content_hash, grid_thw=tuple(meta.grid_thw),
                                num_tokens=meta.num_tokens, pixel_values=pixels)
                   for meta, pixels in zip(msg.images, tensors, strict=True)]
-        self._queue.put_nowait(_Job(msg, images, time.monotonic()))
+        self._queue.append(_Job(msg, images))
+        self._arrived.set()
 
     @staticmethod
     def _check(msg: EncodeRequest, tensors: list[torch.Tensor]) -> str:
@@ -188,12 +189,15 @@ class EncoderService:
         return ""
 
     async def _next_batch(self) -> list[_Job]:
-        jobs = [await self._queue.get()]
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
         if self.batch_wait_s > 0:
-            await asyncio.sleep(self.batch_wait_s)
+            await asyncio.sleep(self.batch_wait_s)  # let the jobs arriving together batch up
+        jobs = [self._queue.popleft()]
         count = len(jobs[0].images)
-        while not self._queue.empty() and count + len(self._queue._queue[0].images) <= self.max_batch_images:  # noqa: SLF001
-            job = self._queue.get_nowait()
+        while self._queue and count + len(self._queue[0].images) <= self.max_batch_images:
+            job = self._queue.popleft()
             jobs.append(job)
             count += len(job.images)
         return jobs
