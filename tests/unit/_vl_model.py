@@ -21,7 +21,7 @@ SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|image_pad|>", "<|video_pad|>",
 ]
-VOCAB_SIZE = 272  # 256 bytes + the special tokens, rounded up (rows past the tokenizer are never sampled... often)
+VOCAB_SIZE = 272  # 263 tokenizer entries, padded as real checkpoints pad theirs (ids past 262 decode to "")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
