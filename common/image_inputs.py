@@ -93,9 +93,11 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB as transformers' processors make it (transparency composited over white)."""
+    if image.mode == "RGB":
+        return image
     from transformers.image_transforms import convert_to_rgb
 
-    return convert_to_rgb(image)
+    return Image.fromarray(convert_to_rgb(image, return_numpy=True), "RGB")
 
 
 def image_content_hash(image: Image.Image) -> str:

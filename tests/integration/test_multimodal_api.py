@@ -364,3 +364,17 @@ def test_a_text_only_model_refuses_image_parts(xllm_server_factory) -> None:
     assert caught.value.body["param"] == "messages[0].content"
     reply = ask(client, model, [user("Say hello.")])
     assert reply.usage.completion_tokens > 0
+
+
+def test_a_pd_layout_serves_image_requests(xllm_server_factory, tiny_vl_model_dir, vl, vl_model, host) -> None:
+    """Prefill + decode workers: an image request is served whole by the worker that prefills it (the
+    decode side would lack its images' M-RoPE positions), with the mixed layout's reply."""
+    pd = xllm_server_factory(extra_args=("--model", tiny_vl_model_dir, "--prefill-workers", "1",
+                                         "--decode-workers", "1"))
+    client = openai.OpenAI(base_url=f"{pd.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [user("P/D:", image_part(f"{host.url}/img/dog.png"), image_part(data_url(png(IMAGES["cat"]))))]
+    want = ask(vl, vl_model, messages).choices[0].message.content
+    assert ask(client, pd.model_id(), messages).choices[0].message.content == want
+    text_only = [{"role": "user", "content": "no image here"}]
+    assert ask(client, pd.model_id(), text_only).choices[0].message.content == \
+        ask(vl, vl_model, text_only).choices[0].message.content
