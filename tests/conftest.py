@@ -34,3 +34,12 @@ def hf_smollm(smollm_path):
     d, f = os.path.split(smollm_path)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_model_dir(tmp_path_factory) -> str:
+    """A tiny random Qwen2.5-VL HF directory (config, safetensors, tokenizer.json, chat template,
+    preprocessor_config.json) that ``xllm serve --model DIR`` serves as is (tests/unit/_vl_model.py)."""
+    from tests.unit._vl_model import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"))

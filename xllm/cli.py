@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import eplb as bench_eplb
     from bench import dp_balance as bench_dp_balance
     from bench import decode_attention as bench_decode_attention
+    from bench import mm as bench_mm
 
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "skewed tiny MoE, and the re-placement cost"),
         ("dp-balance", bench_dp_balance, "a skewed burst on 2 workers with DP balance off then on: requests per "
                                          "worker over time, p50/p99 TPOT, migrations"),
+        ("mm", bench_mm, "multimodal requests (some images repeated) through each EPD placement: TTFT, throughput, "
+                         "encoder embedding-cache hit rate"),
         ("chaos", bench_chaos, "SIGKILL workers (and the scheduler) on a seeded schedule under greedy streams: "
                                "recovery time, migrations, extra latency, texts against a no-fault run"),
         ("fidelity", bench_fidelity, "greedy continuations of chat prompts on each numeric path (and llama.cpp): "
@@ -160,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
         command = bench_sub.add_parser(name, help=summary)
         module.add_arguments(command)
         command.set_defaults(func=module.run)
+
+    profile = sub.add_parser("profile", help="measure this machine and choose settings from the numbers")
+    profile_sub = profile.add_subparsers(dest="profile_command", required=True)
+    from bench import epd_profile
+
+    epd = profile_sub.add_parser("epd", help="encode/prefill/decode cost of a multimodal model here; writes the "
+                                              "EPD placement `xllm serve --epd-placement auto` uses, and why")
+    add_engine_arguments(epd)
+    epd_profile.add_arguments(epd)
+    epd.set_defaults(func=epd_profile.run)
 
     from xllm.batch_cli import add_batch_commands
 

@@ -26,6 +26,8 @@ from services.gateway.config import GatewayConfig
 from services.kvstore.config import KvStoreConfig
 from services.scheduler.config import SchedulerConfig
 from services.worker.config import WorkerConfig
+from services.scheduler.epd_placement import EP_D, PLACEMENT_CHOICES
+from xllm.epd_serve import encoder_argv, encoder_ids, is_multimodal_model, resolve_placement
 from xllm.launcher import ChildSpec, Launcher
 
 __all__ = ["SERVE_SECTIONS", "ServeConfig", "add_serve_arguments", "build_specs", "run_serve", "worker_roles",
@@ -46,11 +48,21 @@ class ServeConfig:
               "and reload prefix hits from it")
     run_dir: str | None = setting(None, "directory for the ipc sockets (default: a fresh temporary one)")
     stop_timeout: float = setting(10.0, "seconds to wait for children on stop")
+    epd_placement: str = setting(
+        EP_D, "where a multimodal model's images are encoded: ep-d (in the prefill worker), ed-p (encoders beside "
+              "the decode workers), e-p-d (standalone encoders), auto (the choice `xllm profile epd` wrote)",
+        choices=PLACEMENT_CHOICES)
+    encoder_workers: int = setting(1, "encoder processes for --epd-placement ed-p / e-p-d")
+    epd_profile: str | None = setting(
+        None, "the `xllm profile epd` output --epd-placement auto reads (default: the model's file under the "
+              "xllm cache directory)")
 
     def problems(self) -> list[str]:
         counts = (self.workers, self.prefill_workers, self.decode_workers, self.mixed_workers or 0)
         if min(counts) < 0 or self.workers < 1:
             return ["worker counts must be >= 0 (and --workers >= 1)"]
+        if self.encoder_workers < 0:
+            return ["--encoder-workers must be >= 0"]
         if bool(self.prefill_workers) != bool(self.decode_workers) and not self.mixed_workers:
             return ["P/D disaggregation needs --prefill-workers and --decode-workers (or --mixed-workers)"]
         return []
@@ -72,7 +84,9 @@ GATEWAY = Section(GatewayConfig, "gateway", only=("host", "port", "api_key", "ma
                                                    "http_header_timeout", "http_body_timeout",
                                                    "http_keepalive_timeout", "max_connections",
                                                    "embedding_pooling", "embedding_normalize", "tool_call_parser",
-                                                   "request_timeout", "max_migrations", "scheduler_wait"))
+                                                   "request_timeout", "max_migrations", "scheduler_wait",
+                                                   "image_max_bytes", "image_fetch_timeout", "image_max_pixels",
+                                                   "max_images_per_request"))
 SERVE_SECTIONS = (SERVE, SCHEDULER, WORKER, KVSTORE, GATEWAY)
 
 
@@ -121,15 +135,19 @@ def build_specs(args: argparse.Namespace, run_dir: Path, log_level: str) -> list
         store = KVSTORE.from_namespace(args, dir=str(Path(serve.kvstore_dir).absolute()))
         specs.append(_child("kvstore", "services.kvstore", bus, to_argv(store)))
     roles = worker_roles(serve)
-    # The scheduler reports how many of these are up: `xllm: ready` waits for all of them.
-    scheduler = SCHEDULER.from_namespace(args, kvstore=kvstore, expected_workers=len(roles))
-    specs.append(_child("scheduler", "services.scheduler", bus, to_argv(scheduler)))
     engine = ENGINE.from_namespace(args)
-    engine = replace(engine, num_threads=worker_threads(engine.num_threads, len(roles)))
+    placement, _ = resolve_placement(serve.epd_placement, serve.epd_profile, engine.model)
+    encoders = encoder_ids(placement, serve.encoder_workers, roles)
+    # The scheduler reports how many of these are up: `xllm: ready` waits for all of them.
+    scheduler = SCHEDULER.from_namespace(args, kvstore=kvstore, expected_workers=len(roles), epd_placement=placement)
+    specs.append(_child("scheduler", "services.scheduler", bus, to_argv(scheduler)))
+    engine = replace(engine, num_threads=worker_threads(engine.num_threads, len(roles) + len(encoders)))
     for instance_id, role in roles:
         worker = WORKER.from_namespace(args, instance_id=instance_id, role=role, kvstore=kvstore)
         module = "services.prefill" if role == "prefill" else "services.decode"
         specs.append(_child(instance_id, module, bus, to_argv(worker), to_argv(engine)))
+    for instance_id, colocated_with in encoders:
+        specs.append(_child(instance_id, "services.encoder", bus, encoder_argv(instance_id, colocated_with, engine)))
     # The gateway loads the tokenizer of the workers' model.
     gateway = GATEWAY.from_namespace(args, model=engine.model)
     specs.append(_child("gateway", "services.gateway", to_argv(gateway), bus))
@@ -154,9 +172,15 @@ def run_serve(args: argparse.Namespace) -> int:
     children = (SCHEDULER.from_namespace(args), WORKER.from_namespace(args), KVSTORE.from_namespace(args))
     # The children's own checks, before any starts: a usage error, not a restart loop.
     problems = serve.problems() + gateway.problems() + [p for child in children for p in child.problems()]
+    try:
+        placement, why = resolve_placement(serve.epd_placement, serve.epd_profile, args.model)
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         print(f"xllm serve: {problems[0]}", file=sys.stderr)
         return 2
+    if is_multimodal_model(args.model):
+        print(f"xllm: EPD placement {placement} ({why})", flush=True)
     run_dir, created = _make_run_dir(serve.run_dir)
     # The longest socket name is the gateway's tokens-<id>.sock; sun_path holds 107 bytes.
     if len(os.fsencode(run_dir)) > 60:

@@ -39,7 +39,12 @@ def hash_page(parent: bytes | None, tokens: Sequence[int], namespace: str) -> by
     h.update(struct.pack("<BI", len(parent), len(ns)))
     h.update(parent)
     h.update(ns)
-    h.update(struct.pack(f"<{len(tokens)}i", *tokens))
+    try:
+        h.update(struct.pack(f"<{len(tokens)}i", *tokens))
+    except struct.error:
+        # An image page: its placeholders are virtual ids past int32 (common.engine.multimodal);
+        # 8 bytes each plus a tag, a different length than any text page of the same size.
+        h.update(b"img" + struct.pack(f"<{len(tokens)}Q", *tokens))
     return h.digest()
 
 

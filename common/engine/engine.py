@@ -22,6 +22,7 @@ from common.engine.grammar_mask import GrammarMasker
 from common.engine.handoff import KvHandoff
 from common.engine.kv_cache import allocate_kv_caches, default_kv_budget, num_pages_for_budget, parse_memory_size
 from common.engine.kv_transfer import KvStoreHooks
+from common.engine.multimodal import ImageItem, build_multimodal_state
 from common.engine.runner import ModelRunner
 from common.engine.sampler import Sampler, SamplerOutput, TokenLogprobs, make_generator
 from common.engine.sampling_params import SamplingParams, validate_prompt_ids
@@ -131,8 +132,13 @@ class LLMEngine:
         priority: str | Priority = Priority.ONLINE,
         arrival_time: float | None = None,
         hold_after_prefill: bool = False,
+        images: list[ImageItem] | None = None,
     ) -> list[Sequence]:
         """Validate and queue a request; raises ``ValueError`` with a clear message on bad input.
+
+        ``images`` (vision-language models only): the prompt already holds each image's expanded
+        placeholders; items without embeddings are encoded by the model's vision tower when their
+        tokens are first computed (see :mod:`common.engine.multimodal`).
 
         With ``hold_after_prefill`` (``n == 1`` only) the sequence is parked after its first
         output token, pages kept, until ``handoff.export_kv`` + ``handoff.release_held`` or
@@ -142,6 +148,7 @@ class LLMEngine:
         max_tokens = self.validate_request(request_id, prompt_ids, params)
         if hold_after_prefill and (params.n != 1 or params.use_beam_search):
             raise ValueError(f"hold_after_prefill needs n == 1 without beam search, got n={params.n}")
+        mm = self._multimodal_state(prompt_ids, images, hold_after_prefill) if images else None
         prio = Priority.parse(priority)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         if params.use_beam_search:  # one sequence (the prompt) that forks into the beams
@@ -156,12 +163,22 @@ class LLMEngine:
             seq = Sequence(
                 request_id=request_id, prompt_ids=list(prompt_ids), params=params, max_tokens=max_tokens,
                 index=index, priority=prio, arrival_time=arrival, generator=gen,
-                hold_after_prefill=hold_after_prefill,
+                hold_after_prefill=hold_after_prefill, mm=mm,
             )
             seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = seqs
         return seqs
+
+    def _multimodal_state(self, prompt_ids: list[int], images: list[ImageItem], hold_after_prefill: bool):
+        mc = self.model_config
+        if not mc.is_multimodal:
+            raise ValueError(f"model {self.model_path} is text-only ({mc.architecture}); it cannot take images")
+        if hold_after_prefill:
+            # The decode side would need the images' M-RoPE positions and hash ids: not carried.
+            raise ValueError("a P/D hand-off of a request with images is not supported; serve it on one worker")
+        return build_multimodal_state(list(prompt_ids), list(images), mc.image_token_id, mc.merge_size,
+                                      mc.hidden_size)
 
     def validate_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> int:
         """Checks shared by add_request and ``handoff.reserve_transfer``; returns the resolved max_tokens."""
@@ -248,7 +265,7 @@ class LLMEngine:
             seq.num_computed += item.num_new_tokens
             if seq.num_output_tokens == 0:
                 self.stats.prompt_tokens += item.num_new_tokens
-            self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            self.block_manager.commit(seq.seq_id, seq.hash_token_ids, seq.num_computed)
             if not samples:
                 continue
             if seq.params.use_beam_search:  # no token sampled: its log-probs go to its beam group

@@ -13,6 +13,7 @@ from common.detokenizer import IncrementalDetokenizer
 from common.engine.config import EngineConfig
 from common.engine.embedding import DEFAULT_POOLING, embed_token_lists
 from common.engine.engine import LLMEngine, SequenceOutput
+from common.engine.multimodal import ImageItem
 from common.engine.sampler import TokenLogprobs
 from common.engine.sampling_params import SamplingParams
 from common.stop_strings import StopStringMatcher
@@ -113,13 +114,19 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = load_tokenizer(self.engine.model_path)
         self._ids = itertools.count()
+        self._image_processor = None  # the model's own, loaded on the first request with images
 
     def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate a reply for each conversation (a list of ``{"role", "content"}`` messages)."""
+        """Generate a reply for each conversation (a list of ``{"role", "content"}`` messages).
+
+        A content part ``{"type": "image", "image": <PIL image>}`` puts an image in the prompt
+        (vision-language models)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         prompts = [self.tokenizer.encode_chat(conv, add_generation_prompt=True) for conv in conversations]
-        return self.generate(prompts, params)
+        images = [[part["image"] for m in conv if isinstance(m.get("content"), list) for part in m["content"]
+                   if isinstance(part, dict) and part.get("type") == "image"] for conv in conversations]
+        return self.generate(prompts, params, images=images if any(images) else None)
 
     def generate(
         self,
@@ -127,27 +134,37 @@ class LLM:
         params: SamplingParams | list[SamplingParams] | None = None,
         priority: str = "online",
         on_output: Callable[[SequenceOutput], object] | None = None,
+        images: list[list] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; results come back in prompt order. `on_output` sees each
-        step's output of each choice as it comes (a progress bar)."""
+        step's output of each choice as it comes (a progress bar).
+
+        ``images`` (vision-language models): per prompt, a list of PIL images (the prompt holds one
+        image pad token per image, as a chat template writes it; it is expanded here) or of
+        :class:`ImageItem` (the prompt already expanded)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} image lists for {len(prompts)} prompts")
 
         results: dict[str, RequestOutput] = {}
         texts: dict[tuple[str, int], _ChoiceText] = {}
         order: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
+            for k, (prompt, p) in enumerate(zip(prompts, params)):
                 if isinstance(prompt, str):
                     ids, text = self.tokenizer.encode(prompt), prompt
                 else:
                     ids, text = list(prompt), None
+                items = None
+                if images is not None and images[k]:
+                    ids, items = self._image_prompt(ids, list(images[k]))
                 rid = f"offline-{next(self._ids)}"
-                self.engine.add_request(rid, ids, p, priority=priority)
+                self.engine.add_request(rid, ids, p, priority=priority, images=items)
                 order.append(rid)
                 results[rid] = RequestOutput(
                     rid, text, ids, [CompletionOutput(i, logprobs=[] if p.logprobs is not None else None)
@@ -193,6 +210,23 @@ class LLM:
             ])
             for result in self.generate(prompts, params, priority=priority)
         ]
+
+    def _image_prompt(self, ids: list[int], images: list) -> tuple[list[int], list[ImageItem]]:
+        """(prompt ids with placeholders expanded, image items) for one prompt's images."""
+        config = self.engine.model_config
+        if not config.is_multimodal:
+            raise ValueError(f"model {self.engine.model_path} is text-only ({config.architecture}); "
+                             f"it cannot take images")
+        if all(isinstance(image, ImageItem) for image in images):
+            return ids, images
+        if any(isinstance(image, ImageItem) for image in images):
+            raise ValueError("give a prompt's images either all as PIL images or all as ImageItem")
+        from common.image_inputs import ImageProcessor, expand_image_placeholders
+
+        if self._image_processor is None:
+            self._image_processor = ImageProcessor.from_model_dir(self.engine.model_path)
+        items = self._image_processor.items(images)
+        return expand_image_placeholders(ids, items, config.image_token_id), items
 
     def embed(
         self,

@@ -13,6 +13,7 @@ from torch import nn
 
 from common.engine.beam_search import beam_logprobs
 from common.engine.grammar_mask import GrammarMasker
+from common.engine.multimodal import MultimodalChunk, batch_inputs, encode_missing
 from common.engine.sampler import Sampler, SamplerOutput
 from common.engine.scheduler import ScheduledBatch
 from kernels.attention import build_attention_metadata
@@ -56,9 +57,12 @@ class ModelRunner:
         sampled_seqs = []
         beam_rows: list[int] = []  # beam-search rows: log-probs for the engine's beam groups, not a sample
         beam_seqs = []
+        mm_chunks: list[MultimodalChunk] = []
         for item in batch.items:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed
+            if seq.mm is not None:
+                mm_chunks.append(MultimodalChunk(len(input_ids), seq.mm, start, n))
             input_ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             query_lens.append(n)
@@ -75,11 +79,17 @@ class ModelRunner:
         mask_job = self.grammar.start(sampled_seqs, self.device) if self.grammar is not None and sampled_seqs else None
         meta = build_attention_metadata(query_lens, context_lens, tables, self.page_size, self.device)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
         # Prompt tokens skip the W8A8 GEMMs: every later token reads their KV (see kernels.linear).
         has_prompt = not self.w8a8_prompts and any(it.seq.num_computed < it.seq.num_prompt_tokens for it in batch.items)
         with bf16_gemms(has_prompt):
-            hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
+            if mm_chunks:
+                encode_missing(self.model, mm_chunks, self.device)
+                pos_t, image_rows, image_embeds = batch_inputs(mm_chunks, positions, self.device)
+                hidden = self.model(ids_t, pos_t, meta, self.kv_caches, image_rows=image_rows,
+                                    image_embeds=image_embeds)
+            else:
+                pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+                hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
         if not sampled_seqs and not beam_seqs:
             return None
         sample_rows = sample_rows + beam_rows  # the beam rows' logits come last

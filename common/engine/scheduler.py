@@ -154,11 +154,11 @@ class BatchScheduler:
                 bm = self.block_manager
                 # Plan before admitting so a sequence that cannot fit leaves the prefix-cache
                 # stats and LRU order untouched (the hit pages may sit among the free ones).
-                hit = bm.lookup_prefix(seq.token_ids)
+                hit = bm.lookup_prefix(seq.hash_token_ids)
                 n = min(seq.num_tokens - hit, budget)
                 if bm.pages_needed(seq.seq_id, hit + n) > bm.num_free_pages:
                     return budget
-                cached = bm.admit(seq.seq_id, seq.token_ids)
+                cached = bm.admit(seq.seq_id, seq.hash_token_ids)
                 n = min(seq.num_tokens - cached, budget)
                 if not self.block_manager.ensure_capacity(seq.seq_id, cached + n):
                     self.block_manager.free(seq.seq_id)
@@ -180,7 +180,7 @@ class BatchScheduler:
         if not queue:
             return []
         head, bm = queue[0], self.block_manager
-        hit = bm.lookup_prefix(head.token_ids)
+        hit = bm.lookup_prefix(head.hash_token_ids)
         first_chunk = min(head.num_tokens - hit, self.max_num_batched_tokens)
         preempted: list[Sequence] = []
         while (

@@ -15,6 +15,7 @@ from common.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from common.engine.grammar import GrammarState
+    from common.engine.multimodal import MultimodalState
 
 __all__ = ["Priority", "SequenceStatus", "Sequence"]
 
@@ -75,9 +76,19 @@ class Sequence:
     # output tokens before each one (GrammarState.sync), so a sequence rebuilt elsewhere with its
     # outputs (P/D hand-off, migration) replays them, and a preempted one keeps its state.
     grammar: GrammarState | None = None
+    # Images of a multimodal prompt: embeddings, M-RoPE positions, hash ids (None: text only).
+    mm: MultimodalState | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
+
+    @property
+    def hash_token_ids(self) -> list[int]:
+        """What the prefix cache hashes: the token ids, with image placeholders standing for their
+        image (see common.engine.multimodal)."""
+        if self.mm is None:
+            return self.token_ids
+        return self.mm.hash_prompt_ids + self.token_ids[len(self.prompt_ids) :]
 
     @property
     def num_prompt_tokens(self) -> int:

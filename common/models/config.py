@@ -24,7 +24,11 @@ ARCHITECTURE_BY_MODEL_TYPE: dict[str, str] = {
     "gemma3_text": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
+
+# Vision-language families whose language model is described by a nested ``text_config``.
+_MULTIMODAL_MODEL_TYPES = ("qwen2_5_vl",)
 
 _DEFAULT_ROPE_THETA = 10_000.0
 _GEMMA3_GLOBAL_THETA = 1_000_000.0
@@ -78,6 +82,20 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+    # Vision-language models (Qwen2.5-VL): the vision tower's HF config and the image tokens.
+    vision_config: dict | None = None
+    image_token_id: int | None = None
+    vision_start_token_id: int | None = None
+    mrope_section: list[int] | None = None  # M-RoPE: frequencies per (t, h, w) axis
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.vision_config is not None
+
+    @property
+    def merge_size(self) -> int:
+        """Patches per side folded into one language token (1 for text-only models)."""
+        return int(self.vision_config.get("spatial_merge_size", 2)) if self.vision_config else 1
 
     @property
     def q_size(self) -> int:
@@ -90,6 +108,8 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict) -> ModelConfig:
         """Normalise an HF ``config.json`` dict (any transformers version)."""
+        if d.get("model_type") in _MULTIMODAL_MODEL_TYPES:
+            return _from_multimodal_dict(cls, d)
         if "text_config" in d and "hidden_size" not in d:
             raise ValueError(
                 "multimodal configs (with text_config) are not supported here; "
@@ -185,6 +205,27 @@ def _parse_moe(d: dict, model_type: str, layers: int) -> dict[str, Any]:
                     moe_intermediate_size=int(d.get("moe_intermediate_size") or d["intermediate_size"]),
                     norm_topk_prob=bool(d.get("norm_topk_prob", False)), moe_layers=sparse)
     return {}
+def _from_multimodal_dict(cls: type[ModelConfig], d: dict) -> ModelConfig:
+    """A VL config: its language model's settings with the vision tower's config alongside."""
+    architectures = d.get("architectures") or [ARCHITECTURE_BY_MODEL_TYPE[d["model_type"]]]
+    # The language model is Qwen2's (q/k/v biases, no o_proj bias).
+    text = {**d.get("text_config", {}), "architectures": architectures, "model_type": "qwen2"}
+    # generation_config.json's stop ids are merged at the top level (read_hf_config)
+    eos = _as_id_list(text.get("eos_token_id")) + _as_id_list(d.get("eos_token_id"))
+    text["eos_token_id"] = list(dict.fromkeys(eos))
+    for key in ("tie_word_embeddings", "torch_dtype", "dtype"):
+        if key in d and key not in text:
+            text[key] = d[key]
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    config = cls.from_hf_dict(text)
+    config.model_type = d["model_type"]
+    config.vision_config = dict(d.get("vision_config") or {})
+    config.image_token_id = d.get("image_token_id")
+    config.vision_start_token_id = d.get("vision_start_token_id")
+    config.mrope_section = list(rope.get("mrope_section") or [16, 24, 24])
+    if sum(config.mrope_section) != config.head_dim // 2:
+        raise ValueError(f"mrope_section {config.mrope_section} must sum to head_dim/2 = {config.head_dim // 2}")
+    return config
 
 
 def _model_type_for(architecture: str) -> str:

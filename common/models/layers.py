@@ -299,6 +299,20 @@ class DecoderForCausalLM(nn.Module):
         local_cos = local_sin = None
         if self.local_rotary is not None:
             local_cos, local_sin = self.local_rotary.lookup(positions, h.dtype)
+        return self.run_layers(h, cos, sin, local_cos, local_sin, meta, kv_caches)
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        local_cos: torch.Tensor | None,
+        local_sin: torch.Tensor | None,
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The decoder stack and final norm over input embeddings ``h`` (models that build their
+        own embeddings or positions, e.g. vision-language ones, call this)."""
         x = None
         for i, layer in enumerate(self.model.layers):
             if self._layer_uses_local[i]:

@@ -28,15 +28,18 @@ from common.models.llama import LlamaForCausalLM, MistralForCausalLM
 from common.models.mixtral import MixtralForCausalLM
 from common.models.moe import fuse_expert_tensors
 from common.models.qwen2 import Qwen2ForCausalLM
+from common.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from common.models.qwen3 import Qwen3ForCausalLM
 from common.models.qwen3_moe import Qwen3MoeForCausalLM
+from common.models.vision import VisionTransformer
 from common.weights.cache import CachedModel, WeightCache, cache_key, model_fingerprint
 from kernels.cpu_ext import cpu_ops_module
 from kernels.linear import DEFAULT_INT8_MAX_ROWS, PackedLinear, packed_linear_supported
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_CLASSES", "model_class_for", "fuse_hf_state_dict", "load_model", "default_model_path"]
+__all__ = ["MODEL_CLASSES", "model_class_for", "fuse_hf_state_dict", "load_model", "load_vision_tower",
+           "default_model_path"]
 
 MODEL_CLASSES: dict[str, type[DecoderForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -46,6 +49,7 @@ MODEL_CLASSES: dict[str, type[DecoderForCausalLM]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }
 _CLASS_BY_MODEL_TYPE = {
     "llama": LlamaForCausalLM,
@@ -55,7 +59,10 @@ _CLASS_BY_MODEL_TYPE = {
     "gemma3_text": Gemma3ForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
     "mixtral": MixtralForCausalLM,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
 }
+# transformers v5 names VL weights by module path when it does not convert them back on save
+_HF_PREFIX_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
 _FUSED_ATTN = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(q|k|v)_proj\.(weight|bias)$")
@@ -86,6 +93,9 @@ def fuse_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
         tensor = state.pop(name)
         if name.endswith("rotary_emb.inv_freq"):
             continue  # old checkpoints saved this buffer; it is recomputed
+        for alias, canonical in _HF_PREFIX_ALIASES:
+            if name.startswith(alias):
+                name = canonical + name[len(alias):]
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         m = _FUSED_ATTN.match(name) or _FUSED_MLP.match(name)
@@ -276,3 +286,28 @@ def _load_cached(cache: WeightCache, key: tuple[str, dict], path: str, timings: 
         return None
     timings["cache"], timings["packed"] = "hit", packed
     return model
+
+
+def load_vision_tower(path: str, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> tuple[VisionTransformer, ModelConfig]:
+    """Only the vision tower of a vision-language HF directory (an encoder process needs no
+    language model): ``(tower, config)``; ``tower.encode_images`` as the full model's."""
+    from common.weights.safetensors_loader import load_safetensors_dir
+
+    config_dict, state = load_safetensors_dir(Path(path), dtype=dtype, device=device)
+    config = ModelConfig.from_hf_dict(config_dict)
+    if not config.is_multimodal:
+        raise ValueError(f"{path} is not a vision-language model (architecture {config.architecture})")
+    prefixes = ("visual.", "model.visual.")
+    vision = {}
+    for name, tensor in state.items():
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                vision[name[len(prefix):]] = tensor
+    with torch.device("meta"):
+        tower = VisionTransformer(config.vision_config)
+    missing, unexpected = tower.load_state_dict(vision, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"vision weights do not match: missing={missing} unexpected={unexpected}")
+    tower.eval().requires_grad_(False)
+    return tower.to(device), config

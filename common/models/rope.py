@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["RotaryEmbedding", "rope_inverse_frequencies"]
+__all__ = ["RotaryEmbedding", "MRotaryEmbedding", "rope_inverse_frequencies"]
 
 _INITIAL_ROPE_POSITIONS = 4096
 
@@ -144,3 +144,28 @@ class RotaryEmbedding:
         rows = cast.index_select(0, positions)
         half = self.head_dim // 2
         return rows[:, :half], rows[:, half:]
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal RoPE (Qwen2-VL): positions ``[3, T]`` (temporal, height, width); frequency band
+    ``i`` of ``sections`` is rotated by axis ``i % 3``'s position. Plain ``[T]`` positions (text
+    only) take the base lookup: with equal positions on the three axes both are the same."""
+
+    def __init__(self, head_dim: int, theta: float, sections: list[int], scaling: dict | None = None) -> None:
+        super().__init__(head_dim, theta, scaling)
+        if sum(sections) != head_dim // 2:
+            raise ValueError(f"mrope sections {sections} must sum to head_dim/2 = {head_dim // 2}")
+        self.sections = list(sections)
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().lookup(positions, dtype)
+        axes = [super(MRotaryEmbedding, self).lookup(positions[a], dtype) for a in range(3)]
+        cos_parts, sin_parts = [], []
+        start = 0
+        for band, width in enumerate(self.sections):
+            cos, sin = axes[band % 3]
+            cos_parts.append(cos[:, start : start + width])
+            sin_parts.append(sin[:, start : start + width])
+            start += width
+        return torch.cat(cos_parts, dim=-1), torch.cat(sin_parts, dim=-1)

@@ -7,13 +7,15 @@ channel, its base class and its messages. `__all__` is derived from what those m
 
 from __future__ import annotations
 
-from common.protocol import backend, base, control, embedding, frontend, kv, kvstore, sampling, tokens
+from common.protocol import backend, base, control, embedding, encode, frontend, image, kv, kvstore, sampling, tokens
 from common.protocol.backend import *  # noqa: F403
 from common.protocol.base import *  # noqa: F403
 from common.protocol.base import check_channels
 from common.protocol.control import *  # noqa: F403
 from common.protocol.embedding import *  # noqa: F403
+from common.protocol.encode import *  # noqa: F403
 from common.protocol.frontend import *  # noqa: F403
+from common.protocol.image import *  # noqa: F403
 from common.protocol.kv import *  # noqa: F403
 from common.protocol.kvstore import *  # noqa: F403
 from common.protocol.sampling import *  # noqa: F403
@@ -21,7 +23,7 @@ from common.protocol.tokens import *  # noqa: F403
 
 check_channels(base.MESSAGE_TYPES.values())
 
-_MODULES = (base, sampling, embedding, frontend, backend, control, kv, kvstore, tokens)
+_MODULES = (base, sampling, embedding, image, encode, frontend, backend, control, kv, kvstore, tokens)
 _EXPORTED = {name for module in _MODULES for name in module.__all__}
 _MESSAGES = {cls.__name__ for cls in base.MESSAGE_TYPES.values()}
 if _MESSAGES - _EXPORTED:  # a registered message its module forgot to export

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from common.protocol.base import Channel, Message, Record, register
 from common.protocol.embedding import EmbedTask
+from common.protocol.image import ImageMeta
 from common.protocol.sampling import Sampling
 
 __all__ = [
@@ -57,6 +58,8 @@ class Register(BackendMessage):
     # incarnation is a new instance, and the old one's requests are not its own.
     incarnation: str = ""
     pid: int = 0  # lets the scheduler tell which ipc:// peer a socket disconnect was (liveness)
+    # An encoder (role `encode`) sharing a device with this worker (ED-P); empty: standalone.
+    colocated_with: str = ""
 
 
 @register
@@ -136,6 +139,8 @@ class Assign(BackendMessage):
     decode_candidates: list[DecodeCandidate] = []
     # Set: an embedding request (the worker pools a prefill-only forward; no decode, no hand-off).
     embed: EmbedTask | None = None
+    # A multimodal request's images, each with one raw tensor frame in this order (common.image_frames).
+    images: list[ImageMeta] = []
 
 
 @register

@@ -12,6 +12,7 @@ from typing import ClassVar
 from common.protocol.backend import BACKEND, BackendMessage
 from common.protocol.base import Channel, Message, register
 from common.protocol.embedding import EmbedTask
+from common.protocol.image import ImageMeta
 from common.protocol.sampling import Sampling
 
 __all__ = [
@@ -47,6 +48,8 @@ class Submit(FrontendMessage):
     arrival_time: float
     # Set: an embedding request (prefill only, one EmbeddingResult back), not a generation.
     embed: EmbedTask | None = None
+    # A multimodal request's images, each with one raw tensor frame in this order (common.image_frames).
+    images: list[ImageMeta] = []
 
 
 @register

@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         request_timeout=config.request_timeout, max_migrations=config.max_migrations,
         scheduler_wait=config.scheduler_wait,
         embedding_pooling=config.embedding_pooling, embedding_normalize=config.embedding_normalize,
+        image_max_bytes=config.image_max_bytes, image_fetch_timeout=config.image_fetch_timeout,
+        image_max_pixels=config.image_max_pixels, max_images_per_request=config.max_images_per_request,
     )
     try:
         uvloop.run(serve(settings))

@@ -28,6 +28,7 @@ from services.gateway.embeddings import EMBEDDING_KEY, EmbeddingSettings, handle
 from services.gateway.config import GatewayConfig
 from services.gateway.context import CTX_KEY, Admission, GatewayContext, ModelInfo
 from services.gateway.httpio import error_response
+from services.gateway.images import ImageLimits, ImageSupport
 from services.gateway.http_limits import GuardedAppRunner, HttpLimits
 from services.gateway.logprobs import TokenTexts
 from services.gateway.metrics import GatewayMetrics
@@ -72,6 +73,10 @@ class GatewaySettings:
     scheduler_wait: float = GatewayConfig.scheduler_wait
     embedding_pooling: str = GatewayConfig.embedding_pooling
     embedding_normalize: bool = GatewayConfig.embedding_normalize
+    image_max_bytes: int = GatewayConfig.image_max_bytes
+    image_fetch_timeout: float = GatewayConfig.image_fetch_timeout
+    image_max_pixels: int = GatewayConfig.image_max_pixels
+    max_images_per_request: int = GatewayConfig.max_images_per_request
 
 
 def _from_http_exception(exc: web.HTTPException) -> APIError:
@@ -174,10 +179,13 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     client.on_status = metrics.update_workers
     client.on_scheduler = metrics.update_scheduler
     metrics.registry.register(BusInvalidMessages(lambda: client.scheduler_info))
+    limits = ImageLimits(max_bytes=settings.image_max_bytes, fetch_timeout_s=settings.image_fetch_timeout,
+                         max_pixels=settings.image_max_pixels, max_images=settings.max_images_per_request)
+    images = await loop.run_in_executor(None, ImageSupport.load, settings.model_path, tokenizer, limits)
     return GatewayContext(
         model=model, tokenizer=tokenizer, token_texts=TokenTexts(tokenizer), client=client, metrics=metrics,
         admission=Admission(settings.max_queue), api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-        tool_call_parser=settings.tool_call_parser,
+        tool_call_parser=settings.tool_call_parser, images=images,
     )
 
 
@@ -219,3 +227,5 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     finally:
         await runner.cleanup()
         await ctx.client.close()
+        if ctx.images is not None:
+            await ctx.images.close()

@@ -6,9 +6,11 @@ import uuid
 
 from aiohttp import web
 
+from common.engine.multimodal import ImageItem
 from services.gateway.context import CTX_KEY, GatewayContext
 from services.gateway.generation import Generation
 from services.gateway.httpio import SSEWriter, dumps, json_response, read_json
+from services.gateway.images import image_parts, refuse_images
 from services.gateway.logprobs import chat_entries
 from services.gateway.openai_schema import APIError, GenerationRequest, bad_request, check_prompts_for_model, \
     parse_chat_request
@@ -26,14 +28,31 @@ def chat_prompt_ids(ctx: GatewayContext, req: GenerationRequest) -> list[int]:
         raise bad_request(str(exc), param="messages") from None
 
 
+async def chat_images(ctx: GatewayContext, req: GenerationRequest) -> list[ImageItem]:
+    """The request's images as items, in prompt order ([] without image parts); `req.messages`
+    becomes the conversation for the chat template. 400 for a bad image or a text-only model."""
+    messages = req.messages or []
+    if not image_parts(messages):
+        return []
+    if ctx.images is None:
+        refuse_images(ctx.model.model_id, messages)
+    assert ctx.images is not None
+    req.messages, items = await ctx.images.prepare(messages)
+    return items
+
+
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX_KEY]
     req = parse_chat_request(await read_json(request, ctx.max_body_bytes))
     ctx.model.check(req.model)
+    images = await chat_images(ctx, req)
     prompt_ids_ = chat_prompt_ids(ctx, req)
+    if images:
+        assert ctx.images is not None
+        prompt_ids_ = ctx.images.expand(prompt_ids_, images)
     check_prompts_for_model(req.params, [prompt_ids_], ctx.max_model_len, ctx.vocab_size, param="messages")
     gen = Generation(ctx, f"chatcmpl-{uuid.uuid4().hex}", [prompt_ids_], req.params, req.top_logprobs is not None,
-                     req.priority)
+                     req.priority, images=[images] if images else None)
     replies = ReplyParser(req.tools or ToolRequest(), model_parser(ctx.tokenizer, ctx.tool_call_parser))
     try:
         await gen.start()

@@ -37,7 +37,7 @@ from common.protocol import (
     Submit,
     TokensMessage,
 )
-from services.gateway.migration import MigrationPolicy
+from services.gateway.migration import ImageFrames, MigrationPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +163,13 @@ class BusClient:
             stream.put(RequestError(request_id=request_id, code=code, message=message))
 
     async def submit(self, request_id: str, prompt_ids: list[int], sampling: Sampling,
-                     arrival_time: float, priority: str = "online", embed: EmbedTask | None = None) -> None:
+                     arrival_time: float, priority: str = "online", embed: EmbedTask | None = None,
+                     images: ImageFrames | None = None) -> None:
+        metas, tensors = images if images is not None else ([], [])
         msg = Submit(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling, priority=priority,
                      gateway_id=self.gateway_id, tokens_addr=self.tokens_addr, arrival_time=arrival_time,
-                     embed=embed)
-        await bus.send(self._dealer, msg)
+                     embed=embed, images=metas)
+        await bus.send(self._dealer, msg, *tensors)  # each image's pixels as one raw frame
 
     def abort_soon(self, request_id: str, reason: str) -> None:
         """Send Abort without awaiting (usable from `finally` blocks of cancelled handlers)."""

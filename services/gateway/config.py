@@ -53,6 +53,13 @@ class GatewayConfig:
     embedding_normalize: bool = setting(True, "return /v1/embeddings vectors as computed, not L2-normalised",
                                         flag="--no-embedding-normalize")
 
+    # Images in chat requests (multimodal models only); a text-only model refuses image parts.
+    image_max_bytes: int = setting(16 * 1024 * 1024, "largest image (data: URL or fetched) in bytes; 400 past it")
+    image_fetch_timeout: float = setting(10.0, "seconds an http(s) image URL may take to fetch in all; 400 past it")
+    image_max_pixels: int = setting(4096 * 4096, "largest image in pixels (width x height, before the model's "
+                                                "processor resizes it); 400 past it")
+    max_images_per_request: int = setting(8, "images one chat request may hold; 400 past it")
+
     request_timeout: float = setting(600.0, "seconds a request may take in all (its migrations included) before "
                                             "it fails with a clear error")
     max_migrations: int = setting(3, "times one choice may move to another worker after losing its own "
@@ -79,6 +86,10 @@ class GatewayConfig:
 
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             out.append(f"--tool-call-parser must be one of {sorted(PARSERS)}")
+        if min(self.image_max_bytes, self.image_max_pixels, self.max_images_per_request) < 1:
+            out.append("--image-max-bytes, --image-max-pixels and --max-images-per-request must be >= 1")
+        if not self.image_fetch_timeout > 0:
+            out.append("--image-fetch-timeout must be > 0")
         if self.batch_max_in_flight < 1:
             out.append("--batch-max-in-flight must be >= 1")
         if self.batch_tpot_target_ms <= 0:

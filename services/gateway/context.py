@@ -22,6 +22,7 @@ from services.gateway.openai_schema import APIError
 if TYPE_CHECKING:
     from common.tokenizer import Tokenizer
     from services.gateway.client import BusClient
+    from services.gateway.images import ImageSupport
     from services.gateway.logprobs import TokenTexts
     from services.gateway.metrics import GatewayMetrics
 
@@ -116,6 +117,7 @@ class GatewayContext:
     max_body_bytes: int = GatewayConfig.max_body_bytes
     started: float = field(default_factory=time.time)
     tool_call_parser: str | None = None  # --tool-call-parser (None: guessed from the chat template)
+    images: ImageSupport | None = None  # a multimodal model's image side (None: text only)
 
     @property
     def max_model_len(self) -> int:

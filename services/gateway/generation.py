@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.detokenizer import IncrementalDetokenizer
+from common.engine.multimodal import ImageItem
 from common.engine.sampling_params import SamplingParams
+from common.image_frames import image_frames
 from common.protocol import RequestError, Sampling
 from common.stop_strings import StopStringMatcher
 from services.gateway.client import RequestStream
@@ -82,7 +84,8 @@ def error_from_worker(msg: RequestError) -> APIError:
 
 class Generation:
     def __init__(self, ctx: GatewayContext, request_id: str, prompt_ids: list[list[int]], params: SamplingParams,
-                 want_logprobs: bool, priority: str = "online") -> None:
+                 want_logprobs: bool, priority: str = "online",
+                 images: list[list[ImageItem]] | None = None) -> None:
         self.ctx = ctx
         self.priority = priority
         self.request_id = request_id
@@ -103,8 +106,10 @@ class Generation:
         self._unfinished = len(self.choices)
         self.stream = RequestStream()
         self.sampling = Sampling(**self.params.to_dict())  # the params were validated with the request
+        frames = [image_frames(items) if items else None for items in images] if images else None
         self.migrator = Migrator(ctx.client, ctx.metrics, request_id, self.stream, self.arrival, priority,
-                                 self.sampling.to_dict(), [list(ids) for ids in prompt_ids])
+                                 self.sampling.to_dict(), [list(ids) for ids in prompt_ids], frames)
+        self._cached_tokens = [0] * len(prompt_ids)  # per prompt: its tokens a worker found in its prefix cache
         self._admitted = False
         self._closed = False
         self._failed = False
@@ -186,6 +191,8 @@ class Generation:
             return
         attempt, choice = located
         self.migrator.note_delta(attempt, delta)
+        p = attempt.prompt_index
+        self._cached_tokens[p] = max(self._cached_tokens[p], min(delta.cached_tokens, len(self.prompt_ids[p])))
         token_ids, delta_logprobs = delta.token_ids, delta.logprobs
         # Deltas carry the choice's cumulative output count (counted from the tokens its attempt
         # started with): positions this gateway already has (two workers briefly decoding one
@@ -287,7 +294,8 @@ class Generation:
             self.ctx.metrics.record_request(self.prompt_tokens, self.completion_tokens, reasons, self.arrival,
                                             self.first_token_time, time.time())
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         completion = self.completion_tokens
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+                "total_tokens": self.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(self._cached_tokens)}}

@@ -42,7 +42,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from common.protocol import RequestError, Sampling, TokenDelta
+import torch
+
+from common.protocol import ImageMeta, RequestError, Sampling, TokenDelta
 
 __all__ = ["MigrationPolicy", "Attempt", "Migrator", "MigrationFailed", "continuation_sampling"]
 
@@ -51,6 +53,9 @@ logger = logging.getLogger(__name__)
 SUBMIT_TIMEOUT_S = 5.0
 # Reasons a choice moves; only a lost worker counts against the migration limit.
 COUNTED_REASONS = frozenset(("worker_lost",))
+
+# A prompt's images as the bus carries them: their metadata and one raw frame each (common.image_frames).
+ImageFrames = tuple[list[ImageMeta], list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ class BusLike(Protocol):
     def abort_soon(self, request_id: str, reason: str) -> None: ...
 
     async def submit(self, request_id: str, prompt_ids: list[int], sampling: Sampling, arrival_time: float,
-                     priority: str = "online") -> None: ...
+                     priority: str = "online", *, images: ImageFrames | None = None) -> None: ...
 
 
 @dataclass(eq=False)
@@ -153,7 +158,8 @@ class Migrator:
     """The attempts of one generation, their loss and their re-submission."""
 
     def __init__(self, client: BusLike, metrics: Any, request_id: str, stream: Any, arrival: float,
-                 priority: str, base_sampling: dict[str, Any], prompts: list[list[int]]) -> None:
+                 priority: str, base_sampling: dict[str, Any], prompts: list[list[int]],
+                 images: list[ImageFrames | None] | None = None) -> None:
         self.client = client
         self.policy = client.migration
         self.metrics = metrics
@@ -163,6 +169,8 @@ class Migrator:
         self.priority = priority
         self.base_sampling = base_sampling
         self.prompts = prompts
+        # Per prompt: its images, sent again with every attempt (a continuation's offsets are unchanged).
+        self.images = images or [None] * len(prompts)
         self.deadline = time.monotonic() + self.policy.request_timeout_s
         self.attempts: dict[str, Attempt] = {}
         self._counter = 0
@@ -183,8 +191,9 @@ class Migrator:
         epoch = self.client.scheduler_id
         try:
             async with asyncio.timeout(SUBMIT_TIMEOUT_S):  # (not wait_for: see client._status_loop)
+                images = self.images[attempt.prompt_index]
                 await self.client.submit(attempt.sub_id, attempt.prompt_ids, attempt.sampling, self.arrival,
-                                         self.priority)
+                                         self.priority, **({"images": images} if images is not None else {}))
         except TimeoutError:
             logger.warning("request %s: the scheduler did not take the submit; retrying later", attempt.sub_id)
             epoch = ""

@@ -251,13 +251,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
                 raise bad_request(f"{where}.content is required for role {role!r}", param=f"{where}.content")
         elif isinstance(content, list):
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, dict) else json_type(part)
-                    raise bad_request(
-                        f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': ...}}; "
-                        f"part type {kind!r} is not supported (this model takes text only)",
-                        param=f"{where}.content",
-                    )
+                _check_content_part(part, f"{where}.content[{j}]")
         elif not isinstance(content, str):
             raise bad_request(f"{where}.content must be a string or an array of content parts",
                               param=f"{where}.content", code="invalid_type")
@@ -266,6 +260,24 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             clean["role"] = "system"  # OpenAI's newer name; chat templates know "system"
         out.append(clean)
     return out
+
+
+def _check_content_part(part: Any, where: str) -> None:
+    """A text part, or an image part (whether the model can read images is the handler's check)."""
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return
+    if isinstance(part, dict) and part.get("type") == "image_url":
+        image = part.get("image_url")
+        if not isinstance(image, dict) or not isinstance(image.get("url"), str) or not image["url"]:
+            raise bad_request(f"{where}.image_url must be an object with a non-empty 'url' string", param=where,
+                              code="invalid_type")
+        if image.get("detail", "auto") not in ("auto", "low", "high"):
+            raise bad_request(f"{where}.image_url.detail must be 'auto', 'low' or 'high'", param=where)
+        return
+    kind = part.get("type") if isinstance(part, dict) else json_type(part)
+    raise bad_request(f"{where} must be a text part {{'type': 'text', 'text': ...}} or an image part "
+                      f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}; part type {kind!r} is not supported",
+                      param=where)
 
 
 def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from common.service_config import add_service_arguments
 from common.settings import SettingsParser, setting
 from services.scheduler.dp_balance import BalanceSettings
+from services.scheduler.encode_pool import DEFAULT_ENCODE_TIMEOUT_S
+from services.scheduler.epd_placement import EP_D, PLACEMENTS
 from services.scheduler.pd_policy import POLICIES, PdPolicy, make_policy
 from services.scheduler.registry import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_SUSPECT_AFTER_S
 
@@ -37,13 +39,18 @@ class SchedulerConfig:
     dp_balance_cooldown_s: float = setting(1.0, "seconds a worker rests after a --dp-balance move from or to it")
     dp_balance_recompute_below: int = setting(32, "sequences of fewer tokens are recomputed on the target "
                                                   "instead of moving their KV (0: always move the KV)")
+    epd_placement: str = setting(EP_D, "where images are encoded: ep-d (the prefill worker), ed-p (encoders beside "
+                                       "the decode workers), e-p-d (standalone encoders)", choices=PLACEMENTS)
+    encode_timeout: float = setting(DEFAULT_ENCODE_TIMEOUT_S, "seconds an encoder may take on a request's images "
+                                                              "before they are encoded elsewhere")
     expected_workers: int | None = setting(
         None, "workers this layout starts (xllm serve sets it): /health and /status report how many of them are up")
 
     def problems(self) -> list[str]:
         """What makes this configuration unusable, as flag-named messages."""
         problems = [f"--{name.replace('_', '-')} must be > 0"
-                    for name in ("heartbeat_timeout", "suspect_after", "ttft_slo_ms", "tpot_slo_ms", "policy_interval")
+                    for name in ("heartbeat_timeout", "suspect_after", "ttft_slo_ms", "tpot_slo_ms", "policy_interval",
+                                 "encode_timeout")
                     if getattr(self, name) <= 0]
         problems += self.balance_settings().problems()
         if self.dp_balance_interval_s <= 0:

@@ -80,6 +80,7 @@ class Instance:
     flip_id: int = 0
     incarnation: str = ""  # the worker process's random token (Register)
     pid: int = 0
+    colocated_with: str = ""  # an encoder's worker sharing its device (ED-P); empty: standalone
     # "alive" or "suspect" (a dead instance is no longer in the registry) and since when.
     liveness: str = "alive"
     suspect_since: float | None = None
@@ -155,6 +156,7 @@ class Instance:
             "max_model_len": self.max_model_len,
             "page_size": self.page_size,
             "kv_addr": self.kv_addr,
+            "colocated_with": self.colocated_with,
             "stats": self.stats,
         }
 
@@ -223,7 +225,7 @@ class Registry:
             num_pages=msg.num_pages, page_size=msg.page_size, model=msg.model,
             max_model_len=msg.max_model_len, registered_at=now, last_heartbeat=now,
             free_pages=msg.num_pages, total_pages=msg.num_pages, flip_id=msg.flip_id,
-            incarnation=msg.incarnation, pid=msg.pid,
+            incarnation=msg.incarnation, pid=msg.pid, colocated_with=msg.colocated_with,
         )
         self._instances[msg.instance_id] = instance
         self._by_identity[identity] = msg.instance_id

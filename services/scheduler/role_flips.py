@@ -56,9 +56,10 @@ class RoleFlips:
     async def order(self, instance_id: str, role: str, reason: str) -> bool:
         """Order an instance into `role`; False when it cannot be done (or nothing changes)."""
         instance = self.registry.get(instance_id)
-        if instance is None or role not in WORKER_ROLES:
+        if instance is None or role not in WORKER_ROLES or instance.role not in WORKER_ROLES:
             logger.warning("cannot flip %s to %r: %s", instance_id, role,
-                           "unknown instance" if instance is None else "unknown role")
+                           "unknown instance" if instance is None else
+                           "unknown role" if role not in WORKER_ROLES else f"a {instance.role} instance")
             return False
         old = instance.ordered_role
         if old == role:

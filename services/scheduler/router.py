@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from common.protocol import WORKER_ROLES
 from services.scheduler.registry import Instance
 
 __all__ = ["Router", "Route", "load_key", "MAX_DECODE_CANDIDATES"]
@@ -94,7 +95,8 @@ class Router:
     ) -> Route | None:
         """Prefill instance and decode candidates for a request, or None if nobody can serve it.
         `cached`: prompt tokens each instance would find cached (from the global prefix index)."""
-        live = [i for i in instances if not i.draining]
+        # Encoders (role `encode`) serve encode jobs, never requests (`encode_pool`).
+        live = [i for i in instances if not i.draining and i.role in WORKER_ROLES]
         # A suspect instance (silent, or maybe the peer whose socket just closed) gets no new
         # work while anyone alive is left; with nobody alive it still may (a slow heartbeat on
         # a loaded box is no reason to refuse every request).

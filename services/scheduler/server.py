@@ -22,9 +22,10 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 import zmq
 import zmq.asyncio
 
@@ -37,8 +38,11 @@ from common.protocol import (
     Abort,
     AbortRequest,
     Assign,
+    ENCODE_ROLE,
     DecodeCandidate,
     Deregister,
+    EncodeRequest,
+    EncodeResult,
     FinishChoice,
     FlipAck,
     FlipRequest,
@@ -66,6 +70,7 @@ from common.log_limits import RateLimitedLog
 from common.service_config import ServiceAddresses
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.dp_migrations import DpMigrations
+from services.scheduler.encode_pool import EncodePool
 from services.scheduler.kv_awareness import KvAwareness
 from services.scheduler.liveness import PeerMonitor, judge_disconnect
 from services.scheduler.pd_policy import PdPolicy
@@ -80,7 +85,7 @@ _REFUSED_FLIPS = RateLimitedLog(logger, "refused flip requests")
 __all__ = ["SchedulerServer"]
 
 # A handler of one message type: (server, sender identity, message).
-Handler = Callable[[Any, bytes, Any], Awaitable[None]]
+Handler = Callable[..., Awaitable[None]]  # (server, identity, msg[, tensors])
 
 
 class SchedulerServer:
@@ -111,6 +116,9 @@ class SchedulerServer:
         self.balance = DpMigrations(self.registry, self.requests, self._send_migrate, config.balance_settings(),
                                     enabled=config.dp_balance, recompute_below_tokens=config.dp_balance_recompute_below)
         self.balance_interval_s = config.dp_balance_interval_s
+        # Multimodal Submits wait here for an encoder under ED-P / E-P-D (`encode_pool`).
+        self.encode = EncodePool(config.epd_placement, self.registry, self._send_encode, self._route_submit,
+                                 config.encode_timeout)
         self.gateways: dict[str, tuple[bytes, str]] = {}  # gateway_id -> (identity, tokens_addr)
         self._context = context or zmq.asyncio.Context.instance()
         self.kv = kv or KvAwareness(self._context)
@@ -172,9 +180,14 @@ class SchedulerServer:
                             on_refused: bus.OnRefused | None = None) -> None:
         while True:
             # Malformed messages, and those not for this socket's channel end, are dropped there.
-            identity, msg, _ = await bus.recv(sock, on_refused=on_refused)
+            identity, msg, tensors = await bus.recv(sock, on_refused=on_refused)
             try:
-                await handlers[type(msg)](self, identity, msg)
+                if type(msg) in self._TAKES_TENSORS:
+                    await handlers[type(msg)](self, identity, msg, tensors)
+                elif tensors:
+                    logger.warning("dropped %s from %r: it carries no tensor frames", type(msg).__name__, identity)
+                else:
+                    await handlers[type(msg)](self, identity, msg)
             except Exception:
                 # A handler bug on one message must not stop the scheduler.
                 logger.exception("error handling %s from %r", type(msg).__name__, identity)
@@ -183,6 +196,7 @@ class SchedulerServer:
         while True:
             await asyncio.sleep(self.reap_interval_s)
             suspects, dead = self.registry.tick()
+            await self.encode.expire()
             for instance in suspects:
                 logger.warning("instance %s is suspect (%s): no new work", instance.instance_id,
                                instance.suspect_reason)
@@ -203,6 +217,8 @@ class SchedulerServer:
         self.policy.forget(instance.instance_id)
         self.kv.forget(instance.instance_id)
         await self._fail_requests_of(instance, "worker died")
+        if instance.role == ENCODE_ROLE:
+            await self.encode.encoder_gone(instance)
 
     async def _policy_loop(self) -> None:
         while True:
@@ -253,6 +269,7 @@ class SchedulerServer:
             "policy": self.policy.snapshot() if hasattr(self.policy, "snapshot") else {},
             **self.kv.summary(),
             **self.balance.summary(),
+            **self.encode.summary(),
         }
 
     # ---- frontend: gateways -------------------------------------------------------------
@@ -296,7 +313,7 @@ class SchedulerServer:
         logger.info("gateway %s connected (tokens at %s)", msg.gateway_id, msg.tokens_addr)
         self.gateways[msg.gateway_id] = (identity, msg.tokens_addr)
 
-    async def _on_submit(self, identity: bytes, msg: Submit) -> None:
+    async def _on_submit(self, identity: bytes, msg: Submit, tensors: Sequence[torch.Tensor] = ()) -> None:
         if not msg.tokens_addr.startswith(("ipc://", "tcp://")):
             # Nowhere to send tokens or even an error: refuse before a worker spends time on it.
             logger.warning("dropped submit %s from %r: bad tokens address %r", msg.request_id, identity,
@@ -308,6 +325,14 @@ class SchedulerServer:
                 return  # the same gateway sent it again (it could not tell it arrived): done already
             await self._send_error(msg.tokens_addr, msg.request_id, 409, f"request id {msg.request_id!r} is in use")
             return
+        if len(tensors) != len(msg.images):
+            await self._send_error(msg.tokens_addr, msg.request_id, 400,
+                                   f"{len(msg.images)} image(s) but {len(tensors)} tensor frame(s)")
+            return
+        await self.encode.submit(identity, msg, tensors)
+
+    async def _route_submit(self, identity: bytes, msg: Submit, tensors: list[torch.Tensor]) -> None:
+        """Pick the worker(s) of a checked Submit and send them its Assign (with its image frames)."""
         instances = self.registry.instances()
         cached = self.kv.cached_tokens(instances, msg.prompt_ids)
         route = self.router.route(instances, len(msg.prompt_ids), msg.sampling.n, cached, msg.priority)
@@ -315,25 +340,31 @@ class SchedulerServer:
             await self._send_error(msg.tokens_addr, msg.request_id, 503, "no worker available", reason="no_worker")
             return
         instance = route.prefill
+        # An image request is served whole where it is prefilled: a decode peer taking its KV would
+        # not have the images its M-RoPE positions depend on.
+        decode = [] if msg.images else route.decode
         self.requests.add(
             instance, request_id=msg.request_id, gateway_identity=identity, gateway_id=msg.gateway_id,
             tokens_addr=msg.tokens_addr, prompt_len=len(msg.prompt_ids),
-            cached_tokens=cached.get(instance.instance_id, 0), decode_candidates=[d.instance_id for d in route.decode],
+            cached_tokens=cached.get(instance.instance_id, 0), decode_candidates=[d.instance_id for d in decode],
             max_tokens=msg.sampling.max_tokens or 0, n=msg.sampling.n,
         )
         assign = Assign(
             request_id=msg.request_id, prompt_ids=msg.prompt_ids, sampling=msg.sampling, priority=msg.priority,
             gateway_id=msg.gateway_id, tokens_addr=msg.tokens_addr, prefill_instance=instance.instance_id,
-            decode_instance=route.decode[0].instance_id if route.decode else instance.instance_id,
+            decode_instance=decode[0].instance_id if decode else instance.instance_id,
             arrival_time=msg.arrival_time,
             decode_candidates=[DecodeCandidate(instance_id=d.instance_id, kv_addr=d.kv_addr, flip_id=d.flip_id)
-                               for d in route.decode],
+                               for d in decode],
             embed=msg.embed,  # an embedding request: the worker ignores the decode candidates
+            images=msg.images,
         )
         logger.debug("request %s -> %s", msg.request_id, instance.instance_id)
-        await bus.send(self.backend, assign, identity=instance.identity)
+        await bus.send(self.backend, assign, *tensors, identity=instance.identity)
 
     async def _on_abort(self, identity: bytes, msg: Abort) -> None:
+        if self.encode.abort(msg.request_id):
+            return  # aborted while its images encoded: no worker holds it
         entry = self.requests.abort(msg.request_id)
         if entry is None:
             # Finished already, or submitted before this scheduler (re)started: a worker may still
@@ -353,7 +384,9 @@ class SchedulerServer:
 
     async def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
         instance = self.registry.heartbeat(identity, msg)
-        if instance is not None:
+        if instance is not None and instance.role == ENCODE_ROLE:
+            pass  # an encoder: no prefill/decode load for the PD policy
+        elif instance is not None:
             # The policy's role of record is the one it ordered, while the worker has not answered.
             self.policy.observe_heartbeat(msg, instance.ordered_role)
         else:
@@ -386,6 +419,8 @@ class SchedulerServer:
             self.policy.forget(msg.instance_id)
             self.kv.forget(msg.instance_id)
             await self._fail_requests_of(instance, "worker left")
+            if instance.role == ENCODE_ROLE:
+                await self.encode.encoder_gone(instance)
 
     async def _on_flip_ack(self, identity: bytes, msg: FlipAck) -> None:
         instance = self.registry.by_identity(identity)
@@ -415,6 +450,8 @@ class SchedulerServer:
                            msg.instance_id, len(old.inflight))
             self.kv.forget(msg.instance_id)
             await self._fail_requests_of(old, "worker restarted")
+            if old.role == ENCODE_ROLE:
+                await self.encode.encoder_gone(old)
         if outcome is not RegisterOutcome.REFRESHED:
             logger.info("instance %s registered: role=%s pages=%d model=%s",
                         msg.instance_id, msg.role, msg.num_pages, msg.model)
@@ -426,6 +463,12 @@ class SchedulerServer:
             for request_id in orphans:
                 await bus.send(self.backend, AbortRequest(request_id=request_id), identity=identity)
         await bus.send(self.backend, RegisterAck(instance_id=msg.instance_id, accepted=True), identity=identity)
+
+    async def _on_encode_result(self, identity: bytes, msg: EncodeResult, tensors: list[torch.Tensor]) -> None:
+        await self.encode.on_result(identity, msg, tensors)
+
+    async def _send_encode(self, encoder: Instance, msg: EncodeRequest, tensors: list[torch.Tensor]) -> None:
+        await bus.send(self.backend, msg, *tensors, identity=encoder.identity)
 
     async def _fail_requests_of(self, instance: Instance, reason: str) -> None:
         """Its requests are lost with it: retriable, so their gateways migrate them."""
@@ -444,6 +487,7 @@ class SchedulerServer:
 
     # ---- dispatch: exactly what each socket's channel end takes -------------------------
 
+    _TAKES_TENSORS: frozenset[type[Message]] = frozenset({Submit, EncodeResult})  # handlers called with the frames too
     _ON_FRONTEND: Mapping[type[Message], Handler] = {
         Submit: _on_submit,
         Abort: _on_abort,
@@ -461,4 +505,5 @@ class SchedulerServer:
         FlipAck: _on_flip_ack,
         MigrationResult: _on_migration_result,
         KvEvent: _on_kv_event,
+        EncodeResult: _on_encode_result,
     }

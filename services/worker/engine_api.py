@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from common.engine.config import EngineConfig
     from common.engine.engine import EngineStats, SequenceOutput
     from common.engine.kv_transfer import KvEventHook, KvExport, OffloadHook
+    from common.engine.multimodal import ImageItem
     from common.engine.sampling_params import SamplingParams
     from common.engine.sequence import Priority
     from common.engine.sequence import Sequence as EngineSequence
@@ -114,6 +115,7 @@ class WorkerEngine(Protocol):
         priority: str | Priority = ...,
         arrival_time: float | None = None,
         hold_after_prefill: bool = False,
+        images: list[ImageItem] | None = None,
     ) -> list[EngineSequence]: ...
 
     def abort_request(self, request_id: str) -> bool: ...

@@ -22,6 +22,7 @@ from common.protocol import (
     BackendMessage,
     ControlMessage,
     Drain,
+    EncodeRequest,
     FinishChoice,
     FlipAck,
     KvSnapshotRequest,
@@ -30,6 +31,7 @@ from common.protocol import (
     RoleFlip,
     Shutdown,
 )
+from services.worker.image_assign import ImageAssign
 from services.worker.kv_tiering import KvTiering
 from services.worker.load_report import LoadReport
 from services.worker.role_state import ROLES, RoleState
@@ -38,7 +40,8 @@ __all__ = ["Inbox", "InboxOwner", "EngineWork"]
 
 logger = logging.getLogger(__name__)
 
-EngineWork = Assign | AbortRequest | FinishChoice | MigrateRequest  # applied by the engine loop between steps
+# applied by the engine loop between steps
+EngineWork = Assign | ImageAssign | AbortRequest | FinishChoice | MigrateRequest
 Handler = Callable[[Any, Any], Awaitable[None]]
 
 
@@ -70,7 +73,12 @@ class Inbox:
 
     async def backend_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            _, msg, _ = await bus.recv(sock)
+            _, msg, tensors = await bus.recv(sock)
+            if isinstance(msg, Assign) and (msg.images or tensors):
+                # Its images' frames travel with it; their prefix pages are keyed by image content,
+                # which the kvstore's token hashes do not cover: no reload.
+                self.queue(ImageAssign(msg, tensors))
+                continue
             await self.ON_BACKEND[type(msg)](self, msg)
 
     async def control_loop(self, sock: zmq.asyncio.Socket) -> None:
@@ -127,6 +135,10 @@ class Inbox:
         logger.info("shutdown ordered by the scheduler")
         self.worker.stop()
 
+    async def _on_encode_request(self, msg: EncodeRequest) -> None:
+        # Encode jobs go to encoder instances (role `encode`), never to a worker.
+        logger.warning("dropped encode job %s: this is a worker, not an encoder", msg.job_id)
+
     ON_BACKEND: Mapping[type[BackendMessage], Handler] = {
         Assign: _on_assign,
         AbortRequest: _on_abort_request,
@@ -134,6 +146,7 @@ class Inbox:
         MigrateRequest: _on_migrate_request,
         KvSnapshotRequest: _on_snapshot_request,
         RegisterAck: _on_register_ack,
+        EncodeRequest: _on_encode_request,
     }
     ON_CONTROL: Mapping[type[ControlMessage], Handler] = {
         RoleFlip: _on_role_flip,

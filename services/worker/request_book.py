@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
+
+import torch
 
 from common.engine.sampling_params import SamplingParams
 from common.gateway_push import GatewayPushers, token_delta
+from common.image_frames import image_items
 from common.protocol import (
     AbortRequest,
     Assign,
@@ -32,6 +35,7 @@ from services.decode.kv_receiver import KvReceiver
 from services.prefill.kv_sender import HandoffRequest, KvSender
 from services.worker.embed_queue import EmbedQueue
 from services.worker.engine_api import WorkerEngine
+from services.worker.image_assign import ImageAssign
 from services.worker.kv_tiering import KvTiering
 from services.worker.migrations import Migrations
 from services.worker.request_state import RequestState
@@ -77,10 +81,12 @@ class RequestBook:
     def _embedding_done(self) -> None:
         self.load_dropped = True
 
-    async def apply(self, msg: Assign | AbortRequest | FinishChoice | MigrateRequest) -> None:
+    async def apply(self, msg: Assign | ImageAssign | AbortRequest | FinishChoice | MigrateRequest) -> None:
         """Apply what the scheduler sent, between engine steps."""
         if isinstance(msg, MigrateRequest):
             await self.migrations.start(msg)
+        elif isinstance(msg, ImageAssign):
+            await self.add(msg.msg, msg.tensors)
         elif isinstance(msg, Assign):
             if msg.embed is None or msg.request_id in self.requests:
                 await self.add(msg)  # a generation (or a request id in use: refused there)
@@ -108,7 +114,7 @@ class RequestBook:
         logger.debug("aborted %s", request_id)
         await self._finished(request_id, state, "abort")
 
-    async def add(self, msg: Assign) -> None:
+    async def add(self, msg: Assign, image_tensors: Sequence[torch.Tensor] = ()) -> None:
         worker = self.worker
         if msg.request_id in self.requests:
             await worker.pushers.send(msg.tokens_addr, RequestError(
@@ -117,6 +123,9 @@ class RequestBook:
         handoff = None
         try:
             params = SamplingParams.from_dict(msg.sampling.to_dict())
+            images = image_items(msg.images, image_tensors) if msg.images or image_tensors else None
+            if images and msg.embed is not None:
+                raise ValueError("an embedding request cannot carry images")
             # Only single-choice requests are handed over; the scheduler serves n > 1 whole.
             hold = bool(msg.decode_candidates) and params.n == 1 and not params.use_beam_search
             if hold:
@@ -129,8 +138,9 @@ class RequestBook:
             def add() -> tuple[list, dict[str, int]]:
                 # One engine call: pages fetched from the kvstore land right before admission.
                 loaded = worker.tiering.load(msg.request_id, list(msg.prompt_ids))
+                extra = {"images": images} if images else {}  # EP-D: the engine's own vision tower encodes
                 return worker.engine.add_request(msg.request_id, list(msg.prompt_ids), params, priority=msg.priority,
-                                                 hold_after_prefill=hold), loaded
+                                                 hold_after_prefill=hold, **extra), loaded
 
             _, loaded = await self.run_on_engine(add)
         except (ValueError, TypeError) as exc:

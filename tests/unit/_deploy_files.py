@@ -7,7 +7,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 SYSTEMD_DIR = REPO / "deploy" / "systemd"
-UNITS = ["xllm-scheduler.service", "xllm-gateway.service", "xllm-kvstore.service", "xllm-worker@.service"]
+UNITS = ["xllm-scheduler.service", "xllm-gateway.service", "xllm-kvstore.service", "xllm-worker@.service",
+         "xllm-encoder@.service"]
+# Units xllm.target does not start by default (the encoder: only with a multimodal model).
+OPTIONAL_UNITS = {"xllm-encoder@.service"}
 
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:

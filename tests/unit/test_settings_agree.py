@@ -19,13 +19,15 @@ from _deploy_files import COMPOSE_FILE, REPO, SYSTEMD_DIR, UNITS, parse_unit, wo
 
 
 def _parsers() -> dict:
+    from services.encoder.config import build_parser as encoder
     from services.gateway.config import build_parser as gateway
     from services.kvstore.config import build_parser as kvstore
     from services.scheduler.config import build_parser as scheduler
     from services.worker.config import build_parser as worker
 
     return {"services.scheduler": scheduler, "services.gateway": gateway, "services.kvstore": kvstore,
-            "services.decode": lambda: worker("decode"), "services.prefill": lambda: worker("prefill")}
+            "services.decode": lambda: worker("decode"), "services.prefill": lambda: worker("prefill"),
+            "services.encoder": encoder}
 
 
 PARSERS = _parsers()
