@@ -185,8 +185,12 @@ class Reference:
     @torch.no_grad()
     def greedy(self, messages: list[dict], images: list[Image.Image]) -> tuple[list[int], list[int]]:
         ids, vision = self.prompt(messages, images)
-        out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  **vision, max_new_tokens=MAX_TOKENS, do_sample=False)
+        input_ids = torch.tensor([ids])
+        # transformers builds M-RoPE positions only when told which tokens are image tokens (its full
+        # processor returns this; the image processor alone does not): without it, 1-D positions.
+        mm_types = (input_ids == self.model.config.image_token_id).int()
+        out = self.model.generate(input_ids, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  mm_token_type_ids=mm_types, **vision, max_new_tokens=MAX_TOKENS, do_sample=False)
         return ids, out[0, len(ids):].tolist()
 
     def ids_of(self, logprobs: list) -> list[int]:
