@@ -11,6 +11,8 @@ import torch
 from common.settings import SettingsParser, from_namespace, setting
 from kernels.linear import packed_linear_supported
 
+SPECULATIVE_METHODS = ("none", "ngram", "suffix")
+
 __all__ = ["EngineConfig", "add_engine_arguments", "engine_config_from_args", "parse_dtype"]
 
 _DTYPES = {
@@ -59,6 +61,18 @@ class EngineConfig:
         None, "directory of the weight cache (default: weights/ under $XLLM_CACHE_DIR, $XDG_CACHE_HOME/xllm or "
               "~/.cache/xllm; "
               "an empty value disables it)")
+    # Draft-free speculative decoding (common.engine.speculative): drafts come from the text itself.
+    speculative_method: str = setting("none", "draft proposer: none | ngram (prompt lookup) | suffix (suffix tree "
+                                              "over the prompt and outputs)", choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = setting(4, "most draft tokens verified per decode step")
+    ngram_min: int = setting(2, "shortest n-gram the ngram proposer matches")
+    ngram_max: int = setting(5, "longest n-gram the ngram proposer matches")
+    suffix_max_depth: int = setting(24, "depth of the suffix trees (longest pattern + draft, in tokens)")
+    suffix_global: bool = setting(True, "do not let the suffix proposer also match recent outputs of other "
+                                        "requests", flag="--no-suffix-global")
+    suffix_global_requests: int = setting(256, "finished requests whose outputs the global suffix tree keeps")
+    suffix_min_prob: float = setting(0.1, "suffix drafts stop where the estimated probability of the run "
+                                          "falls below this")
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -78,6 +92,22 @@ class EngineConfig:
 
             return str(default_cache_dir())
         return self.weight_cache_dir
+
+    def validate_speculative(self) -> None:
+        """Raise ValueError naming the first impossible speculative setting."""
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {list(SPECULATIVE_METHODS)}, "
+                             f"got {self.speculative_method!r}")
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError(f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        if self.suffix_max_depth < 2:
+            raise ValueError(f"suffix_max_depth must be >= 2, got {self.suffix_max_depth}")
+        if self.suffix_global_requests < 1:
+            raise ValueError(f"suffix_global_requests must be >= 1, got {self.suffix_global_requests}")
+        if not 0.0 <= self.suffix_min_prob < 1.0:
+            raise ValueError(f"suffix_min_prob must be in [0, 1), got {self.suffix_min_prob}")
 
     def resolved_kv_dtype(self) -> torch.dtype:
         if self.kv_dtype == "auto":

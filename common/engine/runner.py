@@ -14,6 +14,7 @@ from torch import nn
 from common.engine.grammar_mask import GrammarMasker
 from common.engine.sampler import Sampler, SamplerOutput
 from common.engine.scheduler import ScheduledBatch
+from common.engine.speculative.rows import expand_draft_rows
 from kernels.attention import build_attention_metadata
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SamplerOutput | None:
-        """Compute every scheduled chunk; sample one token for each chunk that ends its sequence."""
+        """Compute every scheduled chunk; sample one token for each chunk that ends its sequence,
+        plus one after each of its speculative drafts (``1 + len(draft)`` tokens, in row order)."""
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -50,18 +52,24 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sampled_seqs = []
+        drafts: list[list[int]] = []
         for item in batch.items:
-            seq, n = item.seq, item.num_new_tokens
+            seq, n, draft = item.seq, item.num_new_tokens, item.draft
             start = seq.num_computed
             input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            query_lens.append(n)
-            context_lens.append(start + n)
+            input_ids.extend(draft)
+            positions.extend(range(start, start + n + len(draft)))
+            query_lens.append(n + len(draft))
+            context_lens.append(start + n + len(draft))
             tables.append(self._page_table(seq.seq_id))
             if item.samples:
-                sample_rows.append(len(input_ids) - 1)
+                # A speculating row samples after its last real token and after every draft.
+                sample_rows.extend(range(len(input_ids) - 1 - len(draft), len(input_ids)))
                 sampled_seqs.append(seq)
+                drafts.append(draft)
 
+        draft_rows = expand_draft_rows(sampled_seqs, drafts)
+        sampled_seqs = draft_rows.seqs
         # Structured rows: their masks are filled on a thread while the forward pass runs.
         mask_job = self.grammar.start(sampled_seqs, self.device) if self.grammar is not None and sampled_seqs else None
         meta = build_attention_metadata(query_lens, context_lens, tables, self.page_size, self.device)
@@ -81,8 +89,8 @@ class ModelRunner:
             logits,
             [s.params for s in sampled_seqs],
             [s.prompt_ids for s in sampled_seqs],
-            [s.output_ids for s in sampled_seqs],
-            [s.generator for s in sampled_seqs],
+            draft_rows.output_ids,
+            draft_rows.generators,
             token_mask=token_mask,
         )
         if token_mask is not None:
