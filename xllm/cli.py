@@ -56,6 +56,13 @@ def _cmd_bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_spec(args: argparse.Namespace) -> int:
+    from bench import spec
+
+    spec.run(args, engine_config_from_args(args))
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from xllm.serve import run_serve
 
@@ -108,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     offline.add_arguments(off)
     off.set_defaults(func=_cmd_bench_offline)
+    spec_cmd = bench_sub.add_parser("spec", help="single-stream decode with speculation none / ngram / suffix on a "
+                                                 "repetitive workload (tok/s, acceptance, speedup)")
+    add_engine_arguments(spec_cmd)
+    from bench import spec as bench_spec
+
+    bench_spec.add_arguments(spec_cmd)
+    spec_cmd.set_defaults(func=_cmd_bench_spec)
     from bench import kv as bench_kv, pd as bench_pd, quality as bench_quality, serve as bench_serve
     from bench import chaos as bench_chaos, soak as bench_soak
     from bench import colocate as bench_colocate

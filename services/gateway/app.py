@@ -31,6 +31,7 @@ from services.gateway.httpio import error_response
 from services.gateway.http_limits import GuardedAppRunner, HttpLimits
 from services.gateway.logprobs import TokenTexts
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.spec_metrics import SpeculativeCounters
 from services.gateway.migration import MigrationPolicy
 from services.gateway.openai_schema import APIError
 
@@ -174,6 +175,7 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     client.on_status = metrics.update_workers
     client.on_scheduler = metrics.update_scheduler
     metrics.registry.register(BusInvalidMessages(lambda: client.scheduler_info))
+    metrics.registry.register(SpeculativeCounters(lambda: client.instances))
     return GatewayContext(
         model=model, tokenizer=tokenizer, token_texts=TokenTexts(tokenizer), client=client, metrics=metrics,
         admission=Admission(settings.max_queue), api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,

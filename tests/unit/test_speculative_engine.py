@@ -149,7 +149,7 @@ def test_penalised_greedy_and_min_tokens_match(llama):
 def test_stop_token_and_max_tokens_inside_an_accepted_run(llama, reference_llama):
     full = reference_llama
     stop_at = next(i for i in range(20, len(full)) if full[i] not in full[:i])
-    stop = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[full[stop_at]])
+    stop = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[full[stop_at]], ignore_eos=True)
     engine = warmed_suffix_engine(llama, GREEDY)
     outs = run(engine, {"stop": (REPEAT, stop)})["stop"]
     assert tokens(outs) == full[: stop_at + 1] and outs[-1].finish_reason == "stop"
