@@ -133,7 +133,8 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict:
     )
     if result["speculative_method"] != "none":
         print(f"speculative decoding ({result['speculative_method']}): acceptance rate "
-              f"{result['spec_acceptance_rate']:.2f}, {result['spec_mean_accepted_length']:.2f} tokens per verified step")
+              f"{result['spec_acceptance_rate']:.2f}, "
+              f"{result['spec_mean_accepted_length']:.2f} tokens per verified step")
     write_json(args.json_path, result)
     if getattr(args, "png_path", None):
         plot(args.png_path, result)
