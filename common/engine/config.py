@@ -64,7 +64,9 @@ class EngineConfig:
     # Draft-free speculative decoding (common.engine.speculative): drafts come from the text itself.
     speculative_method: str = setting("none", "draft proposer: none | ngram (prompt lookup) | suffix (suffix tree "
                                               "over the prompt and outputs)", choices=SPECULATIVE_METHODS)
-    num_speculative_tokens: int = setting(4, "most draft tokens verified per decode step")
+    # 3: a single stream's verify step is then 4 rows, still on the weight-only int8 small-batch
+    # GEMMs (kernels.linear.DEFAULT_INT8_MAX_ROWS); a fifth row switches to W8A8.
+    num_speculative_tokens: int = setting(3, "most draft tokens verified per decode step")
     ngram_min: int = setting(2, "shortest n-gram the ngram proposer matches")
     ngram_max: int = setting(5, "longest n-gram the ngram proposer matches")
     suffix_max_depth: int = setting(24, "depth of the suffix trees (longest pattern + draft, in tokens)")
