@@ -14,12 +14,15 @@ import torch
 from common.engine.config import EngineConfig
 from common.engine.engine import EngineStats, LLMEngine
 from common.engine.sampling_params import SamplingParams
+from common.engine.speculative.speculator import SpecStats
 from bench.output import write_json
+from bench.spec_workload import WORKLOADS, repetitive_prompts
+from common.tokenizer import load_tokenizer
 from common.progress import add_progress_argument, progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run", "plot", "timeline"]
+__all__ = ["add_arguments", "run", "plot", "spec_summary", "timeline"]
 
 _TIMELINE_BINS = 100  # points of the time series kept in the results (and drawn by --plot)
 
@@ -30,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=200)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload", choices=WORKLOADS, default="random",
+                   help="random token prompts, or repetitive ones (code editing, summarising: see bench.spec_workload) "
+                        "where speculative decoding's drafts get accepted")
     p.add_argument("--json", dest="json_path", default=None, help="write results here")
     p.add_argument("--plot", dest="png_path", default=None, metavar="PNG",
                    help="draw output tok/s and requests in flight over the run into this PNG")
@@ -42,17 +48,29 @@ def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
 
 
+def _repetitive_prompts(engine: LLMEngine, n: int, length: int, seed: int) -> list[list[int]]:
+    """Chat prompts of about ``length`` tokens whose answers copy much of them."""
+    tokenizer = load_tokenizer(engine.model_path)
+    texts = repetitive_prompts(n, approx_chars=4 * length, seed=seed)
+    return [tokenizer.encode_chat([{"role": "user", "content": text}])[-length:] for text in texts]
+
+
 def run(args: argparse.Namespace, config: EngineConfig) -> dict:
     config.max_num_seqs = max(config.max_num_seqs, args.concurrency)
     engine = LLMEngine(config)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    prompts = _random_prompts(args.num_requests + 1, args.prompt_len, engine.vocab_size, args.seed)
+    if getattr(args, "workload", "random") == "repetitive":
+        prompts = _repetitive_prompts(engine, args.num_requests + 1, args.prompt_len, args.seed)
+    else:
+        prompts = _random_prompts(args.num_requests + 1, args.prompt_len, engine.vocab_size, args.seed)
 
     # Warm-up (first-call allocations, oneDNN primitive creation), not measured.
     engine.add_request("warmup", prompts.pop(), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
     engine.stats = EngineStats()  # the warm-up is not part of the measurement
+    if engine.speculator is not None:
+        engine.speculator.stats = SpecStats()
 
     submitted = finished = 0
     arrival: dict[str, float] = {}
@@ -99,6 +117,7 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict:
         "peak_kv_pages_used": stats["peak_used_pages"],
         "kv_pages_total": stats["num_pages"],
         "preemptions": stats["preemptions"],
+        **spec_summary(stats),
         "mean_ttft_s": sum(ttft) / len(ttft),
         "mean_tpot_s": sum(tpot) / len(tpot),
         "torch_threads": torch.get_num_threads(),
@@ -112,11 +131,26 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict:
         f"mean TTFT {result['mean_ttft_s'] * 1e3:.0f} ms, mean TPOT {result['mean_tpot_s'] * 1e3:.1f} ms, "
         f"peak KV pages {result['peak_kv_pages_used']}/{result['kv_pages_total']}"
     )
+    if result["speculative_method"] != "none":
+        print(f"speculative decoding ({result['speculative_method']}): acceptance rate "
+              f"{result['spec_acceptance_rate']:.2f}, "
+              f"{result['spec_mean_accepted_length']:.2f} tokens per verified step")
     write_json(args.json_path, result)
     if getattr(args, "png_path", None):
         plot(args.png_path, result)
         print(f"plot written to {args.png_path}")
     return result
+
+
+def spec_summary(stats: dict) -> dict:
+    """Speculative decoding's figures from an engine's (or worker's) load stats."""
+    return {
+        "speculative_method": stats.get("spec_method", "none"),
+        "spec_draft_tokens": stats.get("spec_draft_tokens_total", 0),
+        "spec_accepted_tokens": stats.get("spec_accepted_tokens_total", 0),
+        "spec_acceptance_rate": stats.get("spec_acceptance_rate", 0.0),
+        "spec_mean_accepted_length": stats.get("spec_mean_accepted_length", 0.0),
+    }
 
 
 def timeline(steps: list[tuple[float, int, int]], elapsed: float, bins: int = _TIMELINE_BINS) -> list[dict]:

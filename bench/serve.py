@@ -26,6 +26,7 @@ from tqdm import tqdm
 from bench.client import BenchError, RequestResult, base_url, discover_model, stream_request
 from bench.stats import distinct_errors, percentile
 from bench.output import write_json, write_plot
+from bench.spec_workload import WORKLOADS, repetitive_prompts
 from common.progress import add_progress_argument, progress_bar
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=10000,
                    help="random prompt token ids are drawn from [100, N)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload", choices=WORKLOADS, default="random",
+                   help="random prompts, or repetitive texts (code editing, summarising, about --prompt-len tokens) "
+                        "whose answers copy them: where speculative decoding's drafts get accepted")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests before the sweep")
     p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per request")
@@ -85,10 +89,17 @@ def _make_bodies(args: argparse.Namespace, model: str, n: int, seed: int, output
     rng = random.Random(seed)
     output_len = output_len or args.output_len
     bodies = []
-    for _ in range(n):
+    repetitive = getattr(args, "workload", "random") == "repetitive"
+    texts = repetitive_prompts(n, 4 * args.prompt_len, seed) if repetitive else []
+    for i in range(n):
         body: dict = {"model": model, "max_tokens": output_len, "temperature": args.temperature,
                       "stream": True, "stream_options": {"include_usage": True}}
-        if args.endpoint == "completions":
+        if texts:
+            if args.endpoint == "completions":
+                body["prompt"] = texts[i]
+            else:
+                body["messages"] = [{"role": "user", "content": texts[i]}]
+        elif args.endpoint == "completions":
             body["prompt"] = [rng.randrange(100, max(101, args.vocab_size)) for _ in range(args.prompt_len)]
         else:
             text = " ".join(rng.choice(_WORDS) for _ in range(args.prompt_len))
@@ -98,6 +109,40 @@ def _make_bodies(args: argparse.Namespace, model: str, n: int, seed: int, output
             body["min_tokens"] = output_len
         bodies.append(body)
     return bodies
+
+
+_STATS_SETTLE_S = 1.5
+
+
+async def spec_counters(session: aiohttp.ClientSession, url: str) -> dict[str, int] | None:
+    """The workers' speculative decoding counters summed, from the gateway's /status (None: off or unknown)."""
+    root = base_url(url)[: -len("/v1")]
+    try:
+        async with session.get(root + "/status", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            doc = await resp.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return None
+    totals = {"draft": 0, "accepted": 0, "steps": 0}
+    found = False
+    for inst in doc.get("instances") or []:
+        stats = inst.get("stats") if isinstance(inst, dict) else None
+        if isinstance(stats, dict) and "spec_draft_tokens_total" in stats:
+            found = True
+            totals["draft"] += int(stats.get("spec_draft_tokens_total", 0))
+            totals["accepted"] += int(stats.get("spec_accepted_tokens_total", 0))
+            totals["steps"] += int(stats.get("spec_steps_total", 0))
+    return totals if found else None
+
+
+def spec_delta(before: dict[str, int], after: dict[str, int] | None) -> dict:
+    """Acceptance rate and mean tokens per verified step over one level."""
+    after = after or before
+    draft = after["draft"] - before["draft"]
+    accepted = after["accepted"] - before["accepted"]
+    steps = after["steps"] - before["steps"]
+    return {"spec_draft_tokens": draft, "spec_accepted_tokens": accepted,
+            "spec_acceptance_rate": accepted / draft if draft else 0.0,
+            "spec_mean_accepted_length": (accepted + steps) / steps if steps else 1.0}
 
 
 def _ms_stats(values: list[float]) -> dict:
@@ -160,10 +205,14 @@ async def run_async(args: argparse.Namespace) -> dict:
                     results[i] = await stream_request(session, url, body, chat=chat, timeout=args.timeout)
                     bar.update(1)
 
+            spec_before = await spec_counters(session, args.url)
             t0 = time.perf_counter()
             with progress_bar(len(bodies), f"concurrency {concurrency}", "req", args=args) as bar:
                 await asyncio.gather(*(worker(bar) for _ in range(min(concurrency, len(bodies)))))
             entry = summarize(concurrency, results, time.perf_counter() - t0)
+            if spec_before is not None:
+                await asyncio.sleep(_STATS_SETTLE_S)  # the workers' counters reach /status with their heartbeats
+                entry.update(spec_delta(spec_before, await spec_counters(session, args.url)))
             entries.append(entry)
             _print_entry(entry)
     return {
@@ -185,6 +234,9 @@ def _print_entry(e: dict) -> None:
     print(f"concurrency {e['concurrency']:>4}: {e['completed']}/{e['num_requests']} ok, "
           f"{e['output_throughput']:.1f} out tok/s, {e['request_throughput']:.2f} req/s | ms mean/p50/p99: "
           f"TTFT {stats('ttft_ms')} | TPOT {stats('tpot_ms')} | E2E {stats('e2e_ms')}", flush=True)
+    if "spec_acceptance_rate" in e:
+        print(f"    speculative decoding: acceptance rate {e['spec_acceptance_rate']:.2f}, "
+              f"{e['spec_mean_accepted_length']:.2f} tokens per verified step", flush=True)
     for err in e["errors"]:
         print(f"    error: {err}", file=sys.stderr)
 

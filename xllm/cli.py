@@ -60,6 +60,10 @@ def _cmd_bench_rec(args: argparse.Namespace) -> int:
     from bench import rec
 
     rec.run(args, engine_config_from_args(args))
+def _cmd_bench_spec(args: argparse.Namespace) -> int:
+    from bench import spec
+
+    spec.run(args, engine_config_from_args(args))
     return 0
 
 
@@ -122,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_rec.add_arguments(rec)
     rec.set_defaults(func=_cmd_bench_rec)
+    spec_cmd = bench_sub.add_parser("spec", help="single-stream decode with speculation none / ngram / suffix on a "
+                                                 "repetitive workload (tok/s, acceptance, speedup)")
+    add_engine_arguments(spec_cmd)
+    from bench import spec as bench_spec
+
+    bench_spec.add_arguments(spec_cmd)
+    spec_cmd.set_defaults(func=_cmd_bench_spec)
     from bench import kv as bench_kv, pd as bench_pd, quality as bench_quality, serve as bench_serve
     from bench import chaos as bench_chaos, soak as bench_soak
     from bench import colocate as bench_colocate

@@ -272,6 +272,17 @@ class BlockManager:
             pages, list(parent.hashes), num_hashed=parent.num_hashed, num_computed=parent.num_computed
         )
         return copy
+    def trim(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Release the pages past the first ``num_tokens`` slots (rejected speculative drafts'
+        slots); those pages hold no committed token."""
+        seq = self._seqs[seq_id]
+        keep = -(-num_tokens // self.page_size)
+        if keep < seq.num_hashed:
+            raise ValueError(f"sequence {seq_id!r}: cannot trim into {seq.num_hashed} hashed pages")
+        if keep < len(seq.pages):
+            extra = seq.pages[keep:]
+            del seq.pages[keep:]
+            self._release(extra)
 
     def free(self, seq_id: Hashable) -> None:
         """Drop a finished or aborted sequence; unknown ids are ignored."""

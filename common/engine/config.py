@@ -11,6 +11,8 @@ import torch
 from common.settings import SettingsParser, from_namespace, setting
 from kernels.linear import packed_linear_supported
 
+SPECULATIVE_METHODS = ("none", "ngram", "suffix")
+
 __all__ = ["EngineConfig", "add_engine_arguments", "engine_config_from_args", "parse_dtype"]
 
 _DTYPES = {
@@ -69,6 +71,20 @@ class EngineConfig:
     eplb_interval_steps: int = setting(0, "re-place experts (EPLB) every N engine steps from the measured "
                                           "load; 0 = never")
     expert_load_window_steps: int = setting(128, "engine steps the expert-load statistics cover")
+    # Draft-free speculative decoding (common.engine.speculative): drafts come from the text itself.
+    speculative_method: str = setting("none", "draft proposer: none | ngram (prompt lookup) | suffix (suffix tree "
+                                              "over the prompt and outputs)", choices=SPECULATIVE_METHODS)
+    # 3: a single stream's verify step is then 4 rows, still on the weight-only int8 small-batch
+    # GEMMs (kernels.linear.DEFAULT_INT8_MAX_ROWS); a fifth row switches to W8A8.
+    num_speculative_tokens: int = setting(3, "most draft tokens verified per decode step")
+    ngram_min: int = setting(2, "shortest n-gram the ngram proposer matches")
+    ngram_max: int = setting(5, "longest n-gram the ngram proposer matches")
+    suffix_max_depth: int = setting(24, "depth of the suffix trees (longest pattern + draft, in tokens)")
+    suffix_global: bool = setting(True, "do not let the suffix proposer also match recent outputs of other "
+                                        "requests", flag="--no-suffix-global")
+    suffix_global_requests: int = setting(256, "finished requests whose outputs the global suffix tree keeps")
+    suffix_min_prob: float = setting(0.1, "suffix drafts stop where the estimated probability of the run "
+                                          "falls below this")
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -88,6 +104,22 @@ class EngineConfig:
 
             return str(default_cache_dir())
         return self.weight_cache_dir
+
+    def validate_speculative(self) -> None:
+        """Raise ValueError naming the first impossible speculative setting."""
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {list(SPECULATIVE_METHODS)}, "
+                             f"got {self.speculative_method!r}")
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError(f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        if self.suffix_max_depth < 2:
+            raise ValueError(f"suffix_max_depth must be >= 2, got {self.suffix_max_depth}")
+        if self.suffix_global_requests < 1:
+            raise ValueError(f"suffix_global_requests must be >= 1, got {self.suffix_global_requests}")
+        if not 0.0 <= self.suffix_min_prob < 1.0:
+            raise ValueError(f"suffix_min_prob must be in [0, 1), got {self.suffix_min_prob}")
 
     def resolved_kv_dtype(self) -> torch.dtype:
         if self.kv_dtype == "auto":

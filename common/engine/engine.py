@@ -28,6 +28,7 @@ from common.engine.sampler import Sampler, SamplerOutput, TokenLogprobs, make_ge
 from common.engine.sampling_params import SamplingParams, validate_prompt_ids
 from common.engine.scheduler import BatchScheduler, ScheduledBatch
 from common.engine.sequence import Priority, Sequence, SequenceStatus
+from common.engine.speculative import accepted_length, make_speculator
 from common.models.registry import default_model_path, load_model
 from kernels.cpu_ext import paged_decode_module
 
@@ -69,6 +70,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
+        self.speculator = make_speculator(config)  # validates the speculative settings first
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model_path = config.model or default_model_path()
@@ -111,6 +113,8 @@ class LLMEngine:
             # rather than inside the first request's decode step.
             paged_decode_module()
         self.experts = ExpertParallel.for_model(self.model, config)  # MoE statistics and EPLB (None: dense)
+        if self.speculator is not None:
+            self.scheduler.propose_drafts = lambda seq: self.speculator.propose(seq, self.max_model_len)
         self.eos_token_ids = set(mc.eos_token_ids)
         self.vocab_size = mc.vocab_size
         self._requests: dict[str, list[Sequence]] = {}
@@ -265,23 +269,42 @@ class LLMEngine:
             seq.num_computed += item.num_new_tokens
             if seq.num_output_tokens == 0:
                 self.stats.prompt_tokens += item.num_new_tokens
-            self.block_manager.commit(seq.seq_id, seq.hash_token_ids, seq.num_computed)
             if not samples:
+                self.block_manager.commit(seq.seq_id, seq.hash_token_ids, seq.num_computed)
                 continue
             if seq.params.use_beam_search:  # no token sampled: its log-probs go to its beam group
+                self.block_manager.commit(seq.seq_id, seq.hash_token_ids, seq.num_computed)
                 self.beams.collect(seq, sampled.beam_logprobs[seq.seq_id])
                 self.stats.generated_tokens += 1
                 continue
-            token = sampled.token_ids[k]
-            lp = sampled.logprobs[k]
-            k += 1
-            seq.token_ids.append(token)
-            if lp is not None:
-                seq.logprobs.append(lp)
+            rows = 1 + len(item.draft)
+            tokens = sampled.token_ids[k : k + rows]
+            lps = sampled.logprobs[k : k + rows]
+            k += rows
+            if item.draft:
+                # The accepted drafts, then the target's own token after them.
+                tokens = tokens[: accepted_length(item.draft, tokens) + 1]
+                self.speculator.record(seq, len(item.draft), len(tokens) - 1)
+            new_tokens: list[int] = []
+            new_lps: list[TokenLogprobs] = []
+            reason = None
+            for token, lp in zip(tokens, lps):
+                seq.token_ids.append(token)
+                new_tokens.append(token)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                    new_lps.append(lp)
+                reason = self._stop_reason(seq, token)
+                if reason is not None:  # a stop inside an accepted run drops what follows it
+                    break
+            # The KV of every emitted token but the last was written this step (as a draft).
+            seq.num_computed += len(new_tokens) - 1
+            self.block_manager.commit(seq.seq_id, seq.hash_token_ids, seq.num_computed)
+            if item.draft and reason is None:
+                self.block_manager.trim(seq.seq_id, seq.num_tokens)  # rejected drafts' pages
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self.stats.generated_tokens += 1
-            reason = self._stop_reason(seq, token)
+            self.stats.generated_tokens += len(new_tokens)
             held = False
             if reason is not None:
                 self._finish(seq, reason)
@@ -290,8 +313,8 @@ class LLMEngine:
                 held = True
             outputs.append(
                 SequenceOutput(
-                    request_id=seq.request_id, index=seq.index, new_token_ids=[token],
-                    new_logprobs=[lp] if lp is not None else None, finish_reason=reason,
+                    request_id=seq.request_id, index=seq.index, new_token_ids=new_tokens,
+                    new_logprobs=new_lps or None, finish_reason=reason,
                     num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
                     num_cached_tokens=seq.num_cached_prompt, held=held,
                 )
@@ -330,6 +353,8 @@ class LLMEngine:
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if self.speculator is not None:
+            self.speculator.finished(seq)
         self.handoff.discard(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -378,6 +403,7 @@ class LLMEngine:
             "prompt_tokens_total": self.stats.prompt_tokens,
             "generated_tokens_total": self.stats.generated_tokens,
             **self.handoff.stats(),
+            **(self.speculator.load_stats() if self.speculator is not None else {}),
             "prefix_cache": bm,
             **({"expert_load": self.experts.stats()} if self.experts is not None else {}),
         }

@@ -16,6 +16,7 @@ from common.engine.grammar_mask import GrammarMasker
 from common.engine.multimodal import MultimodalChunk, batch_inputs, encode_missing
 from common.engine.sampler import Sampler, SamplerOutput
 from common.engine.scheduler import ScheduledBatch
+from common.engine.speculative.rows import expand_draft_rows
 from kernels.attention import build_attention_metadata
 from kernels.linear import bf16_gemms
 
@@ -47,7 +48,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SamplerOutput | None:
-        """Compute every scheduled chunk; sample one token for each chunk that ends its sequence."""
+        """Compute every scheduled chunk; sample one token for each chunk that ends its sequence,
+        plus one after each of its speculative drafts (``1 + len(draft)`` tokens, in row order)."""
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -58,23 +60,29 @@ class ModelRunner:
         beam_rows: list[int] = []  # beam-search rows: log-probs for the engine's beam groups, not a sample
         beam_seqs = []
         mm_chunks: list[MultimodalChunk] = []
+        drafts: list[list[int]] = []
         for item in batch.items:
-            seq, n = item.seq, item.num_new_tokens
+            seq, n, draft = item.seq, item.num_new_tokens, item.draft
             start = seq.num_computed
             if seq.mm is not None:
                 mm_chunks.append(MultimodalChunk(len(input_ids), seq.mm, start, n))
             input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            query_lens.append(n)
-            context_lens.append(start + n)
+            input_ids.extend(draft)
+            positions.extend(range(start, start + n + len(draft)))
+            query_lens.append(n + len(draft))
+            context_lens.append(start + n + len(draft))
             tables.append(self._page_table(seq.seq_id))
             if item.samples and seq.params.use_beam_search:
                 beam_rows.append(len(input_ids) - 1)
                 beam_seqs.append(seq)
             elif item.samples:
-                sample_rows.append(len(input_ids) - 1)
+                # A speculating row samples after its last real token and after every draft.
+                sample_rows.extend(range(len(input_ids) - 1 - len(draft), len(input_ids)))
                 sampled_seqs.append(seq)
+                drafts.append(draft)
 
+        draft_rows = expand_draft_rows(sampled_seqs, drafts)
+        sampled_seqs = draft_rows.seqs
         # Structured rows: their masks are filled on a thread while the forward pass runs.
         mask_job = self.grammar.start(sampled_seqs, self.device) if self.grammar is not None and sampled_seqs else None
         meta = build_attention_metadata(query_lens, context_lens, tables, self.page_size, self.device)
@@ -109,8 +117,8 @@ class ModelRunner:
             logits,
             [s.params for s in sampled_seqs],
             [s.prompt_ids for s in sampled_seqs],
-            [s.output_ids for s in sampled_seqs],
-            [s.generator for s in sampled_seqs],
+            draft_rows.output_ids,
+            draft_rows.generators,
             token_mask=token_mask,
         )
         if token_mask is not None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from common.engine.block_manager import BlockManager
 from common.engine.sequence import Priority, Sequence, SequenceStatus
@@ -27,6 +28,8 @@ __all__ = ["ScheduledSeq", "ScheduledBatch", "BatchScheduler"]
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
+    # Speculative draft tokens computed after the chunk (a decode row becomes 1 + k query tokens).
+    draft: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -60,6 +63,8 @@ class BatchScheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: dict[Priority, deque[Sequence]] = {p: deque() for p in Priority}
         self.running: list[Sequence] = []
+        # Speculative decoding: drafts for a sequence about to decode one token (None: off).
+        self.propose_drafts: Callable[[Sequence], list[int]] | None = None
 
     # ---- queue management -------------------------------------------------------------
 
@@ -124,6 +129,15 @@ class BatchScheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
+            if self.propose_drafts is not None and seq.num_uncomputed == 1 and (
+                draft := self.propose_drafts(seq)[: budget - n]
+            ) and self.block_manager.ensure_capacity(seq.seq_id, seq.num_computed + n + len(draft)):
+                # Drafts ride only on pages that are free now: they never preempt anyone.
+                items.append(ScheduledSeq(seq, n, draft))
+                scheduled.add(seq.seq_id)
+                budget -= n + len(draft)
+                i += 1
+                continue
             while not self.block_manager.ensure_capacity(seq.seq_id, seq.num_computed + n):
                 victim = self._pick_victim(exclude=scheduled)
                 if victim is None or victim is seq:

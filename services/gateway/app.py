@@ -32,6 +32,7 @@ from services.gateway.images import ImageLimits, ImageSupport
 from services.gateway.http_limits import GuardedAppRunner, HttpLimits
 from services.gateway.logprobs import TokenTexts
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.spec_metrics import SpeculativeCounters
 from services.gateway.migration import MigrationPolicy
 from services.gateway.openai_schema import APIError
 
@@ -182,6 +183,7 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     limits = ImageLimits(max_bytes=settings.image_max_bytes, fetch_timeout_s=settings.image_fetch_timeout,
                          max_pixels=settings.image_max_pixels, max_images=settings.max_images_per_request)
     images = await loop.run_in_executor(None, ImageSupport.load, settings.model_path, tokenizer, limits)
+    metrics.registry.register(SpeculativeCounters(lambda: client.instances))
     return GatewayContext(
         model=model, tokenizer=tokenizer, token_texts=TokenTexts(tokenizer), client=client, metrics=metrics,
         admission=Admission(settings.max_queue), api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
