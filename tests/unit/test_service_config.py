@@ -175,8 +175,12 @@ def test_flags_come_from_the_dataclass() -> None:
     by_name = {s.name: s for s in settings_of(EngineConfig)}
     assert [s.name for s in settings_of(EngineConfig)] == [
         "model", "dtype", "kv_dtype", "page_size", "kv_cache_memory", "kv_cache_fraction", "max_num_seqs",
-        "max_num_batched_tokens", "max_model_len", "enable_prefix_cache", "device", "num_threads", "weight_cache",
-        "weight_cache_dir"]
+        "max_num_batched_tokens", "max_model_len", "enable_prefix_cache", "device", "num_threads", "w8a8_prompts",
+        "weight_cache", "weight_cache_dir", "ep_ranks", "eplb_redundant_experts", "eplb_interval_steps",
+        "expert_load_window_steps", "speculative_method", "num_speculative_tokens", "ngram_min", "ngram_max",
+        "suffix_max_depth", "suffix_global", "suffix_global_requests", "suffix_min_prob"]
+    assert (by_name["kv_dtype"].flag, by_name["speculative_method"].flag) == ("--kv-cache-dtype",
+                                                                              "--speculative-method")
     assert (by_name["weight_cache"].flag, by_name["weight_cache"].kind) == ("--no-weight-cache", "switch_off")
     assert (by_name["num_threads"].flag, by_name["num_threads"].parse) == ("--threads", int)
     assert (by_name["enable_prefix_cache"].flag, by_name["enable_prefix_cache"].kind) == ("--no-prefix-cache",
