@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from services.gateway.metric_values import as_number, remove_series
 from services.gateway.moe_metrics import MoeMetrics
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -114,29 +115,29 @@ class GatewayMetrics:
             if not isinstance(instance_id, str):
                 continue
             seen.add(instance_id)
-            total = _number(inst.get("total_pages"))
-            free = _number(inst.get("free_pages"))
-            used = _number(inst.get("used_pages"), total - free if total else 0.0)
+            total = as_number(inst.get("total_pages"))
+            free = as_number(inst.get("free_pages"))
+            used = as_number(inst.get("used_pages"), total - free if total else 0.0)
             self.worker_used_pages.labels(instance_id).set(used)
             self.worker_kv_usage.labels(instance_id).set(used / total if total else 0.0)
-            self.worker_prefix_hit.labels(instance_id).set(_number(inst.get("prefix_hit_rate")))
-            self.worker_running.labels(instance_id).set(_number(inst.get("running")))
-            self.worker_waiting.labels(instance_id).set(_number(inst.get("waiting")))
-            self.worker_queued_prefill.labels(instance_id).set(_number(inst.get("queued_prefill_tokens")))
+            self.worker_prefix_hit.labels(instance_id).set(as_number(inst.get("prefix_hit_rate")))
+            self.worker_running.labels(instance_id).set(as_number(inst.get("running")))
+            self.worker_waiting.labels(instance_id).set(as_number(inst.get("waiting")))
+            self.worker_queued_prefill.labels(instance_id).set(as_number(inst.get("queued_prefill_tokens")))
             stats = inst.get("stats") if isinstance(inst.get("stats"), dict) else {}
-            self.worker_flips.labels(instance_id).set(_number(stats.get("flips_total")))
-            latency = _number(stats.get("last_flip_latency_s"), -1.0)
+            self.worker_flips.labels(instance_id).set(as_number(stats.get("flips_total")))
+            latency = as_number(stats.get("last_flip_latency_s"), -1.0)
             if latency >= 0:
                 self.worker_flip_latency.labels(instance_id).set(latency)
             for outcome, key in _TRANSFER_OUTCOMES.items():
-                self.worker_kv_transfers.labels(instance_id, outcome).set(_number(stats.get(key)))
+                self.worker_kv_transfers.labels(instance_id, outcome).set(as_number(stats.get(key)))
             for role in _ROLES:
                 self.worker_role.labels(instance_id, role).set(1.0 if inst.get("role") == role else 0.0)
             self.moe.update(instance_id, stats)
             worker_hits = stats.get("prefix_hit_tokens")
             if isinstance(worker_hits, dict):
                 for tier in _TIERS:
-                    hits[tier] += _number(worker_hits.get(tier))
+                    hits[tier] += as_number(worker_hits.get(tier))
         for tier, tokens in hits.items():
             self.prefix_hit_tokens.labels(tier).set(tokens)
         for gone in self._instances - seen:
@@ -146,37 +147,37 @@ class GatewayMetrics:
                 except KeyError:
                     pass
             for outcome in _TRANSFER_OUTCOMES:
-                _remove(self.worker_kv_transfers, gone, outcome)
+                remove_series(self.worker_kv_transfers, gone, outcome)
             for role in _ROLES:
-                _remove(self.worker_role, gone, role)
+                remove_series(self.worker_role, gone, role)
             self.moe.forget(gone)
         self._instances = seen
         self.workers_ready.set(len(seen))
 
     def update_scheduler(self, info: dict[str, Any]) -> None:
-        self.pd_flips.set(_number(info.get("flips_total")))
+        self.pd_flips.set(as_number(info.get("flips_total")))
         balance = info.get("dp_balance")
         moved = balance.get("migrations") if isinstance(balance, dict) else None
         if isinstance(moved, dict):
             for reason, total in moved.items():
                 # The scheduler reports totals; a restarted one starts again from 0.
                 seen = self._dp_migrations_seen.get(str(reason), 0.0)
-                total = _number(total)
+                total = as_number(total)
                 self.dp_migrations.labels(str(reason)).inc(total - seen if total >= seen else total)
                 self._dp_migrations_seen[str(reason)] = total
         policy = info.get("policy")
         predictor = policy.get("ttft_predictor") if isinstance(policy, dict) else None
         if isinstance(predictor, dict):
             # NaN, not 0, while nothing was scored: 0 % would read as a perfect predictor.
-            self.ttft_mdape.set(_number(predictor.get("mdape_pct"), math.nan))
-            self.ttft_mdape_samples.set(_number(predictor.get("samples")))
-            self.ttft_unpredicted.set(_number(predictor.get("unpredicted")))
+            self.ttft_mdape.set(as_number(predictor.get("mdape_pct"), math.nan))
+            self.ttft_mdape_samples.set(as_number(predictor.get("samples")))
+            self.ttft_unpredicted.set(as_number(predictor.get("unpredicted")))
         store = info.get("kvstore")
         if isinstance(store, dict) and store:
             for tier in ("dram", "ssd"):
-                self.kvstore_bytes.labels(tier).set(_number(store.get(f"{tier}_bytes")))
-                self.kvstore_blocks.labels(tier).set(_number(store.get(f"{tier}_blocks")))
-            self.kvstore_corrupt.set(_number(store.get("corrupt_entries")))
+                self.kvstore_bytes.labels(tier).set(as_number(store.get(f"{tier}_bytes")))
+                self.kvstore_blocks.labels(tier).set(as_number(store.get(f"{tier}_blocks")))
+            self.kvstore_corrupt.set(as_number(store.get("corrupt_entries")))
 
     def record_request(self, prompt_tokens: int, output_tokens: int, finish_reasons: list[str],
                        arrival: float, first_token: float | None, end: float) -> None:
@@ -202,14 +203,3 @@ _TRANSFER_OUTCOMES = {"sent_ok": "kv_transfers_ok", "failed": "kv_transfers_fail
                       "fallback": "kv_transfer_fallbacks", "received": "kv_received_ok"}
 
 
-def _remove(gauge: Gauge, *labels: str) -> None:
-    try:
-        gauge.remove(*labels)
-    except KeyError:
-        pass
-
-
-def _number(value: Any, default: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return default
-    return float(value)

@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from services.gateway.metric_values import as_number, remove_series
+
 __all__ = ["MoeMetrics"]
 
 
@@ -47,30 +49,19 @@ class MoeMetrics:
             self.expert_tokens.labels(instance, str(expert)).set(tokens)
         for rank, tokens in enumerate(ranks):
             self.rank_tokens.labels(instance, str(rank)).set(tokens)
-        self.rank_imbalance.labels(instance).set(_number(load.get("rank_load_imbalance"), 1.0))
-        self.rebalances.labels(instance).set(_number(load.get("rebalances")))
+        self.rank_imbalance.labels(instance).set(as_number(load.get("rank_load_imbalance"), 1.0))
+        self.rebalances.labels(instance).set(as_number(load.get("rebalances")))
         self.rebalance_seconds.labels(instance).set(
-            _number(load.get("last_rebalance_compute_s")) + _number(load.get("last_rebalance_apply_s")))
+            as_number(load.get("last_rebalance_compute_s")) + as_number(load.get("last_rebalance_apply_s")))
         self._labels[instance] = (len(totals), len(ranks))
 
     def forget(self, instance: str) -> None:
         experts, ranks = self._labels.pop(instance, (0, 0))
         for expert in range(experts):
-            _remove(self.expert_tokens, instance, str(expert))
+            remove_series(self.expert_tokens, instance, str(expert))
         for rank in range(ranks):
-            _remove(self.rank_tokens, instance, str(rank))
+            remove_series(self.rank_tokens, instance, str(rank))
         for gauge in (self.rank_imbalance, self.rebalances, self.rebalance_seconds):
-            _remove(gauge, instance)
+            remove_series(gauge, instance)
 
 
-def _remove(gauge: Gauge, *labels: str) -> None:
-    try:
-        gauge.remove(*labels)
-    except KeyError:
-        pass
-
-
-def _number(value: Any, default: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return default
-    return float(value)
