@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.output import write_json
+from bench.quality import environment
 from common.progress import add_progress_argument, progress_bar
 
 __all__ = ["add_arguments", "run", "common_prefix", "PROMPTS", "MODES"]
@@ -92,16 +93,8 @@ def _generate(path: str, dtype: str, env: dict[str, str], prompts: list[list[int
     from common.engine.llm import LLM
     from common.engine.sampling_params import SamplingParams
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         llm = LLM(path, dtype=dtype, kv_cache_memory="256MiB", weight_cache=False, **extra)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     # One at a time, as a single stream is served: its decode runs on the small-batch path.
     return [llm.generate(ids, params)[0].token_ids for ids in prompts]

@@ -11,10 +11,12 @@ GEMM path, as in serving.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,20 +55,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_progress_argument(p)
 
 
-def _logits(path: str, dtype: torch.dtype, env: dict[str, str], chunk: int, ids: list[int],
-            kv_dtype: torch.dtype | None = None) -> torch.Tensor:
-    from common.models.registry import load_model
-
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` set in ``os.environ`` while inside (the int8 switches are read when a model loads)."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        model, _ = load_model(path, dtype=dtype)
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _logits(path: str, dtype: torch.dtype, env: dict[str, str], chunk: int, ids: list[int],
+            kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    from common.models.registry import load_model
+
+    with environment(env):
+        model, _ = load_model(path, dtype=dtype)
     return model.score(ids, chunk_size=chunk, kv_dtype=kv_dtype)
 
 
