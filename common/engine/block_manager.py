@@ -114,6 +114,11 @@ class BlockManager:
         return len(self._free) + len(self._evictable)
 
     @property
+    def num_blank_pages(self) -> int:
+        """Free pages that hold no cached prefix: taking them evicts nothing."""
+        return len(self._free)
+
+    @property
     def num_used_pages(self) -> int:
         return self.num_pages - len(self._free) - len(self._evictable)
 

@@ -12,6 +12,11 @@ from common.settings import SettingsParser, from_namespace, setting
 from kernels.linear import packed_linear_supported
 
 SPECULATIVE_METHODS = ("none", "ngram", "suffix")
+OVERLAP_MODES = ("auto", "on", "off")
+
+# Measured (README, "Overlap scheduling"): on a CPU a small step's forward pass holds the cores
+# and the GIL; planning beside it only pays from this many rows.
+AUTO_OVERLAP_MIN_BATCH = 16
 
 __all__ = ["EngineConfig", "add_engine_arguments", "engine_config_from_args", "parse_dtype"]
 
@@ -85,6 +90,12 @@ class EngineConfig:
     suffix_global_requests: int = setting(256, "finished requests whose outputs the global suffix tree keeps")
     suffix_min_prob: float = setting(0.1, "suffix drafts stop where the estimated probability of the run "
                                           "falls below this")
+    # Plan and lay out step N+1 while step N computes (common.engine.overlap); auto: on a GPU
+    # always, on a CPU from --overlap-min-batch decode rows (chosen by `xllm bench offline`).
+    overlap_schedule: str = setting("auto", "overlap the next step's scheduling with this step's forward pass: "
+                                            "auto | on | off", choices=OVERLAP_MODES)
+    overlap_min_batch: int = setting(AUTO_OVERLAP_MIN_BATCH, "auto overlap on a CPU: the smallest batch (rows "
+                                     "of a step) that plans the next step beside its forward pass")
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +22,8 @@ from common.engine.handoff import KvHandoff
 from common.engine.kv_cache import allocate_kv_caches, default_kv_budget, num_pages_for_budget, parse_memory_size
 from common.engine.kv_transfer import KvStoreHooks
 from common.engine.multimodal import ImageItem, build_multimodal_state
+from common.engine.outputs import EngineStats, SequenceOutput
+from common.engine.overlap import OverlapPipeline, resolve_min_batch
 from common.engine.runner import ModelRunner
 from common.engine.sampler import Sampler, SamplerOutput, TokenLogprobs, make_generator
 from common.engine.sampling_params import SamplingParams, validate_prompt_ids
@@ -35,34 +36,6 @@ from kernels.cpu_ext import paged_decode_module
 logger = logging.getLogger(__name__)
 
 __all__ = ["LLMEngine", "SequenceOutput", "EngineStats", "NoFreePagesError"]
-
-
-@dataclass(slots=True)
-class SequenceOutput:
-    """What one step produced for one sequence: new tokens and, at the end, why it stopped."""
-
-    request_id: str
-    index: int
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprobs] | None
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    held: bool = False  # prefilled and parked for a P/D hand-off (see KvHandoff.export_kv)
-    cumulative_logprob: float | None = None  # beam search: the beam's summed log-probability
-
-
-@dataclass
-class EngineStats:
-    """Counters since start (the worker's heartbeats and the benchmarks read them)."""
-
-    steps: int = 0
-    step_time_total: float = 0.0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    preemptions: int = 0
-    peak_used_pages: int = 0
 
 
 class LLMEngine:
@@ -113,6 +86,9 @@ class LLMEngine:
             # rather than inside the first request's decode step.
             paged_decode_module()
         self.experts = ExpertParallel.for_model(self.model, config)  # MoE statistics and EPLB (None: dense)
+        min_batch = resolve_min_batch(config.overlap_schedule, config.device, config.overlap_min_batch)
+        self.pipeline = None if min_batch is None else OverlapPipeline(
+            self.scheduler, self.runner, self.block_manager, self.max_model_len, min_batch)
         if self.speculator is not None:
             self.scheduler.propose_drafts = lambda seq: self.speculator.propose(seq, self.max_model_len)
         self.eos_token_ids = set(mc.eos_token_ids)
@@ -243,12 +219,15 @@ class LLMEngine:
 
     def step(self) -> list[SequenceOutput]:
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
-        if not batch and self.beams.release_parked():
-            batch = self.scheduler.schedule()  # parked beams' pages were all that blocked the queue
+        # Overlap on: the batch planned beside the last step, if it still holds (common.engine.overlap).
+        batch = self.pipeline.take_planned() if self.pipeline is not None else None
+        if batch is None:
+            batch = self.scheduler.schedule()
+            if not batch and self.beams.release_parked():
+                batch = self.scheduler.schedule()  # parked beams' pages were all that blocked the queue
         if not batch:
             return []
-        sampled = self.runner.run(batch)
+        sampled = self.pipeline.run(batch) if self.pipeline is not None else self.runner.run(batch)
         outputs = self._postprocess(batch, sampled)
         if self.experts is not None:
             self.experts.after_step()  # a step boundary: the only place experts are re-placed
@@ -404,6 +383,7 @@ class LLMEngine:
             "generated_tokens_total": self.stats.generated_tokens,
             **self.handoff.stats(),
             **(self.speculator.load_stats() if self.speculator is not None else {}),
+            **(self.pipeline.stats() if self.pipeline is not None else {}),
             "prefix_cache": bm,
             **({"expert_load": self.experts.stats()} if self.experts is not None else {}),
         }

@@ -160,6 +160,35 @@ class BatchScheduler:
             budget = self._admit_waiting(items, budget)
         return ScheduledBatch(items=items, preempted=preempted)
 
+    def complete_planned(self, planned: list[ScheduledSeq]) -> ScheduledBatch | None:
+        """The batch :meth:`schedule` would make now, from one planned before the previous step's
+        outputs were known (common.engine.overlap), or None when that is not certain (call
+        :meth:`schedule` then).
+
+        ``planned``: one-token decodes of running sequences, in scheduling order, with their pages
+        already ensured. The sequences that left the running set since (finished, aborted, held)
+        are dropped; a running sequence outside the plan (attached since) voids it. What follows
+        is :meth:`schedule`'s own: room for online work, then admission into the budget left.
+        """
+        running = {seq.seq_id for seq in self.running}
+        items = [it for it in planned if it.seq.seq_id in running]
+        if len(items) != len(running) or len(items) > self.max_num_batched_tokens:
+            return None
+        for it in items:
+            seq = it.seq
+            if it.draft or it.num_new_tokens != seq.num_uncomputed or not self.block_manager.ensure_capacity(
+                    seq.seq_id, seq.num_computed + it.num_new_tokens):
+                return None
+        self.running.sort(key=Sequence.sort_key)  # as schedule() leaves it
+        preempted = self._make_room_for_online()
+        if preempted:
+            gone = {seq.seq_id for seq in preempted}
+            items = [it for it in items if it.seq.seq_id not in gone]
+        budget = self.max_num_batched_tokens - sum(it.num_new_tokens for it in items)
+        # schedule() admits after room was made for online work, or when nothing was preempted.
+        self._admit_waiting(items, budget)
+        return ScheduledBatch(items=items, preempted=preempted)
+
     def _admit_waiting(self, items: list[ScheduledSeq], budget: int) -> int:
         for priority in Priority:
             queue = self.waiting[priority]

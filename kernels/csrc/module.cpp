@@ -17,19 +17,22 @@ void rotary_write_kv_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
                       int64_t num_heads, int64_t num_kv_heads);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // No kernel touches a Python object: drop the GIL while one runs, so the engine thread can plan
+  // the next step beside the forward pass (common.engine.overlap).
+  using NoGil = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over paged KV (bf16, fp32 or int8 pages); max_splits: chunks per context "
         "(-1 = chosen by batch size and context length, 1 = never split)",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("pages"),
         pybind11::arg("lens"), pybind11::arg("scale"), pybind11::arg("window"), pybind11::arg("soft_cap"),
-        pybind11::arg("max_splits") = -1);
-  m.def("int8_linear", &int8_linear, "weight-only int8 linear for small batches");
+        pybind11::arg("max_splits") = -1, NoGil());
+  m.def("int8_linear", &int8_linear, "weight-only int8 linear for small batches", NoGil());
   m.def("quantize_rows_s8", &quantize_rows_s8, "per-row symmetric int8 quantization of activations",
-        pybind11::arg("x"), pybind11::arg("channel_scale") = pybind11::none());
-  m.def("dequant_rows", &dequant_rows, "int32 GEMM result times row and column scales (+ bias)");
+        pybind11::arg("x"), pybind11::arg("channel_scale") = pybind11::none(), NoGil());
+  m.def("dequant_rows", &dequant_rows, "int32 GEMM result times row and column scales (+ bias)", NoGil());
   m.def("silu_mul_quantize_rows", &silu_mul_quantize_rows,
-        "gate/up int32 GEMM result -> silu(gate) * up -> per-row int8 input of the down projection");
-  m.def("add_rms_norm_", &add_rms_norm_, "residual += x (optional), then RMSNorm of the residual");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [.., 2I] projection");
-  m.def("rotary_write_kv_", &rotary_write_kv_, "rotary on q/k in place, then k/v into the paged cache");
+        "gate/up int32 GEMM result -> silu(gate) * up -> per-row int8 input of the down projection", NoGil());
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x (optional), then RMSNorm of the residual", NoGil());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [.., 2I] projection", NoGil());
+  m.def("rotary_write_kv_", &rotary_write_kv_, "rotary on q/k in place, then k/v into the paged cache", NoGil());
 }
