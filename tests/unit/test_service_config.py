@@ -178,7 +178,8 @@ def test_flags_come_from_the_dataclass() -> None:
         "max_num_batched_tokens", "max_model_len", "enable_prefix_cache", "device", "num_threads", "w8a8_prompts",
         "weight_cache", "weight_cache_dir", "ep_ranks", "eplb_redundant_experts", "eplb_interval_steps",
         "expert_load_window_steps", "speculative_method", "num_speculative_tokens", "ngram_min", "ngram_max",
-        "suffix_max_depth", "suffix_global", "suffix_global_requests", "suffix_min_prob"]
+        "suffix_max_depth", "suffix_global", "suffix_global_requests", "suffix_min_prob", "overlap_schedule",
+        "overlap_min_batch"]
     assert (by_name["kv_dtype"].flag, by_name["speculative_method"].flag) == ("--kv-cache-dtype",
                                                                               "--speculative-method")
     assert (by_name["weight_cache"].flag, by_name["weight_cache"].kind) == ("--no-weight-cache", "switch_off")
