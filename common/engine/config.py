@@ -14,9 +14,9 @@ from kernels.linear import packed_linear_supported
 SPECULATIVE_METHODS = ("none", "ngram", "suffix")
 OVERLAP_MODES = ("auto", "on", "off")
 
-# Measured (README, "Overlap scheduling"): on a CPU a small step's forward pass holds the cores
-# and the GIL; planning beside it only pays from this many rows.
-AUTO_OVERLAP_MIN_BATCH = 16
+# Measured (README, "Overlap scheduling"): on a CPU with a core to spare, planning beside the
+# forward pass pays from about this many rows; below, the step is too short to hide anything.
+DEFAULT_OVERLAP_MIN_BATCH = 16
 
 __all__ = ["EngineConfig", "add_engine_arguments", "engine_config_from_args", "parse_dtype"]
 
@@ -90,12 +90,12 @@ class EngineConfig:
     suffix_global_requests: int = setting(256, "finished requests whose outputs the global suffix tree keeps")
     suffix_min_prob: float = setting(0.1, "suffix drafts stop where the estimated probability of the run "
                                           "falls below this")
-    # Plan and lay out step N+1 while step N computes (common.engine.overlap); auto: on a GPU
-    # always, on a CPU from --overlap-min-batch decode rows (chosen by `xllm bench offline`).
-    overlap_schedule: str = setting("auto", "overlap the next step's scheduling with this step's forward pass: "
-                                            "auto | on | off", choices=OVERLAP_MODES)
-    overlap_min_batch: int = setting(AUTO_OVERLAP_MIN_BATCH, "auto overlap on a CPU: the smallest batch (rows "
-                                     "of a step) that plans the next step beside its forward pass")
+    # Plan and lay out step N+1 while step N computes (common.engine.overlap). auto: on for a GPU
+    # engine, off for a CPU one, where it only pays with a core left to the planning thread.
+    overlap_schedule: str = setting("auto", "plan the next step while this one computes: auto (GPU on, CPU off) | "
+                                            "on | off", choices=OVERLAP_MODES)
+    overlap_min_batch: int = setting(DEFAULT_OVERLAP_MIN_BATCH, "with --overlap-schedule on: the smallest batch "
+                                     "(rows of a step) that plans the next step beside its forward pass")
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

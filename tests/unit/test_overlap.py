@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from common.engine import LLM, EngineConfig, LLMEngine, SamplingParams
-from common.engine.config import AUTO_OVERLAP_MIN_BATCH, add_engine_arguments, engine_config_from_args
+from common.engine.config import DEFAULT_OVERLAP_MIN_BATCH, add_engine_arguments, engine_config_from_args
 from common.engine.overlap import resolve_min_batch
 from common.settings import SettingsParser
 
@@ -31,17 +31,17 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength
 Script = dict[int, list[Callable[[LLMEngine], None]]]
 
 
-def make_pair(smollm_path: str, overlap_schedule: str = "on", **kw) -> dict[str, LLM]:
+def make_pair(smollm_path: str, overlap_min_batch: int = 1, **kw) -> dict[str, LLM]:
     return {"off": LLM(smollm_path, overlap_schedule="off", **kw),
-            "on": LLM(smollm_path, overlap_schedule=overlap_schedule, **kw)}
+            "on": LLM(smollm_path, overlap_schedule="on", overlap_min_batch=overlap_min_batch, **kw)}
 
 
 @pytest.fixture(scope="module")
 def pair(smollm_path):
-    """The default model in its default dtype, serial and overlapped (automatically, from two rows),
-    with chunked prefill and at most four sequences in a batch."""
+    """The default model in its default dtype, serial and overlapped (from two rows a step), with
+    chunked prefill and at most four sequences in a batch."""
     return make_pair(smollm_path, kv_cache_memory="32MiB", max_num_batched_tokens=48, max_num_seqs=4,
-                     overlap_schedule="auto", overlap_min_batch=2)
+                     overlap_min_batch=2)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def test_beam_search_matches_serial(pair, ids):
     assert pair["on"].engine.block_manager.num_used_pages == 0
 
 
-def test_single_sequences_stay_serial_under_auto(pair, ids):
+def test_batches_under_the_minimum_stay_serial(pair, ids):
     pipeline = pair["on"].engine.pipeline
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     before = pipeline.steps_planning
@@ -247,16 +247,21 @@ def test_single_sequences_stay_serial_under_auto(pair, ids):
 
 def test_overlap_modes_and_flags():
     assert resolve_min_batch("off", "cpu", 8) is None
-    assert resolve_min_batch("on", "cpu", 8) == 1
-    assert resolve_min_batch("auto", "cpu", 8) == 8
+    assert resolve_min_batch("on", "cpu", 8) == 8
+    assert resolve_min_batch("auto", "cpu", 8) is None  # measured: no gain when torch has every core
     assert resolve_min_batch("auto", "cuda", 8) == 1
     with pytest.raises(ValueError, match="overlap_schedule"):
         resolve_min_batch("sometimes", "cpu", 8)
     with pytest.raises(ValueError, match="overlap_min_batch"):
-        resolve_min_batch("auto", "cpu", 0)
+        resolve_min_batch("on", "cpu", 0)
+    default = EngineConfig()
+    assert resolve_min_batch(default.overlap_schedule, default.device, default.overlap_min_batch) is None
     parser = SettingsParser()
     add_engine_arguments(parser)
-    assert engine_config_from_args(parser.parse_args([])).overlap_schedule == EngineConfig().overlap_schedule
-    config = engine_config_from_args(parser.parse_args(["--overlap-schedule", "off", "--overlap-min-batch", "4"]))
-    assert (config.overlap_schedule, config.overlap_min_batch) == ("off", 4)
-    assert EngineConfig().overlap_min_batch == AUTO_OVERLAP_MIN_BATCH
+    defaults = engine_config_from_args(parser.parse_args([]))
+    assert (defaults.overlap_schedule, defaults.overlap_min_batch) == ("auto", DEFAULT_OVERLAP_MIN_BATCH)
+    config = engine_config_from_args(parser.parse_args(["--overlap-schedule", "on", "--overlap-min-batch", "4"]))
+    assert (config.overlap_schedule, config.overlap_min_batch) == ("on", 4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--overlap-schedule", "sometimes"])
+
