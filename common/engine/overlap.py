@@ -1,10 +1,12 @@
 """Overlap scheduling: plan and lay out step N+1 while step N computes.
 
 A serial step is schedule -> build inputs -> forward + sample -> postprocess. With the pipeline,
-:meth:`OverlapPipeline.run` launches step N's forward pass and sampling on a compute thread and,
-while they run, the engine thread plans step N+1 assuming every sequence of step N that samples
-advances by one token: it ensures each one's page for that token and lays out the next batch
-(positions, page tables, attention metadata) without its token ids, which only step N decides.
+:meth:`OverlapPipeline.run` hands the planning of step N+1 to a helper thread while the engine
+thread runs step N's forward pass and sampling (the torch work stays on one thread: see run()).
+The plan assumes every sequence of step N that samples advances by one token: it ensures each
+one's page for that token and lays out the next batch (positions, page tables, attention
+metadata) without its token ids, which only step N decides. The helper mostly runs Python, so it
+needs the GIL while the forward pass does not: torch ops and the C++ kernels release it.
 When the next :meth:`LLMEngine.step` comes, :meth:`OverlapPipeline.take_planned` completes the plan
 with what happened meanwhile (:meth:`BatchScheduler.complete_planned`: sequences that finished,
 were aborted or held are dropped; waiting ones are admitted as ``schedule()`` would) and, when the
@@ -26,6 +28,9 @@ search (beams fork and park on their scores), multimodal sequences (M-RoPE posit
 sequence parked after prefill for a P/D hand-off, and any step that is not a pure decode of the
 whole running set (a chunked prefill's next chunk depends on the budget left). Structured
 outputs do overlap: their grammar masks are started at launch, from the tokens known then.
+
+Whether it pays is measured (README, "Overlap scheduling"): on a CPU the helper takes a core from
+the forward pass unless one is spare, so ``auto`` leaves it off there (see resolve_min_batch).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ __all__ = ["OverlapPipeline", "resolve_min_batch"]
 
 
 class OverlapPipeline:
-    """Runs each step's forward pass on a compute thread while the engine thread plans the next."""
+    """Plans each step's successor on a helper thread while the engine thread computes the step."""
 
     def __init__(
         self,
@@ -99,7 +104,8 @@ class OverlapPipeline:
         self.steps_planning += 1
         # The forward pass stays on this thread and the plan goes to the helper: a second thread
         # running torch ops would start a second OpenMP team, and with more OpenMP threads than
-        # cores libgomp stops spinning between parallel regions (every region then pays a wake-up).
+        # cores libgomp stops spinning between parallel regions, so every region pays a wake-up
+        # (measured on 2 cores: a 1-row decode step went from 6.4 to 15 ms, on either thread).
         future = self._executor.submit(self._plan_ahead, batch)
         try:
             sampled = self.runner.execute(inputs)
