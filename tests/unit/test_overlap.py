@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from common.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from common.engine.config import DEFAULT_OVERLAP_MIN_BATCH, add_engine_arguments, engine_config_from_args
@@ -265,3 +266,14 @@ def test_overlap_modes_and_flags():
     with pytest.raises(SystemExit):
         parser.parse_args(["--overlap-schedule", "sometimes"])
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_auto_overlap_matches_serial(smollm_path):
+    # On a GPU, auto plans beside every step.
+    serial = LLM(smollm_path, device="cuda", overlap_schedule="off", kv_cache_memory="64MiB")
+    auto = LLM(smollm_path, device="cuda", overlap_schedule="auto", kv_cache_memory="64MiB")
+    prompts = [serial.tokenizer.encode(t) for t in TEXTS]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    both({"off": serial, "on": auto}, lambda: {0: [add(f"g{k}", p, greedy) for k, p in enumerate(prompts)]})
+    assert auto.engine.pipeline.steps_from_plan > 0
