@@ -5,6 +5,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
                                   at::Tensor lens, double scale, int64_t window, double soft_cap,
                                   int64_t max_splits);
 at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> bias);
+at::Tensor q4_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias);
 std::vector<at::Tensor> quantize_rows_s8(at::Tensor x, c10::optional<at::Tensor> channel_scale);
 at::Tensor dequant_rows(at::Tensor acc, at::Tensor x_scale, at::Tensor w_scale, c10::optional<at::Tensor> bias,
                         at::ScalarType out_dtype);
@@ -24,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("lens"), pybind11::arg("scale"), pybind11::arg("window"), pybind11::arg("soft_cap"),
         pybind11::arg("max_splits") = -1);
   m.def("int8_linear", &int8_linear, "weight-only int8 linear for small batches");
+  m.def("q4_linear", &q4_linear, "4-bit (GGUF Q4_0/Q4_1 blocks) linear for small batches");
   m.def("quantize_rows_s8", &quantize_rows_s8, "per-row symmetric int8 quantization of activations",
         pybind11::arg("x"), pybind11::arg("channel_scale") = pybind11::none());
   m.def("dequant_rows", &dequant_rows, "int32 GEMM result times row and column scales (+ bias)");
