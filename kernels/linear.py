@@ -177,7 +177,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
-        if self._runs_q4(rows):
+        if self.runs_q4(rows):
             out = self._ext.q4_linear(x2, self._q4, self.out_features, self._bias_f32)
         elif rows <= self.int8_max_rows:
             out = self._ext.int8_linear(x2, self._q, self._scale, self._bias_f32)
@@ -188,12 +188,13 @@ class PackedLinear(nn.Module):
             out = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self.bias, "none", [], "")
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
-    def _runs_q4(self, rows: int) -> bool:
+    def runs_q4(self, rows: int) -> bool:
+        """Whether an input of ``rows`` rows takes the 4-bit kernel."""
         return self._q4 is not None and rows <= (self.int8_max_rows if _w8a8_suspended else Q4_MAX_ROWS)
 
     def runs_w8a8(self, rows: int) -> bool:
         """Whether an input of ``rows`` rows takes the W8A8 GEMM."""
-        if self._runs_q4(rows):
+        if self.runs_q4(rows):
             return False
         return self.w8a8 and rows > self.int8_max_rows and not _w8a8_suspended
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.models.config import ModelConfig
+from common.models.decoder_stack import DecoderStack
 from common.models.rope import RotaryEmbedding
 from kernels.activation import act_and_mul
 from kernels.attention import AttentionMetadata, build_attention_metadata, paged_attention, write_kv
@@ -263,6 +264,7 @@ class DecoderForCausalLM(nn.Module):
                                                 config.rope_local_scaling)
         self._layer_uses_local = [self.spec.local_rope and s for s in config.layer_sliding]
         self._embed_scales: dict[torch.dtype, float] = {}
+        self._stack: DecoderStack | None = None  # set by pack_linears when every layer fits it
 
     @classmethod
     def spec_for(cls, config: ModelConfig) -> DecoderSpec:
@@ -313,6 +315,8 @@ class DecoderForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """The decoder stack and final norm over input embeddings ``h`` (models that build their
         own embeddings or positions, e.g. vision-language ones, call this)."""
+        if self._stack is not None and self._stack.takes(h.shape[0], kv_caches, h.dtype):
+            return self._stack.forward(h, cos, sin, meta, kv_caches)
         x = None
         for i, layer in enumerate(self.model.layers):
             if self._layer_uses_local[i]:
@@ -337,7 +341,9 @@ class DecoderForCausalLM(nn.Module):
             head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
             head.weight = self.model.embed_tokens.weight
             self.lm_head = head
-        return pack_linears(self, int8_max_rows, w8a8, int8_states, q4_weights=q4_weights)
+        count = pack_linears(self, int8_max_rows, w8a8, int8_states, q4_weights=q4_weights)
+        self._stack = DecoderStack.for_model(self)
+        return count
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], chunk_size: int = 256, page_size: int = 16,

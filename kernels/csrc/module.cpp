@@ -16,6 +16,12 @@ at::Tensor add_rms_norm_(at::Tensor residual, c10::optional<at::Tensor> x, at::T
 at::Tensor silu_and_mul(at::Tensor x);
 void rotary_write_kv_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor kv_cache, at::Tensor slot_mapping,
                       int64_t num_heads, int64_t num_kv_heads);
+at::Tensor decoder_stack_forward(at::Tensor h, std::vector<at::Tensor> norms, at::Tensor final_norm,
+                                 std::vector<at::Tensor> linears, std::vector<at::Tensor> biases,
+                                 std::vector<at::Tensor> kv_caches, std::vector<int64_t> windows, at::Tensor cos,
+                                 at::Tensor sin, at::Tensor slot_mapping, at::Tensor token_pages,
+                                 at::Tensor token_k_len, int64_t num_heads, int64_t num_kv_heads,
+                                 int64_t head_dim, int64_t intermediate, double eps, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -33,5 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gate/up int32 GEMM result -> silu(gate) * up -> per-row int8 input of the down projection");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x (optional), then RMSNorm of the residual");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [.., 2I] projection");
+  m.def("decoder_stack_forward", &decoder_stack_forward,
+        "a small decode batch through every Llama-style layer on 4-bit weights (common/models/decoder_stack.py)");
   m.def("rotary_write_kv_", &rotary_write_kv_, "rotary on q/k in place, then k/v into the paged cache");
 }
