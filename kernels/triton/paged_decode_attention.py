@@ -40,7 +40,7 @@ def _paged_decode_kernel(
         row = tl.load(rows_ptr + i)
     else:
         row = i
-    k_len = tl.load(k_len_ptr + i)
+    k_len = tl.load(k_len_ptr + i).to(tl.int32)  # loop bounds in int32; page offsets stay int64
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     gmask = g < GROUP
@@ -80,6 +80,17 @@ def _paged_decode_kernel(
              round_to(out, out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
 
 
+def decode_tiles(head_dim: int) -> tuple[int, int]:
+    """(keys per block, warps): the largest tile that compiles for sm_80/sm_90 without register
+    spills (ptxas' resource usage, tests/unit/test_triton_compile.py; the gathered K/V pointers are
+    what fills the registers)."""
+    if head_dim <= 64:
+        return 64, 8
+    if head_dim <= 128:
+        return 16, 4
+    return 16, 8
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 caches keep full precision (no TF32) so they match the fp32 reference."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -117,14 +128,15 @@ def paged_decode_attention(
     if n == 0:
         return out
     group = H // KVH
+    block_n, warps = decode_tiles(D)
     _paged_decode_kernel[(n, KVH)](
         q, k_cache, v_cache, out, pages, k_len, rows if rows is not None else k_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pages.stride(0),
         page_size, scale, soft_cap or 0.0, sliding_window or 0,
         GROUP=group, HEAD_DIM=D, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=64 if D <= 128 else 32,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n,
         HAS_ROWS=rows is not None, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None,
-        DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=4,
+        DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=warps,
     )
     return out

@@ -41,8 +41,8 @@ def _paged_prefill_kernel(
     in_range = m < q_max
     valid = tl.load(valid_ptr + b * stride_qb + m, mask=in_range, other=0) != 0
     tok = tl.load(token_index_ptr + b * stride_qb + m, mask=valid, other=0)
-    qpos = tl.load(q_pos_ptr + b * stride_qb + m, mask=valid, other=0)
-    k_len = tl.load(k_len_ptr + b)
+    qpos = tl.load(q_pos_ptr + b * stride_qb + m, mask=valid, other=0).to(tl.int32)
+    k_len = tl.load(k_len_ptr + b).to(tl.int32)  # loop bounds in int32; page offsets stay int64
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
     kv_dtype = k_ptr.dtype.element_ty
@@ -84,6 +84,17 @@ def _paged_prefill_kernel(
              round_to(out, out_ptr.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
 
 
+def prefill_tiles(head_dim: int, q_max: int) -> tuple[int, int, int]:
+    """(queries per block, keys per block, warps): without register spills on sm_80/sm_90 up to
+    head_dim 128 (ptxas' resource usage, tests/unit/test_triton_compile.py); 256 spills a little
+    at the smallest tile that still feeds the MMA."""
+    if q_max <= 16:
+        return 16, 32, 4
+    if head_dim <= 64:
+        return 64, 32, 8
+    return 32, 32, 8
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -117,14 +128,14 @@ def paged_prefill_attention(
     if B == 0:
         return out
     token_index, query_valid, q_pos = token_index.contiguous(), query_valid.contiguous(), q_pos.contiguous()
-    block_m = 64 if q_max > 32 else 16
+    block_m, block_n, warps = prefill_tiles(D, q_max)
     _paged_prefill_kernel[(B, triton.cdiv(q_max, block_m), H)](
         q, k_cache, v_cache, out, pages, k_len, token_index, query_valid.to(torch.int8), q_pos,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pages.stride(0), token_index.stride(0),
         q_max, page_size, scale, soft_cap or 0.0, sliding_window or 0,
         GROUP=H // KVH, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_N=64 if D <= 128 else 32, USE_WINDOW=sliding_window is not None,
-        USE_SOFT_CAP=soft_cap is not None, DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=4 if D <= 128 else 8,
+        BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
+        USE_SOFT_CAP=soft_cap is not None, DOT_PRECISION=dot_precision(k_cache.dtype), num_warps=warps,
     )
     return out
