@@ -7,7 +7,7 @@
 
 ``XLLM_KERNEL_BACKEND=triton|reference`` (or :func:`force_backend`) overrides the choice for every
 tensor. Forcing ``triton`` on CPU tensors runs the kernels in Triton's interpreter, which must
-be on (``TRITON_INTERPRET=1``) before ``kernels.triton`` is first imported: ``@triton.jit`` reads
+be on (``TRITON_INTERPRET=1``) when ``kernels.triton`` is first imported: ``@triton.jit`` reads
 it when a kernel is defined. That is how the test suite checks the kernels and the dispatch
 wiring without a GPU.
 """
@@ -98,4 +98,10 @@ def backend_for(x: torch.Tensor) -> str:
 
 
 def _interpreter_on() -> bool:
+    """Whether ``kernels.triton`` was (or, imported now, will be) built for the interpreter."""
+    import sys
+
+    compat = sys.modules.get("kernels.triton._compat")
+    if compat is not None:
+        return bool(compat.INTERPRETED)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -19,9 +19,11 @@ import os
 import triton
 import triton.language as tl
 
-__all__ = ["round_to", "mma"]
+__all__ = ["INTERPRETED", "round_to", "mma"]
 
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Read once, as every @triton.jit of this package reads it when the package is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETED = tl.constexpr(INTERPRETED)
 
 
 @triton.jit

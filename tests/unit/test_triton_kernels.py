@@ -212,8 +212,10 @@ def test_int8_cache_stays_on_the_reference_path(monkeypatch):
 def test_backend_choice_per_device():
     assert backend.backend_for(torch.zeros(1)) == "reference"  # CPU tensors: reference (and C++) ops
     with force_backend("triton"):
-        assert backend.backend_for(torch.zeros(1)) == "triton"
+        assert backend.backend_for(torch.zeros(1, device=DEVICE)) == "triton"
     assert backend.backend_for(torch.zeros(1)) == "reference"  # the override is scoped
+    if DEVICE == "cuda":
+        assert backend.backend_for(torch.zeros(1, device="cuda")) == "triton"
     with pytest.raises(ValueError, match="unknown kernel backend"):
         with force_backend("cuda"):
             pass
@@ -230,7 +232,9 @@ def test_backend_env_override(monkeypatch):
 
 
 def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    import kernels.triton._compat as compat
+
+    monkeypatch.setattr(compat, "INTERPRETED", False)  # as if imported without TRITON_INTERPRET=1
     with force_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         backend.backend_for(torch.zeros(1))
 
