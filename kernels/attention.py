@@ -267,7 +267,8 @@ def _group_attention(
     return out.transpose(1, 2)
 
 
-def _triton_paged_attention(q, kv_cache, meta, scale, sliding_window, soft_cap):
+def _triton_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                            sliding_window: int | None, soft_cap: float | None) -> torch.Tensor:
     """Triton kernels (bf16/fp16/fp32 caches; an int8 cache takes the reference path): a decode-only
     batch is one launch over the per-token tables, a mixed one a decode and a prefill launch."""
     from kernels.triton.paged_decode_attention import paged_decode_attention
