@@ -45,6 +45,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.grammar = grammar  # token masks of structured outputs; None: the engine has none
         self.w8a8_prompts = w8a8_prompts
+        # Called instead of the model for text batches when set: CUDA graphs (common/engine/cuda_graphs.py).
+        self.decode_graphs: Callable | None = None
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SamplerOutput | None:
@@ -97,7 +99,7 @@ class ModelRunner:
                                     image_embeds=image_embeds)
             else:
                 pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
-                hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
+                hidden = (self.decode_graphs or self.model)(ids_t, pos_t, meta, self.kv_caches)
         if not sampled_seqs and not beam_seqs:
             return None
         sample_rows = sample_rows + beam_rows  # the beam rows' logits come last
