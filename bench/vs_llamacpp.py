@@ -5,7 +5,9 @@ figure from another day proves nothing: this runs both sides one after the other
 in the same session, and writes one JSON document with both sides and their ratios.
 
 * single-stream decode: ``llama-bench -n 128`` (tg128) against ``xllm bench offline`` at
-  concurrency 1 (prompt 200, output 128), repeated ``--reps`` times alternating the two;
+  concurrency 1 (prompt 200, output 128), repeated ``--reps`` times alternating the two. tg128
+  times decoding alone, so our side is the decode rate too: one over the mean time per output token
+  (TPOT, first token excluded); the output rate with the prompt's prefill in it is kept beside it;
 * prefill: ``llama-bench -p 512`` (pp512) against our prefill of the same 200-token prompts
   (prompt tokens over mean TTFT);
 * optionally single-stream decode with speculation (``--spec-method``) on the repetitive workload;
@@ -158,13 +160,14 @@ def run(args: argparse.Namespace) -> int:
         ours["runs"].append(_xllm_offline(model, 1, extra))
     llama["tg128"] = statistics.mean(r["tg128"] for r in llama["runs"])
     llama["pp512"] = statistics.mean(r["pp512"] for r in llama["runs"])
-    ours["decode_c1_tok_s"] = statistics.mean(r["output_tokens_per_s"] for r in ours["runs"])
+    ours["decode_c1_tok_s"] = statistics.mean(1.0 / r["mean_tpot_s"] for r in ours["runs"])
+    ours["output_c1_tok_s"] = statistics.mean(r["output_tokens_per_s"] for r in ours["runs"])
     ours["prefill_tok_s"] = statistics.mean(r["prompt_len"] / r["mean_ttft_s"] for r in ours["runs"])
     spec: dict[str, float] = {}
     for method in args.spec_method:
         run_doc = _xllm_offline(model, 1, extra + ["--speculative-method", method, "--workload", "repetitive"])
         ours.setdefault("spec_runs", {})[method] = run_doc
-        spec[method] = run_doc["output_tokens_per_s"]
+        spec[method] = 1.0 / run_doc["mean_tpot_s"]
     if spec:
         ours["spec_decode_c1_tok_s"] = spec
     if args.serve_concurrency:

@@ -16,6 +16,11 @@ are read in place and shared in cache by a chunk's neighbouring tokens, no paddi
 gathers. For 3 x ~170-token prefill chunks that is 1.5 ms per layer against 3.8 ms for the
 padded, masked flash SDPA (which does not skip masked blocks at these sizes).
 
+On CUDA (``kernels.backend`` picks ``triton``) the Triton kernels in ``kernels/triton/`` do it: a
+decode-only batch is one launch over the per-token page tables (fixed shapes, so CUDA graphs can
+capture it), a mixed batch one decode launch and one causal prefill launch; K/V writes skip slot
+-1 (a graph's padding rows). An int8 cache keeps the reference path there.
+
 Everything that depends only on the batch layout (gather indices, masks) is built once per
 step in :func:`build_attention_metadata` and shared by every layer.
 
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kernels.backend import backend_for
 from kernels.cpu_ext import paged_decode_module
 from kernels.kv_quant import dequantize_kv_rows, quantize_kv_rows
 
@@ -194,6 +200,10 @@ def build_attention_metadata(
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store new keys/values ``[T, KVH, D]`` at their flat slots (quantized in an int8 cache)."""
+    if kv_cache.dtype != torch.int8 and backend_for(kv_cache) == "triton":
+        from kernels.triton.kv_store import store_kv
+
+        return store_kv(kv_cache, k, v, slot_mapping)  # skips slot -1 (CUDA-graph padding rows)
     flat = kv_cache.view(2, kv_cache.shape[1], -1, kv_cache.shape[-1])  # [2, KVH, slots, row]
     if flat.dtype == torch.int8:
         k, v = quantize_kv_rows(k), quantize_kv_rows(v)
@@ -257,6 +267,27 @@ def _group_attention(
     return out.transpose(1, 2)
 
 
+def _triton_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                            sliding_window: int | None, soft_cap: float | None) -> torch.Tensor:
+    """Triton kernels (bf16/fp16/fp32 caches; an int8 cache takes the reference path): a decode-only
+    batch is one launch over the per-token tables, a mixed one a decode and a prefill launch."""
+    from kernels.triton.paged_decode_attention import paged_decode_attention
+    from kernels.triton.paged_prefill_attention import paged_prefill_attention
+
+    k_pages, v_pages = kv_cache[0], kv_cache[1]
+    if meta.prefill is None:
+        return paged_decode_attention(q, k_pages, v_pages, meta.token_pages, meta.token_k_len, scale,
+                                      sliding_window, soft_cap)
+    out = torch.empty_like(q)
+    if (d := meta.decode) is not None:
+        paged_decode_attention(q, k_pages, v_pages, d.pages, d.k_len, scale, sliding_window, soft_cap,
+                               rows=d.token_index[:, 0], out=out)
+    p = meta.prefill
+    paged_prefill_attention(q, k_pages, v_pages, p.token_index, p.query_valid, p.q_pos, p.k_len, p.pages,
+                            scale, sliding_window, soft_cap, out=out)
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -274,6 +305,8 @@ def paged_attention(
     T, H, D = q.shape
     if kv_cache.dtype != torch.int8:
         q = q.to(kv_cache.dtype)
+        if backend_for(kv_cache) == "triton":
+            return _triton_paged_attention(q, kv_cache, meta, scale, sliding_window, soft_cap)
     if kv_cache.device.type == "cpu" and (ext := paged_decode_module()) is not None:
         # Every token a query of its own (see the module docstring): the output is already in
         # token order, no gather of q, no scatter of the result.

@@ -24,6 +24,10 @@ into the activation quantization, so it costs nothing at run time.
 Both copies are kept: the weights are small next to what the speed is worth. int8 is opt-in
 (see ``pack_linears``), never used for fp32.
 
+A layer loaded from a GGUF's Q4_0/Q4_1 blocks may also keep those, packed (``kernels.q4_pack``): then
+its small batches run the 4-bit kernel instead of the int8 one (0.625 bytes per weight against 1,
+and the file's exact weights; the activations are quantized per 32 values as llama.cpp does).
+
 Inside :func:`bf16_gemms` the W8A8 layers take their bf16 GEMM instead: the engine runs prompt
 processing there, because a prompt's KV is read by every later token and per-row activation
 scales cost it the most accuracy (measured with ``xllm bench fidelity``: greedy chat answers stay
@@ -40,6 +44,7 @@ import torch
 from torch import nn
 
 from kernels.cpu_ext import cpu_ops_module
+from kernels.q4_pack import TILE_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,10 @@ __all__ = ["PackedLinear", "packed_linear_supported", "pack_linears", "quantize_
 # Up to this many rows the int8 weight pass beats the bf16 GEMM on AVX-512 CPUs (measured:
 # 1-4 rows int8 is ~1.5-2x faster; from ~8 rows oneDNN's bf16 dot-product GEMM wins).
 DEFAULT_INT8_MAX_ROWS = 4
+# Up to this many rows a layer with 4-bit blocks runs the 4-bit kernel (its per-row arithmetic
+# does not depend on the batch, so a speculative verify of a few rows computes what plain decoding
+# does); inside bf16_gemms (a batch with prompt tokens) only up to int8_max_rows, as the int8 path.
+Q4_MAX_ROWS = 16
 
 
 _w8a8_suspended = 0  # > 0 inside bf16_gemms(); one engine thread runs the model, so no lock
@@ -92,9 +101,10 @@ class PackedLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int = 1, int8_max_rows: int = 0, w8a8: bool = False,
-                 int8_state: dict[str, torch.Tensor] | None = None) -> None:
+                 int8_state: dict[str, torch.Tensor] | None = None, q4: torch.Tensor | None = None) -> None:
         """``int8_state`` (from :meth:`int8_state`, e.g. a weight cache) replaces quantizing and
-        smoothing the weight again: the same tensors, so bit-identical results."""
+        smoothing the weight again: the same tensors, so bit-identical results. ``q4``: this
+        weight's 4-bit blocks packed by :func:`kernels.q4_pack.pack_q4`, for the small batches."""
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -107,7 +117,11 @@ class PackedLinear(nn.Module):
         self._ext = cpu_ops_module() if int8_max_rows > 0 or w8a8 else None
         self.int8_max_rows = int8_max_rows if self._ext is not None else 0
         self.w8a8 = w8a8 and self._ext is not None
+        self._q4: torch.Tensor | None = None
         if self.int8_max_rows or self.w8a8:
+            if q4 is not None:
+                self._check_q4(q4)
+                self._q4 = q4
             if int8_state is not None:
                 self.load_int8_state(int8_state)
             else:
@@ -123,6 +137,8 @@ class PackedLinear(nn.Module):
         if not (self.int8_max_rows or self.w8a8):
             return {}
         state = {"q": self._q, "scale": self._scale}
+        if self._q4 is not None:
+            state["q4"] = self._q4
         if self._gemm_q.data_ptr() != self._q.data_ptr():  # smoothed: a copy of its own
             state["gemm_q"] = self._gemm_q.t().contiguous()
             state["gemm_scale"] = self._gemm_scale
@@ -136,6 +152,9 @@ class PackedLinear(nn.Module):
         expected = {"q": ((n, k), torch.int8), "scale": ((n,), torch.float32), "gemm_q": ((n, k), torch.int8),
                     "gemm_scale": ((n,), torch.float32), "inv_smooth": ((k,), torch.float32)}
         for name, tensor in state.items():
+            if name == "q4":
+                self._check_q4(tensor)
+                continue
             shape, dtype = expected.get(name, (None, None))
             if shape is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
                 raise ValueError(f"int8 state {name!r} does not fit a {n}x{k} layer")
@@ -146,10 +165,21 @@ class PackedLinear(nn.Module):
         self._gemm_q = (self._q if gemm_q is None else gemm_q).t()
         self._gemm_scale = state.get("gemm_scale", self._scale)
         self._inv_smooth = state.get("inv_smooth")
+        if "q4" in state:
+            self._q4 = state["q4"]
+
+    def _check_q4(self, packed: torch.Tensor) -> None:
+        tiles = -(-self.out_features // TILE_ROWS)
+        if (packed.dtype != torch.uint8 or packed.dim() != 3
+                or tuple(packed.shape) != (tiles, self.in_features // 32, 320) or self.in_features % 32):
+            raise ValueError(f"4-bit weights {tuple(packed.shape)} do not fit a {self.out_features}x{self.in_features} layer")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= self.int8_max_rows:
+        rows = x2.shape[0]
+        if self.runs_q4(rows):
+            out = self._ext.q4_linear(x2, self._q4, self.out_features, self._bias_f32)
+        elif rows <= self.int8_max_rows:
             out = self._ext.int8_linear(x2, self._q, self._scale, self._bias_f32)
         elif self.w8a8 and not _w8a8_suspended:
             xq, x_scale = self.quantize_input(x2)
@@ -158,8 +188,14 @@ class PackedLinear(nn.Module):
             out = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self.bias, "none", [], "")
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
+    def runs_q4(self, rows: int) -> bool:
+        """Whether an input of ``rows`` rows takes the 4-bit kernel."""
+        return self._q4 is not None and rows <= (self.int8_max_rows if _w8a8_suspended else Q4_MAX_ROWS)
+
     def runs_w8a8(self, rows: int) -> bool:
         """Whether an input of ``rows`` rows takes the W8A8 GEMM."""
+        if self.runs_q4(rows):
+            return False
         return self.w8a8 and rows > self.int8_max_rows and not _w8a8_suspended
 
     # The W8A8 GEMM in its three steps, so a caller can fuse what sits between two of them
@@ -193,16 +229,18 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN, "
-                f"int8_max_rows={self.int8_max_rows}, w8a8={self.w8a8}")
+                f"int8_max_rows={self.int8_max_rows}, w8a8={self.w8a8}, q4={self._q4 is not None}")
 
 
 def pack_linears(module: nn.Module, int8_max_rows: int = 0, w8a8: bool = False,
-                 int8_states: dict[str, dict[str, torch.Tensor]] | None = None, prefix: str = "") -> int:
+                 int8_states: dict[str, dict[str, torch.Tensor]] | None = None, prefix: str = "",
+                 q4_weights: dict[str, torch.Tensor] | None = None) -> int:
     """Replace every CPU bf16 ``nn.Linear`` under ``module`` by a :class:`PackedLinear`; returns the count.
 
     ``int8_max_rows > 0`` also gives each layer an int8 weight copy used up to that many rows;
     ``w8a8`` runs larger inputs as int8 GEMMs (see :class:`PackedLinear`). ``int8_states`` maps a
-    layer's qualified name to its saved :meth:`PackedLinear.int8_state` (skips quantizing it).
+    layer's qualified name to its saved :meth:`PackedLinear.int8_state` (skips quantizing it);
+    ``q4_weights`` maps it to its packed 4-bit blocks (used with ``int8_max_rows``).
     """
     if not packed_linear_supported(torch.bfloat16):
         return 0
@@ -211,10 +249,11 @@ def pack_linears(module: nn.Module, int8_max_rows: int = 0, w8a8: bool = False,
         qualified = f"{prefix}{name}"
         if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
             state = int8_states.get(qualified) if int8_states is not None else None
-            setattr(module, name, PackedLinear(child, int8_max_rows=int8_max_rows, w8a8=w8a8, int8_state=state))
+            q4 = q4_weights.get(qualified) if q4_weights is not None else None
+            setattr(module, name, PackedLinear(child, int8_max_rows=int8_max_rows, w8a8=w8a8, int8_state=state, q4=q4))
             count += 1
         else:
-            count += pack_linears(child, int8_max_rows, w8a8, int8_states, f"{qualified}.")
+            count += pack_linears(child, int8_max_rows, w8a8, int8_states, f"{qualified}.", q4_weights)
     return count
 
 

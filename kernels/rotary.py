@@ -1,8 +1,10 @@
-"""Rotary position embedding, neox style (rotate-half), PyTorch reference."""
+"""Rotary position embedding, neox style (rotate-half): PyTorch reference, Triton on CUDA."""
 
 from __future__ import annotations
 
 import torch
+
+from kernels.backend import backend_for
 
 __all__ = ["apply_rotary"]
 
@@ -14,6 +16,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     the half table repeated twice). The first and second halves of each head form the
     (real, imaginary) pairs, as in GPT-NeoX and HF Llama. Returns a new tensor.
     """
+    if (backend_for(x) == "triton" and x.dim() == 3 and cos.dim() == 2 and cos.shape[0] == sin.shape[0] == x.shape[0]
+            and cos.dtype == x.dtype == sin.dtype):
+        from kernels.triton.rotary import apply_rotary as triton_rotary
+
+        return triton_rotary(x, cos, sin)
     half = x.shape[-1] // 2
     if cos.shape[-1] != half:
         cos = cos[..., :half]

@@ -10,6 +10,12 @@ import torch
 # Two cores, several processes: keep each test process from oversubscribing.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU the Triton kernels are tested in triton's CPU interpreter. It must be chosen before
+# anything imports triton (transformers does, at import): triton decorates its own library
+# functions then, and interpreted kernels cannot call compiled ones (tests/unit/_triton_env.py).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def smollm_path() -> str:

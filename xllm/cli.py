@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import dp_balance as bench_dp_balance
     from bench import decode_attention as bench_decode_attention
     from bench import mm as bench_mm
+    from bench import gpu_decode as bench_gpu_decode
 
     for name, module, summary in (
         ("serve", bench_serve, "load generator against an OpenAI-compatible server (TTFT, TPOT, end-to-end, "
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(perplexity, top-1 agreement, KL) on a text file"),
         ("decode-attention", bench_decode_attention, "the paged decode attention kernel alone per KV dtype, with "
                                                      "and without the flash-decoding split (ms per call, KV GB/s)"),
+        ("gpu-decode", bench_gpu_decode, "decode on a CUDA GPU at batch 1/16/64 with and without CUDA graphs, "
+                                         "against the weight-read bandwidth floor (ms per step, tok/s)"),
         ("colocate", bench_colocate, "online traffic alone, then with a large Batch API job beside it: online SLO "
                                      "attainment and TTFT/TPOT p50/p99 in both runs, offline tokens/s absorbed"),
         ("soak", bench_soak, "many short requests of every kind, malformed and abandoned ones included: errors "

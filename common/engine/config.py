@@ -58,6 +58,8 @@ class EngineConfig:
     enable_prefix_cache: bool = setting(True, "do not share full KV pages between sequences with a common "
                                         "prefix", flag="--no-prefix-cache")
     device: str = setting("cpu", "torch device: cpu, cuda, cuda:N")
+    cuda_graphs: bool = setting(True, "on CUDA, do not replay decode steps from CUDA graphs captured per batch "
+                                      "size (common/engine/cuda_graphs.py)", flag="--no-cuda-graphs")
     num_threads: int | None = setting(None, "torch intra-op threads (default: torch's own; `xllm serve` "
                                          "splits the CPUs among its workers)", flag="--threads")
     w8a8_prompts: bool = setting(False, "run prompt tokens on the W8A8 int8 GEMMs too (faster prefill; their KV "
@@ -103,6 +105,8 @@ class EngineConfig:
             # prepacked bf16 GEMMs natively (AVX512-BF16/AMX), else fp32 is as fast and exact.
             if self.device == "cpu" and packed_linear_supported(torch.bfloat16):
                 return torch.bfloat16
+            if torch.device(self.device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+                return torch.bfloat16  # the Triton kernels' dtype; decode reads half fp32's bytes
             return torch.float32
         return parse_dtype(self.dtype)
 

@@ -16,6 +16,7 @@ import torch
 from common.engine.beam_groups import BeamGroup, BeamGroups
 from common.engine.block_manager import BlockManager, NoFreePagesError
 from common.engine.config import EngineConfig
+from common.engine.cuda_graphs import maybe_cuda_graphs
 from common.engine.expert_parallel import ExpertParallel
 from common.engine.grammar_mask import GrammarMasker
 from common.engine.handoff import KvHandoff
@@ -81,6 +82,8 @@ class LLMEngine:
             grammar=GrammarMasker(self.model_path, mc.vocab_size, mc.eos_token_ids),
             w8a8_prompts=config.w8a8_prompts,
         )
+        self.runner.decode_graphs = maybe_cuda_graphs(self.model, kv_caches, self.page_size, self.max_model_len,
+                                                      config.max_num_seqs, config.cuda_graphs)
         if torch.device(config.device).type == "cpu":
             # Build (or load the cached build of) the C++ decode kernel now, while starting up,
             # rather than inside the first request's decode step.

@@ -76,6 +76,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.grammar = grammar  # token masks of structured outputs; None: the engine has none
         self.w8a8_prompts = w8a8_prompts
+        # Called instead of the model for text batches when set: CUDA graphs (common/engine/cuda_graphs.py).
+        self.decode_graphs: Callable | None = None
 
     def run(self, batch: ScheduledBatch) -> SamplerOutput | None:
         """Compute every scheduled chunk; sample one token for each chunk that ends its sequence,
@@ -154,7 +156,7 @@ class ModelRunner:
                                     image_embeds=image_embeds)
             else:
                 pos_t = torch.tensor(inputs.positions, dtype=torch.long, device=self.device)
-                hidden = self.model(inputs.ids, pos_t, inputs.meta, self.kv_caches)
+                hidden = (self.decode_graphs or self.model)(inputs.ids, pos_t, inputs.meta, self.kv_caches)
         if not sampled_seqs and not beam_seqs:
             return None
         sample_rows = inputs.sample_rows + inputs.beam_rows  # the beam rows' logits come last

@@ -18,13 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.models.config import ModelConfig
+from common.models.decoder_stack import DecoderStack
 from common.models.rope import RotaryEmbedding
 from kernels.activation import act_and_mul
 from kernels.attention import AttentionMetadata, build_attention_metadata, paged_attention, write_kv
 from kernels.cpu_ext import cpu_ops_module
 from kernels.kv_quant import kv_row_width
 from kernels.linear import pack_linears, packed_linear_supported, w8a8_silu_mlp
-from kernels.norm import rms_norm
+from kernels.norm import add_rms_norm, rms_norm
 from kernels.rotary import apply_rotary
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,7 @@ class RMSNorm(nn.Module):
         ext = _cpu_ext(residual)
         if ext is not None and residual.is_contiguous() and self.weight.dtype == residual.dtype:
             return residual, ext.add_rms_norm_(residual, x, self.weight, self.eps, self.unit_offset)
-        if x is not None:
-            residual = residual + x
-        return residual, self.forward(residual)
+        return add_rms_norm(residual, x, self.weight, self.eps, self.unit_offset)  # one Triton pass on CUDA
 
 
 def _cpu_ext(x: torch.Tensor):
@@ -263,6 +262,7 @@ class DecoderForCausalLM(nn.Module):
                                                 config.rope_local_scaling)
         self._layer_uses_local = [self.spec.local_rope and s for s in config.layer_sliding]
         self._embed_scales: dict[torch.dtype, float] = {}
+        self._stack: DecoderStack | None = None  # set by pack_linears when every layer fits it
 
     @classmethod
     def spec_for(cls, config: ModelConfig) -> DecoderSpec:
@@ -313,6 +313,8 @@ class DecoderForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """The decoder stack and final norm over input embeddings ``h`` (models that build their
         own embeddings or positions, e.g. vision-language ones, call this)."""
+        if self._stack is not None and self._stack.takes(h.shape[0], kv_caches, h.dtype):
+            return self._stack.forward(h, cos, sin, meta, kv_caches)
         x = None
         for i, layer in enumerate(self.model.layers):
             if self._layer_uses_local[i]:
@@ -322,11 +324,13 @@ class DecoderForCausalLM(nn.Module):
         return self.model.norm.add_forward(h, x)[1]
 
     def pack_linears(self, int8_max_rows: int = 0, w8a8: bool = False,
-                     int8_states: dict[str, dict[str, torch.Tensor]] | None = None) -> int:
+                     int8_states: dict[str, dict[str, torch.Tensor]] | None = None,
+                     q4_weights: dict[str, torch.Tensor] | None = None) -> int:
         """Prepack every linear (and the tied lm head) for oneDNN where it helps (CPU, bf16);
         ``int8_max_rows > 0`` adds int8 weight copies for batches up to that many rows, ``w8a8``
         int8 GEMMs for larger batches (see :class:`kernels.linear.PackedLinear`). ``int8_states``
-        (by module name, from a weight cache) are adopted instead of quantizing again."""
+        (by module name, from a weight cache) are adopted instead of quantizing again; ``q4_weights``
+        (by module name) are a GGUF's own 4-bit blocks for the small batches (``kernels.q4_pack``)."""
         weight = self.model.embed_tokens.weight
         if not packed_linear_supported(weight.dtype) or weight.device.type != "cpu":
             return 0
@@ -335,7 +339,9 @@ class DecoderForCausalLM(nn.Module):
             head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
             head.weight = self.model.embed_tokens.weight
             self.lm_head = head
-        return pack_linears(self, int8_max_rows, w8a8, int8_states)
+        count = pack_linears(self, int8_max_rows, w8a8, int8_states, q4_weights=q4_weights)
+        self._stack = DecoderStack.for_model(self)
+        return count
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], chunk_size: int = 256, page_size: int = 16,

@@ -21,6 +21,8 @@ import gguf
 import numpy as np
 import torch
 
+from kernels.q4_pack import Q4Rows
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "gguf_config_dict",
     "read_gguf_fields",
     "dequantize_tensor",
+    "read_q4_rows",
     "permute_qk",
     "unpermute_qk",
     "SUPPORTED_GGUF_ARCHITECTURES",
@@ -292,3 +295,27 @@ def load_gguf(
         state[name] = torch.from_numpy(np.ascontiguousarray(values)).to(device=device, dtype=dtype)
     logger.info("dequantized %d tensors from %s (%s)", len(state), path, arch)
     return config, state
+
+
+_Q4_TYPES = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
+
+
+def read_q4_rows(reader: gguf.GGUFReader) -> dict[str, Q4Rows]:
+    """The Q4_0 / Q4_1 weight matrices, undequantized, by HF name (llama's q/k rows un-permuted as
+    :func:`load_gguf` does): the small-batch linears read these exact 4-bit blocks (``kernels.q4_pack``)."""
+    config = gguf_config_dict(reader)
+    arch = _field(reader, "general.architecture")
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    out: dict[str, Q4Rows] = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in _Q4_TYPES or len(tensor.shape) != 2:
+            continue
+        name = _hf_name(tensor.name, arch)
+        if name is None or not name.endswith(".weight"):
+            continue
+        n, k = int(tensor.shape[1]), int(tensor.shape[0])
+        rows = Q4Rows.from_ggml(np.asarray(tensor.data), tensor.tensor_type.name, (n, k))
+        if arch in _PERMUTED_QK_ARCHITECTURES and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
+            rows = rows.select_rows(unpermute_qk(np.arange(n), heads if ".attn_q." in tensor.name else kv_heads))
+        out[name] = rows
+    return out

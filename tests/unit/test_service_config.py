@@ -175,7 +175,8 @@ def test_flags_come_from_the_dataclass() -> None:
     by_name = {s.name: s for s in settings_of(EngineConfig)}
     assert [s.name for s in settings_of(EngineConfig)] == [
         "model", "dtype", "kv_dtype", "page_size", "kv_cache_memory", "kv_cache_fraction", "max_num_seqs",
-        "max_num_batched_tokens", "max_model_len", "enable_prefix_cache", "device", "num_threads", "w8a8_prompts",
+        "max_num_batched_tokens", "max_model_len", "enable_prefix_cache", "device", "cuda_graphs", "num_threads",
+        "w8a8_prompts",
         "weight_cache", "weight_cache_dir", "ep_ranks", "eplb_redundant_experts", "eplb_interval_steps",
         "expert_load_window_steps", "speculative_method", "num_speculative_tokens", "ngram_min", "ngram_max",
         "suffix_max_depth", "suffix_global", "suffix_global_requests", "suffix_min_prob", "overlap_schedule",

@@ -1,0 +1,168 @@
+// 4-bit linear for small batches, from a GGUF's Q4_0 / Q4_1 blocks (w = d * q + m, q in 0..15).
+//
+// A decode step at batch 1 is a pass over every weight, so its time is the weights' bytes over
+// memory bandwidth, as long as the arithmetic keeps up. A GGUF's 4-bit blocks are 0.625 bytes per
+// weight against 1 for an int8 copy, and they are the model's exact weights (an int8 copy rounds
+// them once more).
+//
+// The weights are repacked once (kernels/q4_pack.py) so that one vector instruction covers 16
+// output rows: for every tile of 16 rows and every 32-weight block, 320 contiguous bytes
+//
+//   d[16] fp16 | m[16] fp16 | 4 x 64 bytes of nibbles
+//
+// where in chunk c the byte (4 i + j) holds row i's weight 8c + j in its low nibble and 8c + 4 + j
+// in its high one. A masked nibble unpack then gives 16 rows x 4 consecutive weights, exactly the
+// operand of VNNI's dpbusd against 4 activation bytes broadcast to every lane: each int32 lane
+// accumulates one output row, so nothing is reduced across lanes, and one contiguous stream per
+// tile keeps the prefetcher busy.
+//
+// Activations are quantized like llama.cpp's Q8_1: symmetric int8 per 32-value block, with the
+// block's scale and the sum of its dequantized values (for the m term).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+constexpr int64_t kTile = 16;          // output rows per tile (one int32 lane each)
+constexpr int64_t kBlockBytes = 320;   // one tile's 32-weight block: scales, mins, nibbles
+constexpr int kMaxM = 4;               // activation rows per pass over the weights
+constexpr int64_t kPrefetchBytes = 8 * kBlockBytes;
+
+struct QuantizedRows {
+  std::vector<int8_t> q;     // [M][K]
+  std::vector<float> scale;  // [M][K / 32]
+  std::vector<float> sum;    // [M][K / 32]: scale * sum(q) of each block
+};
+
+template <typename T>
+QuantizedRows quantize_activations(const T* x, int64_t M, int64_t K) {
+  const int64_t blocks = K / 32;
+  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
+  for (int64_t mb = 0; mb < M * blocks; ++mb) {
+    float v[32];
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) {
+      v[j] = xllm::to_f32(x[mb * 32 + j]);
+      amax = std::max(amax, std::fabs(v[j]));
+    }
+    const float d = amax / 127.f;
+    const float inv = d > 0.f ? 1.f / d : 0.f;
+    int isum = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int qi = static_cast<int>(std::nearbyint(v[j] * inv));
+      isum += qi;
+      out.q[mb * 32 + j] = static_cast<int8_t>(qi);
+    }
+    out.scale[mb] = d;
+    out.sum[mb] = d * static_cast<float>(isum);
+  }
+  return out;
+}
+
+inline __m512i dot_u8s8(__m512i acc, __m512i w, __m512i x) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, w, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
+#endif
+}
+
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_set1_epi32(v);
+}
+
+// One tile (16 output rows) against MB activation rows: acc[m] lane i = y[m][row i].
+template <int MB>
+void tile(const uint8_t* w, int64_t blocks, const QuantizedRows& a, int64_t m0, int64_t K, __m512* acc) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, w += kBlockBytes) {
+    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 128, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 192, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 256, _MM_HINT_T0);
+    __m512i lo_acc[MB], hi_acc[MB];
+    for (int m = 0; m < MB; ++m) lo_acc[m] = hi_acc[m] = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {
+      const __m512i packed = _mm512_loadu_si512(w + 64 + 64 * c);
+      const __m512i lo = _mm512_and_si512(packed, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xq = a.q.data() + (m0 + m) * K + b * 32 + 8 * c;
+        lo_acc[m] = dot_u8s8(lo_acc[m], lo, broadcast4(xq));
+        hi_acc[m] = dot_u8s8(hi_acc[m], hi, broadcast4(xq + 4));
+      }
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32)));
+    for (int m = 0; m < MB; ++m) {
+      const int64_t blk = (m0 + m) * (K / 32) + b;
+      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[m], hi_acc[m]));
+      acc[m] = _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(a.scale[blk])), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.sum[blk]), acc[m]);
+    }
+  }
+}
+
+template <typename T>
+void run(const at::Tensor& x, const at::Tensor& packed, int64_t N, const c10::optional<at::Tensor>& bias,
+         at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / 32, tiles = packed.size(0);
+  const QuantizedRows a = quantize_activations(x.data_ptr<T>(), M, K);
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    __m512 acc[kMaxM];
+    alignas(64) float lanes[kTile];
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* w = wp + t * blocks * kBlockBytes;
+      const int64_t n0 = t * kTile, rows = std::min(kTile, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxM, M - m0));
+        switch (mb) {
+          case 1: tile<1>(w, blocks, a, m0, K, acc); break;
+          case 2: tile<2>(w, blocks, a, m0, K, acc); break;
+          case 3: tile<3>(w, blocks, a, m0, K, acc); break;
+          default: tile<4>(w, blocks, a, m0, K, acc); break;
+        }
+        for (int m = 0; m < mb; ++m) {
+          _mm512_store_ps(lanes, acc[m]);
+          T* out = yp + (m0 + m) * N + n0;
+          for (int64_t i = 0; i < rows; ++i) out[i] = xllm::from_f32<T>(bp ? lanes[i] + bp[n0 + i] : lanes[i]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor q4_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2, "q4_linear: x must be 2-D");
+  const int64_t K = x.size(1), N = out_features;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(2) == kBlockBytes,
+              "q4_linear: packed weights must be contiguous uint8 [tiles, K/32, 320] (kernels/q4_pack.py)");
+  TORCH_CHECK(K % 32 == 0 && packed.size(1) * 32 == K, "q4_linear: K must be 32 x the packed blocks");
+  TORCH_CHECK(N > 0 && (N + kTile - 1) / kTile == packed.size(0), "q4_linear: out_features does not fit the tiles");
+  if (bias.has_value()) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "q4_linear: bias must be fp32 [N]");
+  auto xc = x.contiguous();
+  auto y = at::empty({x.size(0), N}, x.options());
+  if (x.scalar_type() == at::kBFloat16) {
+    run<c10::BFloat16>(xc, packed, N, bias, y);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "q4_linear: activations must be bf16 or fp32");
+    run<float>(xc, packed, N, bias, y);
+  }
+  return y;
+}
