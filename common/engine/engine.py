@@ -3,6 +3,8 @@
 Moving KV in and out of the page pool lives beside it, in parts the engine owns: the P/D hand-off
 (``engine.handoff``, :mod:`common.engine.handoff`) and the tiered KV store's hooks
 (``engine.store_hooks``, :mod:`common.engine.kv_transfer`). Not thread-safe: one thread drives it.
+With ``--overlap-schedule`` on, ``step()`` plans the next step on a helper thread while it computes
+(``engine.pipeline``, :mod:`common.engine.overlap`); nothing of it runs between two calls.
 """
 
 from __future__ import annotations

@@ -183,8 +183,8 @@ def resolve_min_batch(mode: str, device: str, min_batch: int) -> int | None:
         return min_batch
     if torch.device(device).type == "cpu":
         # Measured (README, "Overlap scheduling"): when torch's threads have every core, planning
-        # beside the forward pass only takes cores from it (no gain at 1 or 64 rows); it pays
-        # (2-5 % from 16 rows) only with a core to spare, which `--overlap-schedule on` asks for.
+        # beside the forward pass only takes cores from it (1-3 % slower at 1 row, no gain at 16-64
+        # rows); it pays (2-5 % at 64 rows) only with a core to spare: `--overlap-schedule on`.
         return None
     # The forward pass runs on the device and the host waits for it: plan beside every step.
     return 1
