@@ -186,7 +186,10 @@ async def run_async(args: argparse.Namespace) -> dict:
     url = base + ("/chat/completions" if chat else "/completions")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    connector = aiohttp.TCPConnector(limit=max(args.concurrency))
+    # Idle connections are dropped after 1 s, before a server's own keep-alive timeout closes them
+    # (llama-server's is 5 s): reusing one the server closed fails the request ("Can not write
+    # request body") and would count against the server.
+    connector = aiohttp.TCPConnector(limit=max(args.concurrency), keepalive_timeout=1.0)
     async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
         model = args.model or await discover_model(session, base)
         for body in _make_bodies(args, model, args.warmup, args.seed + 10_000, min(4, args.output_len)):
