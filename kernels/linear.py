@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from kernels.cpu_ext import cpu_ops_module
-from kernels.q4_pack import TILE_ROWS
+from kernels.q4_pack import BLOCK, PACKED_BLOCK_BYTES, TILE_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ class PackedLinear(nn.Module):
     def _check_q4(self, packed: torch.Tensor) -> None:
         tiles = -(-self.out_features // TILE_ROWS)
         if (packed.dtype != torch.uint8 or packed.dim() != 3
-                or tuple(packed.shape) != (tiles, self.in_features // 32, 320) or self.in_features % 32):
+                or tuple(packed.shape) != (tiles, self.in_features // BLOCK, PACKED_BLOCK_BYTES)
+                or self.in_features % BLOCK):
             raise ValueError(f"4-bit weights {tuple(packed.shape)} do not fit a {self.out_features}x{self.in_features} layer")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Q4Rows", "pack_q4", "q4_linear_reference", "quantize_activation_blocks", "TILE_ROWS"]
+__all__ = ["Q4Rows", "pack_q4", "q4_linear_reference", "quantize_activation_blocks", "TILE_ROWS", "BLOCK",
+           "PACKED_BLOCK_BYTES"]
 
 TILE_ROWS = 16  # output rows per tile of the packed layout (one int32 lane each)
-_BLOCK = 32
+BLOCK = 32  # weights per block: one scale and offset each
+PACKED_BLOCK_BYTES = 2 * TILE_ROWS * 2 + TILE_ROWS * BLOCK // 2  # a tile's block: fp16 d and m, nibbles (320)
+_BLOCK = BLOCK
 _Q4_0, _Q4_1 = "Q4_0", "Q4_1"
 _BLOCK_BYTES = {_Q4_0: 18, _Q4_1: 20}
 

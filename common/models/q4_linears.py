@@ -9,19 +9,13 @@ part of it has them (a file may store ``attn_v`` at higher precision than ``attn
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
+from common.models.fused_projections import fused_part
 from kernels.q4_pack import Q4Rows, pack_q4
 
 __all__ = ["q4_decode_enabled", "packed_q4_linears"]
-
-_FUSED = {
-    "qkv_proj": re.compile(r"^(model\.layers\.\d+\.self_attn)\.(q|k|v)_proj\.weight$"),
-    "gate_up_proj": re.compile(r"^(model\.layers\.\d+\.mlp)\.(gate|up)_proj\.weight$"),
-}
-_ORDER = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
 
 
 def q4_decode_enabled(dtype: torch.dtype) -> bool:
@@ -32,19 +26,16 @@ def q4_decode_enabled(dtype: torch.dtype) -> bool:
 def packed_q4_linears(rows: dict[str, Q4Rows]) -> dict[str, torch.Tensor]:
     """Packed 4-bit weights by linear module name (``model.layers.0.self_attn.qkv_proj``...)."""
     out: dict[str, torch.Tensor] = {}
-    groups: dict[str, dict[str, Q4Rows]] = {}
+    groups: dict[str, tuple[tuple[str, ...], dict[str, Q4Rows]]] = {}
     for name, matrix in rows.items():
         if name == "model.embed_tokens.weight":
             continue  # an embedding is looked up, not multiplied (a tied head keeps its int8 copy)
-        for fused, pattern in _FUSED.items():
-            m = pattern.match(name)
-            if m is not None:
-                groups.setdefault(f"{m.group(1)}.{fused}", {})[m.group(2)] = matrix
-                break
-        else:
+        where = fused_part(name)
+        if where is None:
             out[name.removesuffix(".weight")] = pack_q4(matrix)
-    for target, parts in groups.items():
-        order = _ORDER[target.rsplit(".", 1)[1]]
+        else:
+            groups.setdefault(where.target, (where.order, {}))[1][where.part] = matrix
+    for target, (order, parts) in groups.items():
         if all(p in parts for p in order):
-            out[target] = pack_q4(Q4Rows.cat([parts[p] for p in order]))
+            out[target.removesuffix(".weight")] = pack_q4(Q4Rows.cat([parts[p] for p in order]))
     return out

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch.nn as nn
 
 from common.default_model import default_model_path
 from common.models.config import ModelConfig
+from common.models.fused_projections import fused_part
 from common.models.gemma3 import Gemma3ForCausalLM
 from common.models.int8_calibration import (
     CALIBRATION_CHAT,
@@ -66,8 +66,6 @@ _CLASS_BY_MODEL_TYPE = {
 _HF_PREFIX_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
-_FUSED_ATTN = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(q|k|v)_proj\.(weight|bias)$")
-_FUSED_MLP = re.compile(r"^(model\.layers\.\d+\.mlp)\.(gate|up)_proj\.(weight|bias)$")
 
 
 def model_class_for(config: ModelConfig) -> type[DecoderForCausalLM]:
@@ -99,15 +97,13 @@ def fuse_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
                 name = canonical + name[len(alias):]
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        m = _FUSED_ATTN.match(name) or _FUSED_MLP.match(name)
-        if m is None:
+        where = fused_part(name)
+        if where is None:
             fused[name] = tensor
             continue
-        prefix, part, kind = m.groups()
-        target = f"{prefix}.qkv_proj.{kind}" if part in ("q", "k", "v") else f"{prefix}.gate_up_proj.{kind}"
-        order = ("q", "k", "v") if part in ("q", "k", "v") else ("gate", "up")
+        target, order = where.target, where.order
         group = pending.setdefault(target, {})
-        group[part] = tensor
+        group[where.part] = tensor
         if len(group) == len(order):
             fused[target] = torch.cat([group[p] for p in order], dim=0)
             del pending[target]
