@@ -56,6 +56,13 @@ def _cmd_bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_ceiling(args: argparse.Namespace) -> int:
+    from bench import ceiling
+
+    ceiling.run(args, engine_config_from_args(args))
+    return 0
+
+
 def _cmd_bench_rec(args: argparse.Namespace) -> int:
     from bench import rec
 
@@ -119,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     offline.add_arguments(off)
     off.set_defaults(func=_cmd_bench_offline)
+    ceiling_cmd = bench_sub.add_parser("ceiling", help="the offline benchmark's hardware ceiling here: int8/bf16 "
+                                                       "GEMM peaks and DRAM read bandwidth, the ceiling tok/s, and "
+                                                       "(--run-offline) the engine's fraction of it")
+    add_engine_arguments(ceiling_cmd)
+    from bench import ceiling as bench_ceiling
+
+    bench_ceiling.add_arguments(ceiling_cmd)
+    ceiling_cmd.set_defaults(func=_cmd_bench_ceiling)
     rec = bench_sub.add_parser("rec", help="generative recommendation: fixed-step beam search over an item "
                                            "vocabulary, with and without overlapping host work and compute")
     add_engine_arguments(rec)
