@@ -7,7 +7,7 @@
 // cache bf16, fp32 or int8 (rows of head_dim int8 values and their fp32 scale, kernels/kv_quant.py:
 // dequantized in registers, so a row costs head_dim + 4 bytes of reads instead of 2 * head_dim).
 // A bf16 cache with bf16 q and head_dim a multiple of 32 takes an AVX-512 BF16 path (dot products
-// with vdpbf16ps), an int8 cache with head_dim a multiple of 16 an AVX-512 path; anything else
+// with vdpbf16ps), an int8 cache with head_dim 32, 64, 96 or 128 an AVX-512 path; anything else
 // (or a CPU without AVX-512) the portable loop.
 //
 // Flash-decoding split: when there are fewer (sequence, kv head) pairs than twice the threads
@@ -131,22 +131,32 @@ void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, 
   };
 #ifdef XLLM_DECODE_AVX512
   if constexpr (std::is_same_v<TC, int8_t>) {
-    if (L.D % 16 == 0 && L.D <= 128) {
-      auto run = [&](auto dc) {
+    // head_dim 32, 64, 96 or 128; query heads per KV head taken in groups of up to 4 (2 at head_dim 128),
+    // so a group's V accumulators stay in registers.
+    const int64_t dc = L.D / 16, max_group = dc > 4 ? 2 : 4;
+    int64_t gm = 1;
+    for (int64_t c = max_group; c > 1; --c)
+      if (L.G % c == 0) { gm = c; break; }
+    if (L.D % 16 == 0 && (dc == 2 || dc == 4 || dc == 6 || dc == 8)) {
+      auto run = [&](auto dcc, auto gmc) {
         run_decode(L, lnp, window, max_splits, op,
                    [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
-                     attend_i8<decltype(dc)::value>(a, b, h, t0, t1, s, p);
+                     attend_i8<decltype(dcc)::value, decltype(gmc)::value>(a, b, h, t0, t1, s, p);
                    });
       };
-      switch (L.D / 16) {
-        case 1: run(std::integral_constant<int, 1>{}); return;
-        case 2: run(std::integral_constant<int, 2>{}); return;
-        case 3: run(std::integral_constant<int, 3>{}); return;
-        case 4: run(std::integral_constant<int, 4>{}); return;
-        case 5: run(std::integral_constant<int, 5>{}); return;
-        case 6: run(std::integral_constant<int, 6>{}); return;
-        case 7: run(std::integral_constant<int, 7>{}); return;
-        default: run(std::integral_constant<int, 8>{}); return;
+      auto by_group = [&](auto dcc) {
+        switch (gm) {
+          case 4: run(dcc, std::integral_constant<int, 4>{}); return;
+          case 3: run(dcc, std::integral_constant<int, 3>{}); return;
+          case 2: run(dcc, std::integral_constant<int, 2>{}); return;
+          default: run(dcc, std::integral_constant<int, 1>{}); return;
+        }
+      };
+      switch (dc) {
+        case 2: by_group(std::integral_constant<int, 2>{}); return;
+        case 4: by_group(std::integral_constant<int, 4>{}); return;
+        case 6: by_group(std::integral_constant<int, 6>{}); return;
+        default: by_group(std::integral_constant<int, 8>{}); return;
       }
     }
   }

@@ -78,6 +78,28 @@ inline void for_each_run(int64_t start, int64_t len, int64_t page_size, const in
   }
 }
 
+// Asks for the rows [start, len) of one KV head (base, page_stride, row_stride in elements of T) to
+// be brought into L2, up to max_bytes. Pages sit anywhere in the pool, and the hardware prefetchers,
+// which follow sequential cache lines, stall at every page boundary: a page of int8 rows is ~1 KB, so
+// one thread waiting on one page at a time read KV at a third of DRAM's bandwidth. Asking for all of a
+// (sequence, head)'s rows up front keeps many lines in flight.
+template <typename T>
+inline void prefetch_rows(int64_t start, int64_t len, int64_t page_size, const int64_t* pages, const T* base,
+                          int64_t page_stride, int64_t row_stride, int64_t max_bytes) {
+  const int64_t row_bytes = row_stride * static_cast<int64_t>(sizeof(T));
+  for_each_run(start, len, page_size, pages, [&](int64_t, int64_t page, int64_t off, int64_t run) {
+    if (max_bytes <= 0) return;
+    const char* p = reinterpret_cast<const char*>(base + page * page_stride + off * row_stride);
+    const int64_t bytes = std::min(run * row_bytes, max_bytes);
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T1);
+    max_bytes -= bytes;
+  });
+}
+
+// Enough to cover a few thousand positions of one head; longer contexts are read while the first
+// part is attended (and the split cuts them into chunks anyway).
+constexpr int64_t kPrefetchBytes = 256 * 1024;
+
 inline void load_row(const float* p, float* __restrict r, int64_t D) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) r[d] = p[d];
@@ -160,23 +182,10 @@ inline __m512 widen_i8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-// Rows dequantized per block into an L1 buffer, then shared by the G query heads of the KV head:
-// widening int8 is the costly part (two conversions per 16 values), done once per row, not G times.
-constexpr int64_t kI8Block = 16;
-
-// rows x D int8 rows (stride rs) -> fp32 in buf, each times its inline scale.
-template <int DC>
-inline void dequant_block(const int8_t* r0, int64_t rows, int64_t rs, float* __restrict buf) {
-  constexpr int64_t D = 16 * DC;
-  for (int64_t i = 0; i < rows; ++i) {
-    const int8_t* r = r0 + i * rs;
-    const __m512 sv = _mm512_set1_ps(row_scale(r, D));
-    for (int c = 0; c < DC; ++c) _mm512_store_ps(buf + i * D + 16 * c, _mm512_mul_ps(widen_i8(r + 16 * c), sv));
-  }
-}
-
-// int8 cache, head_dim = 16 * DC.
-template <int DC, typename TQ>
+// int8 cache, head_dim = 16 * DC; the query heads of this KV head are taken GM at a time (GM divides G).
+// Rows are widened to fp32 in registers and their scale applied after the dot product (K) or folded
+// into the softmax weight (V), so a row is converted once per pass and never written back to memory.
+template <int DC, int GM, typename TQ>
 void attend_i8(const Args<TQ, int8_t>& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s,
                const Partial& out) {
   constexpr int64_t D = 16 * DC;
@@ -189,51 +198,66 @@ void attend_i8(const Args<TQ, int8_t>& a, int64_t b, int64_t h, int64_t t0, int6
   const int64_t* pages = a.pages + b * L.P;
   const TQ* qb = a.q + (b * L.H + h * G) * D;
   for (int64_t i = 0; i < G * D; ++i) s.qf[i] = to_f32(qb[i]) * a.scale;  // the softmax scale folded into q
-  alignas(64) float buf[kI8Block * D];
-  // Walks [t0, t1) in blocks of at most kI8Block rows inside one page run: f(first position, rows).
-  auto for_each_block = [&](const int8_t* base, auto&& f) {
-    for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
-      for (int64_t i = 0; i < run; i += kI8Block) {
-        const int64_t rows = std::min(kI8Block, run - i);
-        dequant_block<DC>(base + page * L.page_stride + (off + i) * RS, rows, RS, buf);
-        f(r0 + i - t0, rows);
+  const float* qf = s.qf.data();
+  prefetch_rows(t0, t1, L.PS, pages, kbase, L.page_stride, RS, kPrefetchBytes);
+  prefetch_rows(t0, t1, L.PS, pages, vbase, L.page_stride, RS, kPrefetchBytes);
+  for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
+    const int8_t* k0 = kbase + page * L.page_stride + off * RS;
+    float* o = s.scores.data() + (r0 - t0);
+    int64_t i = 0;
+    // Four rows at a time share one horizontal reduction per query head.
+    for (; i + 4 <= run; i += 4) {
+      const int8_t* k = k0 + i * RS;
+      __m512 kv[4][DC];
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < DC; ++c) kv[r][c] = widen_i8(k + r * RS + 16 * c);
+      const __m128 ks = _mm_setr_ps(row_scale(k, D), row_scale(k + RS, D), row_scale(k + 2 * RS, D),
+                                    row_scale(k + 3 * RS, D));
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + g * D;
+        __m512 acc[4];
+        for (int r = 0; r < 4; ++r) acc[r] = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[r][0]);
+        for (int c = 1; c < DC; ++c) {
+          const __m512 qc = _mm512_loadu_ps(qg + 16 * c);
+          for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(qc, kv[r][c], acc[r]);
+        }
+        _mm_storeu_ps(o + g * n + i, _mm_mul_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), ks));
       }
-    });
-  };
-  for_each_block(kbase, [&](int64_t first, int64_t rows) {
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 qv[DC];
-      for (int c = 0; c < DC; ++c) qv[c] = _mm512_loadu_ps(s.qf.data() + g * D + 16 * c);
-      auto dot = [&](const float* k) {
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_load_ps(k));
-        for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_load_ps(k + 16 * c), acc);
-        return acc;
-      };
-      float* o = s.scores.data() + g * n + first;
-      int64_t i = 0;
-      for (; i + 4 <= rows; i += 4) {
-        const float* k = buf + i * D;
-        _mm_storeu_ps(o + i, hsum4(dot(k), dot(k + D), dot(k + 2 * D), dot(k + 3 * D)));
+    }
+    for (; i < run; ++i) {
+      const int8_t* k = k0 + i * RS;
+      const float ks = row_scale(k, D);
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf + g * D), widen_i8(k));
+        for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + 16 * c), widen_i8(k + 16 * c), acc);
+        o[g * n + i] = _mm512_reduce_add_ps(acc) * ks;
       }
-      for (; i < rows; ++i) o[i] = _mm512_reduce_add_ps(dot(buf + i * D));
     }
   });
   if (a.soft_cap > 0)
     for (int64_t i = 0; i < G * n; ++i) s.scores[i] = cap_score(s.scores[i], a.soft_cap);
   exp_rows(s.scores.data(), G, n, out);
-  std::fill(out.acc, out.acc + G * D, 0.f);
-  for_each_block(vbase, [&](int64_t first, int64_t rows) {
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 acc[DC];
-      for (int c = 0; c < DC; ++c) acc[c] = _mm512_loadu_ps(out.acc + g * D + 16 * c);
-      const float* p0 = s.scores.data() + g * n + first;
-      for (int64_t i = 0; i < rows; ++i) {
-        const __m512 p = _mm512_set1_ps(p0[i]);
-        for (int c = 0; c < DC; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_load_ps(buf + i * D + 16 * c), acc[c]);
+  for (int64_t g0 = 0; g0 < G; g0 += GM) {
+    __m512 acc[GM][DC];
+    for (int g = 0; g < GM; ++g)
+      for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_setzero_ps();
+    for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
+      const int8_t* v0 = vbase + page * L.page_stride + off * RS;
+      const float* p0 = s.scores.data() + g0 * n + (r0 - t0);
+      for (int64_t i = 0; i < run; ++i) {
+        const int8_t* v = v0 + i * RS;
+        const float vs = row_scale(v, D);
+        __m512 vv[DC];
+        for (int c = 0; c < DC; ++c) vv[c] = widen_i8(v + 16 * c);
+        for (int g = 0; g < GM; ++g) {
+          const __m512 p = _mm512_set1_ps(p0[g * n + i] * vs);
+          for (int c = 0; c < DC; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+        }
       }
-      for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out.acc + g * D + 16 * c, acc[c]);
-    }
-  });
+    });
+    for (int g = 0; g < GM; ++g)
+      for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out.acc + (g0 + g) * D + 16 * c, acc[g][c]);
+  }
 }
 #endif
 
@@ -257,6 +281,8 @@ void attend_bf16(const Args<c10::BFloat16, c10::BFloat16>& a, int64_t b, int64_t
   const c10::BFloat16* kbase = a.k + h * L.head_stride;
   const c10::BFloat16* vbase = a.v + h * L.head_stride;
   const int64_t* pages = a.pages + b * L.P;
+  prefetch_rows(t0, t1, L.PS, pages, kbase, L.page_stride, L.row_stride, kPrefetchBytes);
+  prefetch_rows(t0, t1, L.PS, pages, vbase, L.page_stride, L.row_stride, kPrefetchBytes);
   for (int64_t g = 0; g < L.G; ++g) {
     __m512bh qv[DC];
     for (int c = 0; c < DC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qb + g * D + 32 * c);

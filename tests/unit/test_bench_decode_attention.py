@@ -20,9 +20,10 @@ def _args(*argv: str) -> argparse.Namespace:
 @pytest.mark.skipif(cpu_ops_module() is None, reason="the C++ CPU kernels could not be built on this machine")
 def test_writes_split_and_unsplit_times_per_dtype(tmp_path):
     out = tmp_path / "da.json"
-    args = _args("--cases", "1x300,4x40", "--kv-dtypes", "bf16,int8", "--repeats", "2", "--json", str(out))
+    args = _args("--cases", "1x300,4x40", "--kv-dtypes", "bf16,int8", "--repeats", "2", "--layers", "3", "--json", str(out))
     assert decode_attention.run(args) == 0
     doc = json.loads(out.read_text())
+    assert doc["layers"] == 3
     rows = {(r["batch"], r["context"], r["kv_dtype"]): r for r in doc["results"]}
     assert set(rows) == {(1, 300, "bfloat16"), (1, 300, "int8"), (4, 40, "bfloat16"), (4, 40, "int8")}
     for r in rows.values():
