@@ -81,8 +81,8 @@ inline void for_each_run(int64_t start, int64_t len, int64_t page_size, const in
 // Asks for the rows [start, len) of one KV head (base, page_stride, row_stride in elements of T) to
 // be brought into L2, up to max_bytes. Pages sit anywhere in the pool, and the hardware prefetchers,
 // which follow sequential cache lines, stall at every page boundary: a page of int8 rows is ~1 KB, so
-// one thread waiting on one page at a time read KV at a third of DRAM's bandwidth. Asking for all of a
-// (sequence, head)'s rows up front keeps many lines in flight.
+// one thread waiting on one page at a time read KV at a third of DRAM's bandwidth. run_decode asks
+// for the next work item's rows while the current one is attended.
 template <typename T>
 inline void prefetch_rows(int64_t start, int64_t len, int64_t page_size, const int64_t* pages, const T* base,
                           int64_t page_stride, int64_t row_stride, int64_t max_bytes) {
@@ -199,8 +199,6 @@ void attend_i8(const Args<TQ, int8_t>& a, int64_t b, int64_t h, int64_t t0, int6
   const TQ* qb = a.q + (b * L.H + h * G) * D;
   for (int64_t i = 0; i < G * D; ++i) s.qf[i] = to_f32(qb[i]) * a.scale;  // the softmax scale folded into q
   const float* qf = s.qf.data();
-  prefetch_rows(t0, t1, L.PS, pages, kbase, L.page_stride, RS, kPrefetchBytes);
-  prefetch_rows(t0, t1, L.PS, pages, vbase, L.page_stride, RS, kPrefetchBytes);
   for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
     const int8_t* k0 = kbase + page * L.page_stride + off * RS;
     float* o = s.scores.data() + (r0 - t0);
@@ -281,8 +279,6 @@ void attend_bf16(const Args<c10::BFloat16, c10::BFloat16>& a, int64_t b, int64_t
   const c10::BFloat16* kbase = a.k + h * L.head_stride;
   const c10::BFloat16* vbase = a.v + h * L.head_stride;
   const int64_t* pages = a.pages + b * L.P;
-  prefetch_rows(t0, t1, L.PS, pages, kbase, L.page_stride, L.row_stride, kPrefetchBytes);
-  prefetch_rows(t0, t1, L.PS, pages, vbase, L.page_stride, L.row_stride, kPrefetchBytes);
   for (int64_t g = 0; g < L.G; ++g) {
     __m512bh qv[DC];
     for (int c = 0; c < DC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qb + g * D + 32 * c);

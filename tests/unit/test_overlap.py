@@ -15,6 +15,7 @@ import torch
 
 from common.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from common.engine.config import DEFAULT_OVERLAP_MIN_BATCH, add_engine_arguments, engine_config_from_args
+from common.engine.kv_cache import kv_page_bytes
 from common.engine.overlap import resolve_min_batch
 from common.settings import SettingsParser
 
@@ -206,7 +207,7 @@ def test_online_arrival_preempts_offline_as_serial(pair, ids):
 
 def test_tight_page_pool_preempts_as_serial(smollm_path):
     # Pages of 4 tokens, 24 of them: four sequences cannot all grow, so some are preempted.
-    page_bytes = 4 * 30 * 2 * 3 * 64 * EngineConfig().resolved_kv_dtype().itemsize  # SmolLM2-135M's KV layout
+    page_bytes = kv_page_bytes(30, 3, 64, 4, EngineConfig().resolved_kv_dtype())  # SmolLM2-135M's KV layout
     pair = make_pair(smollm_path, kv_cache_memory=24 * page_bytes, page_size=4, max_num_batched_tokens=16)
     assert pair["on"].engine.num_pages == 24
     tokenizer = pair["off"].tokenizer
