@@ -53,25 +53,20 @@ void write_out(TQ* ob, const Partial& p, int64_t G, int64_t D) {
   }
 }
 
-// Runs `attend(b, h, t0, t1, scratch, partial)` over every (sequence, kv head), split or not, with
-// `prefetch(b, h, t0, t1)` of each thread's next work item first.
-template <typename TQ, typename Attend, typename Prefetch>
-void run_decode(const Layout& L, const int64_t* ln, int64_t window, int64_t max_splits, TQ* op, Attend&& attend,
-                Prefetch&& prefetch) {
+// Runs `attend(b, h, t0, t1, scratch, partial)` over every (sequence, kv head), split or not.
+template <typename TQ, typename Attend>
+void run_decode(const Layout& L, const int64_t* ln, int64_t window, int64_t max_splits, TQ* op, Attend&& attend) {
   const int64_t W = L.B * L.KVH, G = L.G, D = L.D;
   auto start_of = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, ln[b] - window) : 0; };
   int64_t longest = 0;
   for (int64_t b = 0; b < L.B; ++b) longest = std::max(longest, ln[b] - start_of(b));
   const int64_t S = choose_splits(W, longest, max_splits);
   if (S == 1) {
-    auto prefetch_item = [&](int64_t w) { prefetch(w / L.KVH, w % L.KVH, start_of(w / L.KVH), ln[w / L.KVH]); };
     at::parallel_for(0, W, 1, [&](int64_t begin, int64_t end) {
       Scratch s;
       std::vector<float> m(G), l(G), acc(G * D);
       const Partial p{m.data(), l.data(), acc.data()};
-      if (begin < end) prefetch_item(begin);
       for (int64_t w = begin; w < end; ++w) {
-        if (w + 1 < end) prefetch_item(w + 1);
         const int64_t b = w / L.KVH, h = w % L.KVH;
         attend(b, h, start_of(b), ln[b], s, p);
         write_out(op + (b * L.H + h * G) * D, p, G, D);
@@ -96,16 +91,9 @@ void run_decode(const Layout& L, const int64_t* ln, int64_t window, int64_t max_
     t0 = std::min(ln[b], start + c * chunk);
     t1 = std::min(ln[b], t0 + chunk);
   };
-  auto prefetch_item = [&](int64_t item) {
-    int64_t b, h, t0, t1;
-    bounds(item, b, h, t0, t1);
-    if (t0 < t1) prefetch(b, h, t0, t1);
-  };
   at::parallel_for(0, W * S, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
-    if (begin < end) prefetch_item(begin);
     for (int64_t item = begin; item < end; ++item) {
-      if (item + 1 < end) prefetch_item(item + 1);
       int64_t b, h, t0, t1;
       bounds(item, b, h, t0, t1);
       const Partial p = partial_at(item);
@@ -146,11 +134,7 @@ template <typename TQ, typename TC>
 void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, const int64_t* lnp, TQ* op,
                   const Layout& L, double scale, int64_t window, double soft_cap, int64_t max_splits) {
   const Args<TQ, TC> a{qp, kp, vp, pgp, L, static_cast<float>(scale), soft_cap};
-  auto prefetch = [&](int64_t b, int64_t h, int64_t t0, int64_t t1) {
-    const int64_t* pages = pgp + b * L.P;
-    prefetch_rows(t0, t1, L.PS, pages, kp + h * L.head_stride, L.page_stride, L.row_stride, kPrefetchBytes);
-    prefetch_rows(t0, t1, L.PS, pages, vp + h * L.head_stride, L.page_stride, L.row_stride, kPrefetchBytes);
-  };
+
   auto generic = [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
     attend_generic(a, b, h, t0, t1, s, p);
   };
@@ -167,7 +151,7 @@ void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, 
         run_decode(L, lnp, window, max_splits, op,
                    [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
                      attend_i8<decltype(dcc)::value, decltype(gmc)::value>(a, b, h, t0, t1, s, p);
-                   }, prefetch);
+                   });
       };
       auto by_group = [&](auto dcc) {
         switch (gm) {
@@ -193,7 +177,7 @@ void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, 
         run_decode(L, lnp, window, max_splits, op,
                    [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
                      attend_bf16<decltype(dc)::value>(a, b, h, t0, t1, s, p);
-                   }, prefetch);
+                   });
       };
       switch (L.D / 32) {
         case 1: run(std::integral_constant<int, 1>{}); return;
@@ -204,7 +188,7 @@ void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, 
     }
   }
 #endif
-  run_decode(L, lnp, window, max_splits, op, generic, prefetch);
+  run_decode(L, lnp, window, max_splits, op, generic);
 }
 
 template <typename TQ>

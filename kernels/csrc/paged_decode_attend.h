@@ -78,28 +78,6 @@ inline void for_each_run(int64_t start, int64_t len, int64_t page_size, const in
   }
 }
 
-// Asks for the rows [start, len) of one KV head (base, page_stride, row_stride in elements of T) to
-// be brought into L2, up to max_bytes. Pages sit anywhere in the pool, and the hardware prefetchers,
-// which follow sequential cache lines, stall at every page boundary: a page of int8 rows is ~1 KB, so
-// one thread waiting on one page at a time read KV at a third of DRAM's bandwidth. run_decode asks
-// for the next work item's rows while the current one is attended.
-template <typename T>
-inline void prefetch_rows(int64_t start, int64_t len, int64_t page_size, const int64_t* pages, const T* base,
-                          int64_t page_stride, int64_t row_stride, int64_t max_bytes) {
-  const int64_t row_bytes = row_stride * static_cast<int64_t>(sizeof(T));
-  for_each_run(start, len, page_size, pages, [&](int64_t, int64_t page, int64_t off, int64_t run) {
-    if (max_bytes <= 0) return;
-    const char* p = reinterpret_cast<const char*>(base + page * page_stride + off * row_stride);
-    const int64_t bytes = std::min(run * row_bytes, max_bytes);
-    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T1);
-    max_bytes -= bytes;
-  });
-}
-
-// Enough to cover a few thousand positions of one head; longer contexts are read while the first
-// part is attended (and the split cuts them into chunks anyway).
-constexpr int64_t kPrefetchBytes = 256 * 1024;
-
 inline void load_row(const float* p, float* __restrict r, int64_t D) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) r[d] = p[d];
