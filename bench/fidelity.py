@@ -46,10 +46,11 @@ MODES: dict[str, tuple[str, dict[str, str], dict[str, object]]] = {
     "fp32": ("float32", {}, {}),
     "default (auto)": ("auto", {}, {}),
     "default, --w8a8-prompts": ("auto", {}, {"w8a8_prompts": True}),
-    "default, int8 decode (no q4)": ("auto", {"XLLM_Q4_DECODE": "0"}, {}),
+    "default, int8 decode (no q4)": ("auto", {"XLLM_Q4_DECODE": "0", "XLLM_Q8_HEAD": "0"}, {}),
     "bf16": ("bfloat16", {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "0"}, {}),
     "bf16+q4-weights": ("bfloat16", {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}, {}),
-    "bf16+int8-weights": ("bfloat16", {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0", "XLLM_Q4_DECODE": "0"}, {}),
+    "bf16+int8-weights": ("bfloat16", {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0", "XLLM_Q4_DECODE": "0",
+                                       "XLLM_Q8_HEAD": "0"}, {}),
     "bf16+w8a8": ("bfloat16", {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "1"}, {"w8a8_prompts": True}),
     "default, bf16 KV": ("auto", {}, {"kv_dtype": "bfloat16"}),
 }

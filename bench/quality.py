@@ -38,11 +38,11 @@ _W8A8 = {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "1"}
 MODES: dict[str, tuple[torch.dtype, dict[str, str], int, torch.dtype | None]] = {
     "fp32": (torch.float32, {}, 256, None),
     "bf16": (torch.bfloat16, _PLAIN, 256, None),
-    # <=4 rows: a GGUF's own 4-bit blocks (kernels.q4_pack) where it has them, or int8 copies
+    # <=4 rows: a GGUF's own 4-bit / Q8_0 blocks (kernels.q4_pack, q8_pack) where it has them, or int8 copies
     "bf16+q4-weights (<=4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}, 4, None),
     "bf16+int8-weights (<=4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0",
-                                                      "XLLM_Q4_DECODE": "0"}, 4, None),
-    # what a default decode step runs: the 4-bit blocks and int8 KV pages
+                                                      "XLLM_Q4_DECODE": "0", "XLLM_Q8_HEAD": "0"}, 4, None),
+    # what a default decode step runs: the 4-bit blocks, the Q8_0 head and int8 KV pages
     "bf16+q4-weights+int8-kv (<=4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}, 4,
                                            torch.int8),
     "bf16+w8a8 (>4 rows)": (torch.bfloat16, _W8A8, 256, None),

@@ -325,12 +325,14 @@ class DecoderForCausalLM(nn.Module):
 
     def pack_linears(self, int8_max_rows: int = 0, w8a8: bool = False,
                      int8_states: dict[str, dict[str, torch.Tensor]] | None = None,
-                     q4_weights: dict[str, torch.Tensor] | None = None) -> int:
+                     q4_weights: dict[str, torch.Tensor] | None = None,
+                     q8_weights: dict[str, torch.Tensor] | None = None) -> int:
         """Prepack every linear (and the tied lm head) for oneDNN where it helps (CPU, bf16);
         ``int8_max_rows > 0`` adds int8 weight copies for batches up to that many rows, ``w8a8``
         int8 GEMMs for larger batches (see :class:`kernels.linear.PackedLinear`). ``int8_states``
         (by module name, from a weight cache) are adopted instead of quantizing again; ``q4_weights``
-        (by module name) are a GGUF's own 4-bit blocks for the small batches (``kernels.q4_pack``)."""
+        and ``q8_weights`` (by module name) are a GGUF's own 4-bit and Q8_0 blocks for the small
+        batches (``kernels.q4_pack``, ``kernels.q8_pack``; the Q8_0 ones: the head, ``lm_head``)."""
         weight = self.model.embed_tokens.weight
         if not packed_linear_supported(weight.dtype) or weight.device.type != "cpu":
             return 0
@@ -339,7 +341,7 @@ class DecoderForCausalLM(nn.Module):
             head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
             head.weight = self.model.embed_tokens.weight
             self.lm_head = head
-        count = pack_linears(self, int8_max_rows, w8a8, int8_states, q4_weights=q4_weights)
+        count = pack_linears(self, int8_max_rows, w8a8, int8_states, q4_weights=q4_weights, q8_weights=q8_weights)
         self._stack = DecoderStack.for_model(self)
         return count
 

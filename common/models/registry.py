@@ -28,6 +28,7 @@ from common.models.llama import LlamaForCausalLM, MistralForCausalLM
 from common.models.mixtral import MixtralForCausalLM
 from common.models.moe import fuse_expert_tensors
 from common.models.q4_linears import packed_q4_linears, q4_decode_enabled
+from common.models.q8_head import head_source, packed_q8_head, q8_head_enabled
 from common.models.qwen2 import Qwen2ForCausalLM
 from common.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from common.models.qwen3 import Qwen3ForCausalLM
@@ -112,24 +113,30 @@ def fuse_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
     return fused
 
 
-def _read_checkpoint(path: Path, dtype: torch.dtype, device: torch.device | str) -> tuple[dict, dict, dict]:
-    """(HF config dict, HF state dict, packed 4-bit weights by linear name: see common.models.q4_linears)."""
+def _read_checkpoint(path: Path, dtype: torch.dtype,
+                     device: torch.device | str) -> tuple[dict, dict, dict, dict]:
+    """(HF config dict, HF state dict, packed 4-bit weights by linear name: see
+    common.models.q4_linears, packed Q8_0 head: see common.models.q8_head)."""
     if path.is_file() and path.suffix == ".gguf":
         import gguf
 
-        from common.weights.gguf_loader import is_quantized, load_gguf, read_q4_rows
+        from common.weights.gguf_loader import is_quantized, load_gguf, read_q4_rows, read_q8_rows
 
         reader = gguf.GGUFReader(str(path))
         _quantized_gguf[path] = is_quantized(reader)  # one parse of the file, not two
         config, state = load_gguf(path, dtype=dtype, device=device, reader=reader)
-        q4 = {}
-        if q4_decode_enabled(dtype) and torch.device(device).type == "cpu" and cpu_ops_module() is not None:
+        q4, q8 = {}, {}
+        on_cpu = torch.device(device).type == "cpu" and cpu_ops_module() is not None
+        if q4_decode_enabled(dtype) and on_cpu:
             q4 = packed_q4_linears(read_q4_rows(reader))
-        return config, state, q4
+        if q8_head_enabled(dtype) and on_cpu:
+            tied = bool(config.get("tie_word_embeddings"))
+            q8 = packed_q8_head(read_q8_rows(reader, names=[head_source(tied)]), tied)
+        return config, state, q4, q8
     if path.is_dir():
         from common.weights.safetensors_loader import load_safetensors_dir
 
-        return *load_safetensors_dir(path, dtype=dtype, device=device), {}
+        return *load_safetensors_dir(path, dtype=dtype, device=device), {}, {}
     raise FileNotFoundError(f"{path} is neither a .gguf file nor a model directory")
 
 
@@ -209,7 +216,7 @@ def _build(path: str, dtype: torch.dtype, device: torch.device | str,
            timings: dict[str, Any]) -> tuple[nn.Module, CachedModel]:
     """Read, dequantize, pack and calibrate (the uncached path); also returns what a cache keeps."""
     t = time.perf_counter()
-    config_dict, state, q4 = _read_checkpoint(Path(path), dtype, device)
+    config_dict, state, q4, q8 = _read_checkpoint(Path(path), dtype, device)
     timings["read"] = time.perf_counter() - t
     config = ModelConfig.from_hf_dict(config_dict)
     fused = fuse_hf_state_dict(state, config)
@@ -218,7 +225,7 @@ def _build(path: str, dtype: torch.dtype, device: torch.device | str,
     timings["build"] = time.perf_counter() - t
     t = time.perf_counter()
     rows, w8a8 = int8_decode_rows(Path(path), dtype), int8_gemm_enabled(Path(path), dtype)
-    timings["packed"] = model.pack_linears(rows, w8a8, q4_weights=q4 if rows else None)
+    timings["packed"] = model.pack_linears(rows, w8a8, q4_weights=q4 if rows else None, q8_weights=q8 if rows else None)
     timings["pack"] = time.perf_counter() - t
     if w8a8:
         t = time.perf_counter()
@@ -256,6 +263,7 @@ def _open_cache(path: Path, cache_dir: Path, dtype: torch.dtype,
         "cpu_ext": cpu_ops_module() is not None,  # without it nothing runs in int8
         "int8_env": [os.environ.get("XLLM_INT8_DECODE"), os.environ.get("XLLM_INT8_GEMM")],
         "q4_decode": q4_decode_enabled(dtype),
+        "q8_head": q8_head_enabled(dtype),
         "int8_max_rows": DEFAULT_INT8_MAX_ROWS,
         "calibration": [CALIBRATION_VERSION, hashlib.sha256(json.dumps(CALIBRATION_CHAT).encode()).hexdigest()],
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from kernels.q4_pack import Q4Rows
+from kernels.q8_pack import Q8Rows
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ __all__ = [
     "read_gguf_fields",
     "dequantize_tensor",
     "read_q4_rows",
+    "read_q8_rows",
     "permute_qk",
     "unpermute_qk",
     "SUPPORTED_GGUF_ARCHITECTURES",
@@ -315,6 +318,28 @@ def read_q4_rows(reader: gguf.GGUFReader) -> dict[str, Q4Rows]:
             continue
         n, k = int(tensor.shape[1]), int(tensor.shape[0])
         rows = Q4Rows.from_ggml(np.asarray(tensor.data), tensor.tensor_type.name, (n, k))
+        if arch in _PERMUTED_QK_ARCHITECTURES and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
+            rows = rows.select_rows(unpermute_qk(np.arange(n), heads if ".attn_q." in tensor.name else kv_heads))
+        out[name] = rows
+    return out
+
+
+def read_q8_rows(reader: gguf.GGUFReader, names: Collection[str] | None = None) -> dict[str, Q8Rows]:
+    """The Q8_0 weight matrices, undequantized, by HF name (llama's q/k rows un-permuted as
+    :func:`load_gguf` does): the LM head reads its exact blocks (``kernels.q8_pack``). ``names``: only
+    these HF names (a file of Q8_0 layers would otherwise be copied whole for one matrix)."""
+    config = gguf_config_dict(reader)
+    arch = _field(reader, "general.architecture")
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    out: dict[str, Q8Rows] = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type != gguf.GGMLQuantizationType.Q8_0 or len(tensor.shape) != 2:
+            continue
+        name = _hf_name(tensor.name, arch)
+        if name is None or not name.endswith(".weight") or (names is not None and name not in names):
+            continue
+        n, k = int(tensor.shape[1]), int(tensor.shape[0])
+        rows = Q8Rows.from_ggml(np.asarray(tensor.data), (n, k))
         if arch in _PERMUTED_QK_ARCHITECTURES and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
             rows = rows.select_rows(unpermute_qk(np.arange(n), heads if ".attn_q." in tensor.name else kv_heads))
         out[name] = rows

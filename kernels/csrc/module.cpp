@@ -6,6 +6,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
                                   int64_t max_splits);
 at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> bias);
 at::Tensor q4_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias);
+at::Tensor q8_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias);
 std::vector<at::Tensor> quantize_rows_s8(at::Tensor x, c10::optional<at::Tensor> channel_scale);
 at::Tensor dequant_rows(at::Tensor acc, at::Tensor x_scale, at::Tensor w_scale, c10::optional<at::Tensor> bias,
                         at::ScalarType out_dtype);
@@ -35,6 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("max_splits") = -1, NoGil());
   m.def("int8_linear", &int8_linear, "weight-only int8 linear for small batches", NoGil());
   m.def("q4_linear", &q4_linear, "4-bit (GGUF Q4_0/Q4_1 blocks) linear for small batches", NoGil());
+  m.def("q8_linear", &q8_linear, "8-bit (GGUF Q8_0 blocks) linear for small batches", NoGil());
   m.def("quantize_rows_s8", &quantize_rows_s8, "per-row symmetric int8 quantization of activations",
         pybind11::arg("x"), pybind11::arg("channel_scale") = pybind11::none(), NoGil());
   m.def("dequant_rows", &dequant_rows, "int32 GEMM result times row and column scales (+ bias)", NoGil());

@@ -16,8 +16,8 @@
 // accumulates one output row, so nothing is reduced across lanes, and one contiguous stream per
 // tile keeps the prefetcher busy.
 //
-// Activations are quantized like llama.cpp's Q8_1: symmetric int8 per 32-value block, with the
-// block's scale and the sum of its dequantized values (for the m term).
+// Activations are quantized like llama.cpp's Q8_1 (act_blocks.h): symmetric int8 per 32-value block,
+// with the block's scale and the sum of its dequantized values (for the m term).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -25,6 +25,7 @@
 #include <cstring>
 #include <vector>
 
+#include "act_blocks.h"
 #include "common.h"
 
 namespace {
@@ -34,36 +35,8 @@ constexpr int64_t kBlockBytes = 320;   // one tile's 32-weight block: scales, mi
 constexpr int kMaxM = 4;               // activation rows per pass over the weights
 constexpr int64_t kPrefetchBytes = 8 * kBlockBytes;
 
-struct QuantizedRows {
-  std::vector<int8_t> q;     // [M][K]
-  std::vector<float> scale;  // [M][K / 32]
-  std::vector<float> sum;    // [M][K / 32]: scale * sum(q) of each block
-};
-
-template <typename T>
-QuantizedRows quantize_activations(const T* x, int64_t M, int64_t K) {
-  const int64_t blocks = K / 32;
-  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(M * blocks)};
-  for (int64_t mb = 0; mb < M * blocks; ++mb) {
-    float v[32];
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) {
-      v[j] = xllm::to_f32(x[mb * 32 + j]);
-      amax = std::max(amax, std::fabs(v[j]));
-    }
-    const float d = amax / 127.f;
-    const float inv = d > 0.f ? 1.f / d : 0.f;
-    int isum = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int qi = static_cast<int>(std::nearbyint(v[j] * inv));
-      isum += qi;
-      out.q[mb * 32 + j] = static_cast<int8_t>(qi);
-    }
-    out.scale[mb] = d;
-    out.sum[mb] = d * static_cast<float>(isum);
-  }
-  return out;
-}
+using xllm::QuantizedRows;
+using xllm::quantize_activations;
 
 inline __m512i dot_u8s8(__m512i acc, __m512i w, __m512i x) {
 #ifdef __AVX512VNNI__

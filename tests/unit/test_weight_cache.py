@@ -84,6 +84,28 @@ def test_cold_then_warm_is_bit_identical(model_dir, int8_on, tmp_path):
     _assert_identical(uncached, warm)
 
 
+@needs_int8
+@pytest.mark.parametrize("qtype,blocks", [("Q4_1", "q4"), ("Q8_0", "q8")])
+def test_a_ggufs_own_blocks_come_back_bit_identical(int8_on, tmp_path, qtype, blocks):
+    """A quantized GGUF's packed blocks (4-bit decoder linears and head; a Q8_0 head) are cached with
+    the int8 state and restored bit for bit."""
+    import gguf
+
+    from test_gguf_loader import write_like_llama_cpp
+
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_like_llama_cpp(make_hf_model("llama", seed=4), "llama", path, qtype=gguf.GGMLQuantizationType[qtype])
+    cache_dir = tmp_path / "cache"
+    cold, _ = load_model(str(path), torch.bfloat16, cache_dir=cache_dir)
+    warm, _ = load_model(str(path), torch.bfloat16, cache_dir=cache_dir)
+    assert (cold.load_timings["cache"], warm.load_timings["cache"]) == ("miss", "hit")
+    assert blocks in warm.lm_head.int8_state() and f"{blocks}=True" in repr(warm.lm_head)
+    _assert_identical(cold, warm)
+    for rows in (1, 5, 40):  # the block kernels, then W8A8
+        tokens = list(range(3, 3 + rows))
+        assert torch.equal(cold.score(tokens), warm.score(tokens))
+
+
 def _greedy(model_dir: str, cache_dir: Path | str | None, dtype: str) -> tuple[str, list[int], LLMEngine]:
     engine = LLMEngine(EngineConfig(model=model_dir, dtype=dtype, kv_cache_memory="4MiB",
                                     weight_cache=cache_dir is not None, weight_cache_dir=str(cache_dir or "")))

@@ -1,0 +1,142 @@
+// 8-bit linear for small batches, from a GGUF's Q8_0 blocks (w = d * q, q int8, one fp16 d per 32).
+//
+// The LM head of a small model is its largest matrix (SmolLM2-135M: 49152 x 576) and the files
+// store it as Q8_0, the model's exact values. Multiplying those blocks by activations quantized
+// per 32 values (act_blocks.h) is llama.cpp's Q8_0 x Q8_0 dot: integer products within a block,
+// one fp32 multiply-add per block. The alternative kept before this kernel, an int8 copy with one
+// scale per row, rounds the weights a second time and converts every weight to fp32 to multiply.
+//
+// The weights are repacked once (kernels/q8_pack.py) so that one vector instruction covers 16
+// output rows: for every tile of 16 rows and every 32-weight block, 544 contiguous bytes
+//
+//   d[16] fp16 | 8 x 64 bytes of weights, stored unsigned as q + 128
+//
+// where in chunk c the byte (4 i + j) is row i's weight 4c + j. A chunk is then exactly the
+// unsigned operand of VNNI's dpbusd against 4 activation bytes broadcast to every lane: each int32
+// lane accumulates one output row (nothing is reduced across lanes), and one contiguous stream per
+// tile keeps the prefetcher busy. dpbusd needs one unsigned operand; the weights take that side
+// (an offset of 128) because its correction, 128 * sum(q_x) of the block, is one scalar per
+// activation block, subtracted in int32, exactly; an unsigned activation side would need a stored
+// per-row weight sum, 64 more bytes per 544.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstring>
+
+#include "act_blocks.h"
+#include "common.h"
+
+namespace {
+
+constexpr int64_t kTile = 16;          // output rows per tile (one int32 lane each)
+constexpr int64_t kBlockBytes = 544;   // one tile's 32-weight block: 16 fp16 scales, 512 weight bytes
+constexpr int kMaxM = 4;               // activation rows per pass over the weights (8: no faster)
+constexpr int64_t kPrefetchBytes = 4 * kBlockBytes;
+
+// acc += for each int32 lane, the dot of 4 unsigned weight bytes with 4 signed activation bytes.
+inline __m512i dot_u8s8(__m512i acc, __m512i w, __m512i x) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, w, x);
+#else
+  // maddubs saturates its int16 pair sums, and 255 * 127 * 2 does not fit: split each weight
+  // byte into its low 7 bits and its top bit (w = lo + 128 hi), both products then fit.
+  const __m512i lo = _mm512_and_si512(w, _mm512_set1_epi8(0x7F));
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 7), _mm512_set1_epi8(1));
+  acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(lo, x), _mm512_set1_epi16(1)));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(hi, x), _mm512_set1_epi16(128)));
+#endif
+}
+
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_set1_epi32(v);
+}
+
+// One tile (16 output rows) against MB activation rows: acc[m] lane i = y[m0 + m][row i].
+template <int MB>
+void tile(const uint8_t* w, int64_t blocks, const xllm::QuantizedRows& a, int64_t m0, int64_t K, __m512* acc) {
+  // One activation row alone would wait on dpbusd's latency in a single chain: give it two.
+  constexpr int kChains = MB == 1 ? 2 : 1;
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  const int8_t* xq = a.q.data() + m0 * K;
+  const int32_t* qsum = a.qsum.data() + m0 * (K / 32);
+  const float* scale = a.scale.data() + m0 * (K / 32);
+  for (int64_t b = 0; b < blocks; ++b, w += kBlockBytes) {
+    for (int64_t line = 0; line < kBlockBytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + line, _MM_HINT_T0);
+    // sum((q_w + 128) q_x) - 128 sum(q_x) = sum(q_w q_x): the correction starts the chain (int32, exact)
+    __m512i dot[MB][kChains];
+    for (int m = 0; m < MB; ++m) {
+      dot[m][0] = _mm512_set1_epi32(-128 * qsum[m * (K / 32) + b]);
+      if (kChains == 2) dot[m][kChains - 1] = _mm512_setzero_si512();
+    }
+    for (int c = 0; c < 8; ++c) {
+      const __m512i wc = _mm512_loadu_si512(w + 32 + 64 * c);
+      for (int m = 0; m < MB; ++m)
+        dot[m][c % kChains] = dot_u8s8(dot[m][c % kChains], wc, broadcast4(xq + m * K + b * 32 + 4 * c));
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+    for (int m = 0; m < MB; ++m) {
+      const __m512i sum = kChains == 2 ? _mm512_add_epi32(dot[m][0], dot[m][kChains - 1]) : dot[m][0];
+      const __m512 dd = _mm512_mul_ps(d, _mm512_set1_ps(scale[m * (K / 32) + b]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, acc[m]);
+    }
+  }
+}
+
+template <typename T>
+void run(const at::Tensor& x, const at::Tensor& packed, int64_t N, const c10::optional<at::Tensor>& bias,
+         at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / 32, tiles = packed.size(0);
+  const xllm::QuantizedRows a = xllm::quantize_activations(x.data_ptr<T>(), M, K);
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    __m512 acc[kMaxM];
+    alignas(64) float lanes[kTile];
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* w = wp + t * blocks * kBlockBytes;
+      const int64_t n0 = t * kTile, rows = std::min(kTile, N - n0);
+      // Later passes over the tile (a few KB) read it from L1/L2, not memory.
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxM, M - m0));
+        switch (mb) {
+          case 1: tile<1>(w, blocks, a, m0, K, acc); break;
+          case 2: tile<2>(w, blocks, a, m0, K, acc); break;
+          case 3: tile<3>(w, blocks, a, m0, K, acc); break;
+          default: tile<4>(w, blocks, a, m0, K, acc); break;
+        }
+        for (int m = 0; m < mb; ++m) {
+          _mm512_store_ps(lanes, acc[m]);
+          T* out = yp + (m0 + m) * N + n0;
+          for (int64_t i = 0; i < rows; ++i) out[i] = xllm::from_f32<T>(bp ? lanes[i] + bp[n0 + i] : lanes[i]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor q8_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2, "q8_linear: x must be 2-D");
+  const int64_t K = x.size(1), N = out_features;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(2) == kBlockBytes,
+              "q8_linear: packed weights must be contiguous uint8 [tiles, K/32, 544] (kernels/q8_pack.py)");
+  TORCH_CHECK(K % 32 == 0 && packed.size(1) * 32 == K, "q8_linear: K must be 32 x the packed blocks");
+  TORCH_CHECK(N > 0 && (N + kTile - 1) / kTile == packed.size(0), "q8_linear: out_features does not fit the tiles");
+  if (bias.has_value()) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "q8_linear: bias must be fp32 [N]");
+  auto xc = x.contiguous();
+  auto y = at::empty({x.size(0), N}, x.options());
+  if (x.size(0) == 0) return y;
+  if (x.scalar_type() == at::kBFloat16) {
+    run<c10::BFloat16>(xc, packed, N, bias, y);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "q8_linear: activations must be bf16 or fp32");
+    run<float>(xc, packed, N, bias, y);
+  }
+  return y;
+}
