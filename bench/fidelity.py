@@ -52,7 +52,7 @@ MODES: dict[str, tuple[str, dict[str, str], dict[str, object]]] = {
     "bf16+int8-weights": ("bfloat16", {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0", "XLLM_Q4_DECODE": "0",
                                        "XLLM_Q8_HEAD": "0"}, {}),
     "bf16+w8a8": ("bfloat16", {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "1"}, {"w8a8_prompts": True}),
-    "default, bf16 KV": ("auto", {}, {"kv_dtype": "bfloat16"}),
+    "default, int8 KV": ("auto", {}, {"kv_dtype": "int8"}),
 }
 
 

@@ -42,9 +42,6 @@ MODES: dict[str, tuple[torch.dtype, dict[str, str], int, torch.dtype | None]] = 
     "bf16+q4-weights (<=4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}, 4, None),
     "bf16+int8-weights (<=4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0",
                                                       "XLLM_Q4_DECODE": "0", "XLLM_Q8_HEAD": "0"}, 4, None),
-    # what a default decode step runs: the 4-bit blocks, the Q8_0 head and int8 KV pages
-    "bf16+q4-weights+int8-kv (<=4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}, 4,
-                                           torch.int8),
     "bf16+w8a8 (>4 rows)": (torch.bfloat16, _W8A8, 256, None),
     "bf16+int8-kv": (torch.bfloat16, _PLAIN, 256, torch.int8),
     "bf16+w8a8+int8-kv": (torch.bfloat16, _W8A8, 256, torch.int8),

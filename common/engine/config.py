@@ -46,9 +46,8 @@ class EngineConfig:
     model: str | None = setting(None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     # "auto" picks the fastest correct dtype for the device (see resolved_dtype).
     dtype: str = setting("auto", "weights/activations: auto | float32 | bfloat16 | float16")
-    kv_dtype: str = setting("auto", "KV page dtype: auto (int8 for bf16 on CPU with the C++ kernels, else = "
-                                    "--dtype) | int8 (per-token, per-head scales, half the bytes of bf16) | "
-                                    "bfloat16 | float32 | float16", flag="--kv-cache-dtype")
+    kv_dtype: str = setting("auto", "KV page dtype: auto (= --dtype) | int8 (per-token, per-head scales, half "
+                                    "the bytes of bf16) | bfloat16 | float32 | float16", flag="--kv-cache-dtype")
     page_size: int = setting(16, "tokens per KV page")
     kv_cache_memory: str | int | None = setting(
         None, "KV pool size in bytes or e.g. 2GiB (default: a fraction of free memory)")
@@ -138,15 +137,8 @@ class EngineConfig:
             raise ValueError(f"suffix_min_prob must be in [0, 1), got {self.suffix_min_prob}")
 
     def resolved_kv_dtype(self) -> torch.dtype:
-        """``auto``: int8 pages under bf16 weights on CPU when the C++ decode kernel is there (a decode
-        step at batch 64 is bound by reading the KV, and int8 rows are 53% of bf16's bytes; its accuracy
-        cost in ``xllm bench quality`` is a small fraction of the W8A8 GEMMs'), the weights' dtype
-        otherwise (fp32 stays exact; the GPU kernels take no int8 pages)."""
         if self.kv_dtype == "auto":
-            dtype = self.resolved_dtype()
-            if dtype == torch.bfloat16 and torch.device(self.device).type == "cpu" and _cpu_kernels_built():
-                return torch.int8
-            return dtype
+            return self.resolved_dtype()
         if self.kv_dtype.lower() == "int8":
             return torch.int8
         try:
@@ -154,12 +146,6 @@ class EngineConfig:
         except ValueError:
             raise ValueError(f"unknown KV cache dtype {self.kv_dtype!r}; choose auto, int8 or one of "
                              f"{sorted(_DTYPES)}") from None
-
-
-def _cpu_kernels_built() -> bool:
-    from kernels.cpu_ext import cpu_ops_module
-
-    return cpu_ops_module() is not None
 
 
 def add_engine_arguments(parser: SettingsParser) -> None:
