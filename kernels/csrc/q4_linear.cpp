@@ -25,18 +25,15 @@
 #include <cstring>
 #include <vector>
 
-#include "act_blocks.h"
+#include "block_linear.h"
 #include "common.h"
 
 namespace {
 
-constexpr int64_t kTile = 16;          // output rows per tile (one int32 lane each)
 constexpr int64_t kBlockBytes = 320;   // one tile's 32-weight block: scales, mins, nibbles
-constexpr int kMaxM = 4;               // activation rows per pass over the weights
 constexpr int64_t kPrefetchBytes = 8 * kBlockBytes;
 
 using xllm::QuantizedRows;
-using xllm::quantize_activations;
 
 inline __m512i dot_u8s8(__m512i acc, __m512i w, __m512i x) {
 #ifdef __AVX512VNNI__
@@ -86,56 +83,17 @@ void tile(const uint8_t* w, int64_t blocks, const QuantizedRows& a, int64_t m0, 
   }
 }
 
-template <typename T>
-void run(const at::Tensor& x, const at::Tensor& packed, int64_t N, const c10::optional<at::Tensor>& bias,
-         at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), blocks = K / 32, tiles = packed.size(0);
-  const QuantizedRows a = quantize_activations(x.data_ptr<T>(), M, K);
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  T* yp = y.data_ptr<T>();
-  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    __m512 acc[kMaxM];
-    alignas(64) float lanes[kTile];
-    for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* w = wp + t * blocks * kBlockBytes;
-      const int64_t n0 = t * kTile, rows = std::min(kTile, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
-        const int mb = static_cast<int>(std::min<int64_t>(kMaxM, M - m0));
-        switch (mb) {
-          case 1: tile<1>(w, blocks, a, m0, K, acc); break;
-          case 2: tile<2>(w, blocks, a, m0, K, acc); break;
-          case 3: tile<3>(w, blocks, a, m0, K, acc); break;
-          default: tile<4>(w, blocks, a, m0, K, acc); break;
-        }
-        for (int m = 0; m < mb; ++m) {
-          _mm512_store_ps(lanes, acc[m]);
-          T* out = yp + (m0 + m) * N + n0;
-          for (int64_t i = 0; i < rows; ++i) out[i] = xllm::from_f32<T>(bp ? lanes[i] + bp[n0 + i] : lanes[i]);
-        }
-      }
-    }
-  });
-}
-
 }  // namespace
 
 at::Tensor q4_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2, "q4_linear: x must be 2-D");
-  const int64_t K = x.size(1), N = out_features;
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
-                  packed.size(2) == kBlockBytes,
-              "q4_linear: packed weights must be contiguous uint8 [tiles, K/32, 320] (kernels/q4_pack.py)");
-  TORCH_CHECK(K % 32 == 0 && packed.size(1) * 32 == K, "q4_linear: K must be 32 x the packed blocks");
-  TORCH_CHECK(N > 0 && (N + kTile - 1) / kTile == packed.size(0), "q4_linear: out_features does not fit the tiles");
-  if (bias.has_value()) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "q4_linear: bias must be fp32 [N]");
-  auto xc = x.contiguous();
-  auto y = at::empty({x.size(0), N}, x.options());
-  if (x.scalar_type() == at::kBFloat16) {
-    run<c10::BFloat16>(xc, packed, N, bias, y);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "q4_linear: activations must be bf16 or fp32");
-    run<float>(xc, packed, N, bias, y);
-  }
-  return y;
+  return xllm::tiled_block_linear("q4_linear", "kernels/q4_pack.py", x, packed, out_features, bias, kBlockBytes,
+                                  [](int mb, const uint8_t* w, int64_t blocks, const xllm::QuantizedRows& a,
+                                     int64_t m0, int64_t K, __m512* acc) {
+                                    switch (mb) {
+                                      case 1: tile<1>(w, blocks, a, m0, K, acc); break;
+                                      case 2: tile<2>(w, blocks, a, m0, K, acc); break;
+                                      case 3: tile<3>(w, blocks, a, m0, K, acc); break;
+                                      default: tile<4>(w, blocks, a, m0, K, acc); break;
+                                    }
+                                  });
 }
