@@ -28,8 +28,7 @@
 
 namespace {
 
-constexpr int64_t kBlockBytes = 544;   // one tile's 32-weight block: 16 fp16 scales, 512 weight bytes
-constexpr int64_t kPrefetchBytes = 4 * kBlockBytes;
+using xllm::broadcast4;
 
 // acc += for each int32 lane, the dot of 4 unsigned weight bytes with 4 signed activation bytes.
 inline __m512i dot_u8s8(__m512i acc, __m512i w, __m512i x) {
@@ -45,55 +44,45 @@ inline __m512i dot_u8s8(__m512i acc, __m512i w, __m512i x) {
 #endif
 }
 
-inline __m512i broadcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return _mm512_set1_epi32(v);
-}
-
 // One tile (16 output rows) against MB activation rows: acc[m] lane i = y[m0 + m][row i].
-template <int MB>
-void tile(const uint8_t* w, int64_t blocks, const xllm::QuantizedRows& a, int64_t m0, int64_t K, __m512* acc) {
-  // One activation row alone would wait on dpbusd's latency in a single chain: give it two.
-  constexpr int kChains = MB == 1 ? 2 : 1;
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-  const int8_t* xq = a.q.data() + m0 * K;
-  const int32_t* qsum = a.qsum.data() + m0 * (K / 32);
-  const float* scale = a.scale.data() + m0 * (K / 32);
-  for (int64_t b = 0; b < blocks; ++b, w += kBlockBytes) {
-    for (int64_t line = 0; line < kBlockBytes; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + line, _MM_HINT_T0);
-    // sum((q_w + 128) q_x) - 128 sum(q_x) = sum(q_w q_x): the correction starts the chain (int32, exact)
-    __m512i dot[MB][kChains];
-    for (int m = 0; m < MB; ++m) {
-      dot[m][0] = _mm512_set1_epi32(-128 * qsum[m * (K / 32) + b]);
-      if (kChains == 2) dot[m][kChains - 1] = _mm512_setzero_si512();
-    }
-    for (int c = 0; c < 8; ++c) {
-      const __m512i wc = _mm512_loadu_si512(w + 32 + 64 * c);
-      for (int m = 0; m < MB; ++m)
-        dot[m][c % kChains] = dot_u8s8(dot[m][c % kChains], wc, broadcast4(xq + m * K + b * 32 + 4 * c));
-    }
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-    for (int m = 0; m < MB; ++m) {
-      const __m512i sum = kChains == 2 ? _mm512_add_epi32(dot[m][0], dot[m][kChains - 1]) : dot[m][0];
-      const __m512 dd = _mm512_mul_ps(d, _mm512_set1_ps(scale[m * (K / 32) + b]));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, acc[m]);
+struct Q8Tile {
+  static constexpr int64_t kBlockBytes = 544;   // one tile's 32-weight block: 16 fp16 scales, 512 weight bytes
+  static constexpr int64_t kPrefetchBytes = 4 * kBlockBytes;
+
+  template <int MB>
+  static void run(const uint8_t* w, int64_t blocks, const xllm::QuantizedRows& a, int64_t m0, int64_t K, __m512* acc) {
+    // One activation row alone would wait on dpbusd's latency in a single chain: give it two.
+    constexpr int kChains = MB == 1 ? 2 : 1;
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    const int8_t* xq = a.q.data() + m0 * K;
+    const int32_t* qsum = a.qsum.data() + m0 * (K / 32);
+    const float* scale = a.scale.data() + m0 * (K / 32);
+    for (int64_t b = 0; b < blocks; ++b, w += kBlockBytes) {
+      for (int64_t line = 0; line < kBlockBytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + line, _MM_HINT_T0);
+      // sum((q_w + 128) q_x) - 128 sum(q_x) = sum(q_w q_x): the correction starts the chain (int32, exact)
+      __m512i dot[MB][kChains];
+      for (int m = 0; m < MB; ++m) {
+        dot[m][0] = _mm512_set1_epi32(-128 * qsum[m * (K / 32) + b]);
+        if (kChains == 2) dot[m][kChains - 1] = _mm512_setzero_si512();
+      }
+      for (int c = 0; c < 8; ++c) {
+        const __m512i wc = _mm512_loadu_si512(w + 32 + 64 * c);
+        for (int m = 0; m < MB; ++m)
+          dot[m][c % kChains] = dot_u8s8(dot[m][c % kChains], wc, broadcast4(xq + m * K + b * 32 + 4 * c));
+      }
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+      for (int m = 0; m < MB; ++m) {
+        const __m512i sum = kChains == 2 ? _mm512_add_epi32(dot[m][0], dot[m][kChains - 1]) : dot[m][0];
+        const __m512 dd = _mm512_mul_ps(d, _mm512_set1_ps(scale[m * (K / 32) + b]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, acc[m]);
+      }
     }
   }
-}
+};
 
 }  // namespace
 
 at::Tensor q8_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias) {
-  return xllm::tiled_block_linear("q8_linear", "kernels/q8_pack.py", x, packed, out_features, bias, kBlockBytes,
-                                  [](int mb, const uint8_t* w, int64_t blocks, const xllm::QuantizedRows& a,
-                                     int64_t m0, int64_t K, __m512* acc) {
-                                    switch (mb) {
-                                      case 1: tile<1>(w, blocks, a, m0, K, acc); break;
-                                      case 2: tile<2>(w, blocks, a, m0, K, acc); break;
-                                      case 3: tile<3>(w, blocks, a, m0, K, acc); break;
-                                      default: tile<4>(w, blocks, a, m0, K, acc); break;
-                                    }
-                                  });
+  return xllm::tiled_block_linear<Q8Tile>("q8_linear", "kernels/q8_pack.py", x, packed, out_features, bias);
 }
