@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.machine import cpu_flags
 from bench.output import write_json
 from common.default_model import default_model_path
 from common.engine.config import EngineConfig
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["add_arguments", "run", "Arch", "Workload", "read_arch", "kv_row_bytes", "workload", "ceilings",
            "int8_gemm_peak", "bf16_gemm_peak", "read_bandwidth"]
 
-_CPU_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 # One timed sample loops its call for at least this long: a small GEMM takes tens of microseconds,
 # near the Python overhead around the timer. Short samples, many of them: on a shared machine a
 # 2-thread call waits out another process's time slice (~4 ms) now and then, and the best sample
@@ -225,16 +225,6 @@ def read_bandwidth(mib: int, repeats: int) -> dict:
             "read_gbps": max(i64, f32)}
 
 
-def _cpu_flags() -> dict[str, bool] | None:
-    """The flags that decide the GEMM peaks, from /proc/cpuinfo (None where it cannot be read)."""
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return None
-    have = set(line.partition(":")[2].split())
-    return {flag: flag in have for flag in _CPU_FLAGS}
-
-
 def _parse_rows(text: str) -> list[int]:
     try:
         rows = [int(x) for x in text.split(",")]
@@ -313,7 +303,7 @@ def run(args: argparse.Namespace, config: EngineConfig | None = None) -> dict:
         "int8_gemm": int8, "bf16_gemm": bf16, "bandwidth": bandwidth,
         "ceilings": ceilings(work, int8["peak_gops"] * 1e9, bf16["peak_gops"] * 1e9, bandwidth["read_gbps"] * 1e9),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "cpu_flags": _cpu_flags(), "loadavg_1min": load_before,
+        "cpu_flags": cpu_flags(), "loadavg_1min": load_before,
     }
     if args.run_offline:
         achieved = _run_offline(args, config)["output_tokens_per_s"]

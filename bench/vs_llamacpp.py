@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.machine import cpu_flags, cpu_model
 from bench.output import write_json
 from bench.server_proc import running_server
 
@@ -107,25 +107,6 @@ def _serve_sweep(url: str, concurrency: list[int], requests: int) -> list[dict]:
         return json.loads(Path(path).read_text())["results"]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx512f")))
-
-
 def ratios(doc: dict) -> dict:
     """xllm over llama.cpp for each row both sides have (above 1: xllm is faster)."""
     llama, ours = doc["llama_cpp"], doc["xllm"]
@@ -184,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             side["served_output_tok_s"] = {str(e["concurrency"]): e["output_throughput"] for e in side["served"]}
     doc = {
         "benchmark": "vs_llamacpp", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": model,
-        "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "flags": _cpu_flags()},
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "flags": cpu_flags()},
         "llama_cpp": llama, "xllm": ours,
     }
     doc["ratios"] = ratios(doc)

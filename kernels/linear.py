@@ -66,6 +66,8 @@ Q4_MAX_ROWS = 16
 # at 16, 1.3x at 32, 1.1x at 48, slower at 64 (the kernel is compute bound past a few rows, the
 # GEMM amortizes better).
 Q8_MAX_ROWS = 32
+# Packed block layouts a layer may keep, by int8_state key: (bytes per tile and 32-weight block, name).
+_BLOCK_LAYOUTS = {"q4": (PACKED_BLOCK_BYTES, "4-bit"), "q8": (Q8_PACKED_BLOCK_BYTES, "Q8_0")}
 
 
 _w8a8_suspended = 0  # > 0 inside bf16_gemms(); one engine thread runs the model, so no lock
@@ -131,10 +133,10 @@ class PackedLinear(nn.Module):
         self._q8: torch.Tensor | None = None
         if self.int8_max_rows or self.w8a8:
             if q4 is not None:
-                self._check_q4(q4)
+                self._check_blocks(q4, "q4")
                 self._q4 = q4
             if q8 is not None:
-                self._check_q8(q8)
+                self._check_blocks(q8, "q8")
                 self._q8 = q8
             if int8_state is not None:
                 self.load_int8_state(int8_state)
@@ -168,8 +170,8 @@ class PackedLinear(nn.Module):
         expected = {"q": ((n, k), torch.int8), "scale": ((n,), torch.float32), "gemm_q": ((n, k), torch.int8),
                     "gemm_scale": ((n,), torch.float32), "inv_smooth": ((k,), torch.float32)}
         for name, tensor in state.items():
-            if name in ("q4", "q8"):
-                (self._check_q4 if name == "q4" else self._check_q8)(tensor)
+            if name in _BLOCK_LAYOUTS:
+                self._check_blocks(tensor, name)
                 continue
             shape, dtype = expected.get(name, (None, None))
             if shape is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
@@ -186,14 +188,9 @@ class PackedLinear(nn.Module):
         if "q8" in state:
             self._q8 = state["q8"]
 
-    def _check_q4(self, packed: torch.Tensor) -> None:
-        self._check_blocks(packed, PACKED_BLOCK_BYTES, "4-bit")
-
-    def _check_q8(self, packed: torch.Tensor) -> None:
-        self._check_blocks(packed, Q8_PACKED_BLOCK_BYTES, "Q8_0")
-
-    def _check_blocks(self, packed: torch.Tensor, block_bytes: int, what: str) -> None:
-        """A packed block layout: ``[ceil(N/16), K/32, block_bytes]`` uint8."""
+    def _check_blocks(self, packed: torch.Tensor, kind: str) -> None:
+        """A packed block layout (``kind`` "q4" or "q8"): ``[ceil(N/16), K/32, block bytes]`` uint8."""
+        block_bytes, what = _BLOCK_LAYOUTS[kind]
         tiles = -(-self.out_features // TILE_ROWS)
         if (packed.dtype != torch.uint8 or packed.dim() != 3
                 or tuple(packed.shape) != (tiles, self.in_features // BLOCK, block_bytes)

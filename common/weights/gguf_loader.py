@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gguf
 import numpy as np
@@ -26,6 +26,8 @@ from kernels.q4_pack import Q4Rows
 from kernels.q8_pack import Q8Rows
 
 logger = logging.getLogger(__name__)
+
+BlockRows = TypeVar("BlockRows", Q4Rows, Q8Rows)
 
 __all__ = [
     "load_gguf",
@@ -303,44 +305,39 @@ def load_gguf(
 _Q4_TYPES = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
 
 
-def read_q4_rows(reader: gguf.GGUFReader) -> dict[str, Q4Rows]:
-    """The Q4_0 / Q4_1 weight matrices, undequantized, by HF name (llama's q/k rows un-permuted as
-    :func:`load_gguf` does): the small-batch linears read these exact 4-bit blocks (``kernels.q4_pack``)."""
+def _block_matrices(reader: gguf.GGUFReader, types: Collection[gguf.GGMLQuantizationType],
+                    parse: Callable[[np.ndarray, str, tuple[int, int]], BlockRows],
+                    names: Collection[str] | None = None) -> dict[str, BlockRows]:
+    """The 2-D weight matrices stored in one of ``types``, undequantized, by HF name (only ``names``
+    if given), parsed by ``parse(raw, type name, (N, K))``; llama's q/k rows un-permuted as
+    :func:`load_gguf` does."""
     config = gguf_config_dict(reader)
     arch = _field(reader, "general.architecture")
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    out: dict[str, Q4Rows] = {}
+    out: dict[str, BlockRows] = {}
     for tensor in reader.tensors:
-        if tensor.tensor_type not in _Q4_TYPES or len(tensor.shape) != 2:
-            continue
-        name = _hf_name(tensor.name, arch)
-        if name is None or not name.endswith(".weight"):
-            continue
-        n, k = int(tensor.shape[1]), int(tensor.shape[0])
-        rows = Q4Rows.from_ggml(np.asarray(tensor.data), tensor.tensor_type.name, (n, k))
-        if arch in _PERMUTED_QK_ARCHITECTURES and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
-            rows = rows.select_rows(unpermute_qk(np.arange(n), heads if ".attn_q." in tensor.name else kv_heads))
-        out[name] = rows
-    return out
-
-
-def read_q8_rows(reader: gguf.GGUFReader, names: Collection[str] | None = None) -> dict[str, Q8Rows]:
-    """The Q8_0 weight matrices, undequantized, by HF name (llama's q/k rows un-permuted as
-    :func:`load_gguf` does): the LM head reads its exact blocks (``kernels.q8_pack``). ``names``: only
-    these HF names (a file of Q8_0 layers would otherwise be copied whole for one matrix)."""
-    config = gguf_config_dict(reader)
-    arch = _field(reader, "general.architecture")
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    out: dict[str, Q8Rows] = {}
-    for tensor in reader.tensors:
-        if tensor.tensor_type != gguf.GGMLQuantizationType.Q8_0 or len(tensor.shape) != 2:
+        if tensor.tensor_type not in types or len(tensor.shape) != 2:
             continue
         name = _hf_name(tensor.name, arch)
         if name is None or not name.endswith(".weight") or (names is not None and name not in names):
             continue
         n, k = int(tensor.shape[1]), int(tensor.shape[0])
-        rows = Q8Rows.from_ggml(np.asarray(tensor.data), (n, k))
+        rows = parse(np.asarray(tensor.data), tensor.tensor_type.name, (n, k))
         if arch in _PERMUTED_QK_ARCHITECTURES and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
             rows = rows.select_rows(unpermute_qk(np.arange(n), heads if ".attn_q." in tensor.name else kv_heads))
         out[name] = rows
     return out
+
+
+def read_q4_rows(reader: gguf.GGUFReader) -> dict[str, Q4Rows]:
+    """The Q4_0 / Q4_1 weight matrices, undequantized, by HF name: the small-batch linears read these
+    exact 4-bit blocks (``kernels.q4_pack``)."""
+    return _block_matrices(reader, _Q4_TYPES, Q4Rows.from_ggml)
+
+
+def read_q8_rows(reader: gguf.GGUFReader, names: Collection[str] | None = None) -> dict[str, Q8Rows]:
+    """The Q8_0 weight matrices, undequantized, by HF name: the LM head reads its exact blocks
+    (``kernels.q8_pack``). ``names``: only these HF names (a file of Q8_0 layers would otherwise be
+    copied whole for one matrix)."""
+    parse = lambda raw, _type_name, shape: Q8Rows.from_ggml(raw, shape)  # noqa: E731 (one type only)
+    return _block_matrices(reader, {gguf.GGMLQuantizationType.Q8_0}, parse, names)

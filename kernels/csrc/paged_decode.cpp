@@ -80,22 +80,14 @@ void run_decode(const Layout& L, const int64_t* ln, int64_t window, int64_t max_
     float* base = parts.data() + item * slot;
     return Partial{base, base + G, base + 2 * G};
   };
-  // Item -> (sequence, head, first position, end): chunks end on page boundaries where they can, so
-  // no page run is cut in two.
-  auto bounds = [&](int64_t item, int64_t& b, int64_t& h, int64_t& t0, int64_t& t1) {
-    const int64_t w = item / S, c = item % S;
-    b = w / L.KVH;
-    h = w % L.KVH;
-    const int64_t start = start_of(b), n = ln[b] - start;
-    const int64_t chunk = ((n + S - 1) / S + L.PS - 1) / L.PS * L.PS;
-    t0 = std::min(ln[b], start + c * chunk);
-    t1 = std::min(ln[b], t0 + chunk);
-  };
   at::parallel_for(0, W * S, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t item = begin; item < end; ++item) {
-      int64_t b, h, t0, t1;
-      bounds(item, b, h, t0, t1);
+      const int64_t w = item / S, c = item % S, b = w / L.KVH, h = w % L.KVH;
+      const int64_t start = start_of(b), n = ln[b] - start;
+      // Chunks end on page boundaries where they can, so no page run is cut in two.
+      const int64_t chunk = ((n + S - 1) / S + L.PS - 1) / L.PS * L.PS;
+      const int64_t t0 = std::min(ln[b], start + c * chunk), t1 = std::min(ln[b], t0 + chunk);
       const Partial p = partial_at(item);
       if (t0 >= t1) {
         std::fill(p.m, p.m + G, -std::numeric_limits<float>::infinity());
@@ -134,19 +126,18 @@ template <typename TQ, typename TC>
 void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, const int64_t* lnp, TQ* op,
                   const Layout& L, double scale, int64_t window, double soft_cap, int64_t max_splits) {
   const Args<TQ, TC> a{qp, kp, vp, pgp, L, static_cast<float>(scale), soft_cap};
-
   auto generic = [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
     attend_generic(a, b, h, t0, t1, s, p);
   };
 #ifdef XLLM_DECODE_AVX512
   if constexpr (std::is_same_v<TC, int8_t>) {
-    // head_dim 32, 64, 96 or 128; query heads per KV head taken in groups of up to 4 (2 at head_dim 128),
-    // so a group's V accumulators stay in registers.
-    const int64_t dc = L.D / 16, max_group = dc > 4 ? 2 : 4;
-    int64_t gm = 1;
-    for (int64_t c = max_group; c > 1; --c)
-      if (L.G % c == 0) { gm = c; break; }
+    // head_dim 32, 64, 96 or 128; query heads per KV head taken in groups of up to 4 (2 past head_dim
+    // 64), so a group's V accumulators stay in registers.
+    const int64_t dc = L.D / 16;
     if (L.D % 16 == 0 && (dc == 2 || dc == 4 || dc == 6 || dc == 8)) {
+      int64_t gm = 1;
+      for (int64_t c = dc > 4 ? 2 : 4; c > 1; --c)
+        if (L.G % c == 0) { gm = c; break; }
       auto run = [&](auto dcc, auto gmc) {
         run_decode(L, lnp, window, max_splits, op,
                    [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
