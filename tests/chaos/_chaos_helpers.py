@@ -71,11 +71,18 @@ def held_requests(status: dict) -> dict[str, list[str]]:
 async def kill_busiest_worker(server: Any, exclude: set[str], role: str | None = None) -> tuple[str, int, int]:
     """SIGKILL the live worker (not in `exclude`, of `role` if given) that holds the most requests
     right now; returns (instance id, pid, how many requests it held)."""
-    status = await asyncio.to_thread(get_json, server.base_url, "/status")
-    roles = {inst["id"]: inst.get("role") for inst in status.get("instances") or []}
-    held = held_requests(status)
-    procs = worker_processes(server.proc.pid)
-    candidates = [i for i in procs if i not in exclude and i in held and (role is None or roles.get(i) == role)]
+    # The gateway refreshes /status from the scheduler every half second, so right after the
+    # streams start its snapshot may predate their dispatch: wait (briefly) for one that lists them.
+    deadline = asyncio.get_running_loop().time() + 10.0
+    while True:
+        status = await asyncio.to_thread(get_json, server.base_url, "/status")
+        roles = {inst["id"]: inst.get("role") for inst in status.get("instances") or []}
+        held = held_requests(status)
+        procs = worker_processes(server.proc.pid)
+        candidates = [i for i in procs if i not in exclude and i in held and (role is None or roles.get(i) == role)]
+        if any(held[i] for i in candidates) or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert candidates, f"no live worker to kill (live: {sorted(procs)}, listed ready: {sorted(held)})"
     victim = max(candidates, key=lambda i: (len(held[i]), i))
     os.kill(procs[victim].pid, signal.SIGKILL)
