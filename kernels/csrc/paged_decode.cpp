@@ -28,6 +28,8 @@ namespace {
 
 using namespace xllm::decode;
 
+// Tokens of one prefill chunk attended together (their query rows share each K/V row's loads).
+constexpr int64_t kMaxRunTokens = 4;
 // A chunk shorter than this costs more in the merge and the fork than it gains in balance.
 constexpr int64_t kMinSplitTokens = 128;
 
@@ -46,79 +48,120 @@ int64_t choose_splits(int64_t work, int64_t longest, int64_t max_splits) {
 }
 
 template <typename TQ>
-void write_out(TQ* ob, const Partial& p, int64_t G, int64_t D) {
+void write_out(TQ* ob, const Partial& p, int64_t row0, int64_t G, int64_t D) {
   for (int64_t g = 0; g < G; ++g) {
-    const float inv = p.l[g] > 0 ? 1.f / p.l[g] : 0.f;
-    for (int64_t d = 0; d < D; ++d) ob[g * D + d] = from_f32<TQ>(p.acc[g * D + d] * inv);
+    const float inv = p.l[row0 + g] > 0 ? 1.f / p.l[row0 + g] : 0.f;
+    const float* acc = p.acc + (row0 + g) * D;
+    for (int64_t d = 0; d < D; ++d) ob[g * D + d] = from_f32<TQ>(acc[d] * inv);
   }
 }
 
-// Runs `attend(b, h, t0, t1, scratch, partial)` over every (sequence, kv head), split or not.
+// Whether tokens x and y (y's context the longer, `len` positions) read the same pages.
+inline bool same_pages(const int64_t* px, const int64_t* py, int64_t len, int64_t page_size) {
+  return std::equal(px, px + (len + page_size - 1) / page_size, py);
+}
+
+// Consecutive tokens of one sequence (each one position after the last, on the same pages: a
+// prefill chunk) in runs of up to max_run tokens, attended together; decode tokens are runs of one.
+std::vector<QueryRows> group_tokens(const Layout& L, const int64_t* pages, const int64_t* ln, int64_t max_run) {
+  std::vector<QueryRows> runs;
+  runs.reserve(L.B);
+  for (int64_t b = 0; b < L.B;) {
+    int64_t nq = 1;
+    while (nq < max_run && b + nq < L.B && ln[b + nq] == ln[b + nq - 1] + 1 &&
+           same_pages(pages + b * L.P, pages + (b + nq) * L.P, ln[b + nq], L.PS))
+      ++nq;
+    runs.push_back(QueryRows{b, nq, nq * L.G, nullptr});
+    b += nq;
+  }
+  return runs;
+}
+
+// Runs `attend(rows, h, t0, t1, scratch, partial)` over every (run of tokens, kv head), split or not.
 template <typename TQ, typename Attend>
-void run_decode(const Layout& L, const int64_t* ln, int64_t window, int64_t max_splits, TQ* op, Attend&& attend) {
-  const int64_t W = L.B * L.KVH, G = L.G, D = L.D;
+void run_decode(const Layout& L, const int64_t* pg, const int64_t* ln, int64_t window, int64_t max_splits,
+                int64_t max_run, TQ* op, Attend&& attend) {
+  const int64_t G = L.G, D = L.D;
+  // Each query of a run has its own sliding window start: runs only without one.
+  const std::vector<QueryRows> runs = group_tokens(L, pg, ln, window > 0 ? 1 : max_run);
+  const int64_t R = static_cast<int64_t>(runs.size()), W = R * L.KVH, max_rows = (window > 0 ? 1 : max_run) * G;
   auto start_of = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, ln[b] - window) : 0; };
+  auto end_of = [&](const QueryRows& r) { return ln[r.b + r.nq - 1]; };  // the run's longest context
   int64_t longest = 0;
-  for (int64_t b = 0; b < L.B; ++b) longest = std::max(longest, ln[b] - start_of(b));
+  for (const QueryRows& r : runs) longest = std::max(longest, end_of(r) - start_of(r.b));
   const int64_t S = choose_splits(W, longest, max_splits);
+  const int64_t slot = max_rows * (D + 2);  // m, l, acc of one work item's rows
+  // The rows of a run attend t0 .. their own length: valid[j * G + g] = ln[b + j] - t0.
+  auto with_valid = [&](const QueryRows& r, int64_t t0, int64_t t1, std::vector<int64_t>& valid) {
+    valid.resize(r.rows);
+    for (int64_t j = 0; j < r.nq; ++j)
+      for (int64_t g = 0; g < G; ++g) valid[j * G + g] = std::min(ln[r.b + j], t1) - t0;
+    QueryRows out = r;
+    out.valid = valid.data();
+    return out;
+  };
   if (S == 1) {
     at::parallel_for(0, W, 1, [&](int64_t begin, int64_t end) {
       Scratch s;
-      std::vector<float> m(G), l(G), acc(G * D);
-      const Partial p{m.data(), l.data(), acc.data()};
+      std::vector<int64_t> valid;
+      std::vector<float> buf(slot);
+      const Partial p{buf.data(), buf.data() + max_rows, buf.data() + 2 * max_rows};
       for (int64_t w = begin; w < end; ++w) {
-        const int64_t b = w / L.KVH, h = w % L.KVH;
-        attend(b, h, start_of(b), ln[b], s, p);
-        write_out(op + (b * L.H + h * G) * D, p, G, D);
+        const QueryRows& r = runs[w / L.KVH];
+        const int64_t h = w % L.KVH, t0 = start_of(r.b), t1 = end_of(r);
+        attend(with_valid(r, t0, t1, valid), h, t0, t1, s, p);
+        for (int64_t j = 0; j < r.nq; ++j) write_out(op + ((r.b + j) * L.H + h * G) * D, p, j * G, G, D);
       }
     });
     return;
   }
-  const int64_t slot = G * (D + 2);  // m[G], l[G], acc[G * D] of one chunk
   std::vector<float> parts(W * S * slot);
   auto partial_at = [&](int64_t item) {
     float* base = parts.data() + item * slot;
-    return Partial{base, base + G, base + 2 * G};
+    return Partial{base, base + max_rows, base + 2 * max_rows};
   };
   at::parallel_for(0, W * S, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
+    std::vector<int64_t> valid;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t w = item / S, c = item % S, b = w / L.KVH, h = w % L.KVH;
-      const int64_t start = start_of(b), n = ln[b] - start;
+      const int64_t w = item / S, c = item % S, h = w % L.KVH;
+      const QueryRows& r = runs[w / L.KVH];
+      const int64_t start = start_of(r.b), last = end_of(r), n = last - start;
       // Chunks end on page boundaries where they can, so no page run is cut in two.
       const int64_t chunk = ((n + S - 1) / S + L.PS - 1) / L.PS * L.PS;
-      const int64_t t0 = std::min(ln[b], start + c * chunk), t1 = std::min(ln[b], t0 + chunk);
+      const int64_t t0 = std::min(last, start + c * chunk), t1 = std::min(last, t0 + chunk);
       const Partial p = partial_at(item);
       if (t0 >= t1) {
-        std::fill(p.m, p.m + G, -std::numeric_limits<float>::infinity());
-        std::fill(p.l, p.l + G, 0.f);
-        std::fill(p.acc, p.acc + G * D, 0.f);
+        std::fill(p.m, p.m + r.rows, -std::numeric_limits<float>::infinity());
+        std::fill(p.l, p.l + r.rows, 0.f);
+        std::fill(p.acc, p.acc + r.rows * D, 0.f);
         continue;
       }
-      attend(b, h, t0, t1, s, p);
+      attend(with_valid(r, t0, t1, valid), h, t0, t1, s, p);
     }
   });
-  // The merge is G * D * S multiply-adds per pair, and there are fewer pairs than 2 x threads:
+  // The merge is rows * D * S multiply-adds per item, and there are fewer items than 2 x threads:
   // on the calling thread it costs less than a second fork/join.
-  std::vector<float> m(G), l(G), acc(G * D);
-  const Partial merged{m.data(), l.data(), acc.data()};
+  std::vector<float> buf(slot);
+  const Partial merged{buf.data(), buf.data() + max_rows, buf.data() + 2 * max_rows};
   for (int64_t w = 0; w < W; ++w) {
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t g = 0; g < G; ++g) {
+    const QueryRows& r = runs[w / L.KVH];
+    std::fill(merged.acc, merged.acc + r.rows * D, 0.f);
+    for (int64_t row = 0; row < r.rows; ++row) {
       float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < S; ++c) mx = std::max(mx, partial_at(w * S + c).m[g]);
+      for (int64_t c = 0; c < S; ++c) mx = std::max(mx, partial_at(w * S + c).m[row]);
       float sum = 0.f;
       for (int64_t c = 0; c < S; ++c) {
         const Partial p = partial_at(w * S + c);
-        if (p.l[g] == 0.f) continue;
-        const float f = std::exp(p.m[g] - mx);
-        sum += p.l[g] * f;
-        for (int64_t d = 0; d < D; ++d) acc[g * D + d] += f * p.acc[g * D + d];
+        if (p.l[row] == 0.f) continue;
+        const float f = std::exp(p.m[row] - mx);
+        sum += p.l[row] * f;
+        for (int64_t d = 0; d < D; ++d) merged.acc[row * D + d] += f * p.acc[row * D + d];
       }
-      l[g] = sum;
+      merged.l[row] = sum;
     }
-    const int64_t b = w / L.KVH, h = w % L.KVH;
-    write_out(op + (b * L.H + h * G) * D, merged, G, D);
+    const int64_t h = w % L.KVH;
+    for (int64_t j = 0; j < r.nq; ++j) write_out(op + ((r.b + j) * L.H + h * G) * D, merged, j * G, G, D);
   }
 }
 
@@ -126,8 +169,8 @@ template <typename TQ, typename TC>
 void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, const int64_t* lnp, TQ* op,
                   const Layout& L, double scale, int64_t window, double soft_cap, int64_t max_splits) {
   const Args<TQ, TC> a{qp, kp, vp, pgp, L, static_cast<float>(scale), soft_cap};
-  auto generic = [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
-    attend_generic(a, b, h, t0, t1, s, p);
+  auto generic = [&](const QueryRows& r, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
+    attend_generic(a, r.b, h, t0, t1, s, p);
   };
 #ifdef XLLM_DECODE_AVX512
   if constexpr (std::is_same_v<TC, int8_t>) {
@@ -139,9 +182,9 @@ void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, 
       for (int64_t c = dc > 4 ? 2 : 4; c > 1; --c)
         if (L.G % c == 0) { gm = c; break; }
       auto run = [&](auto dcc, auto gmc) {
-        run_decode(L, lnp, window, max_splits, op,
-                   [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
-                     attend_i8<decltype(dcc)::value, decltype(gmc)::value>(a, b, h, t0, t1, s, p);
+        run_decode(L, pgp, lnp, window, max_splits, 1, op,
+                   [&](const QueryRows& r, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
+                     attend_i8<decltype(dcc)::value, decltype(gmc)::value>(a, r.b, h, t0, t1, s, p);
                    });
       };
       auto by_group = [&](auto dcc) {
@@ -165,9 +208,9 @@ void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, 
   if constexpr (std::is_same_v<TC, c10::BFloat16> && std::is_same_v<TQ, c10::BFloat16>) {
     if (L.D % 32 == 0 && L.D <= 128) {
       auto run = [&](auto dc) {
-        run_decode(L, lnp, window, max_splits, op,
-                   [&](int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
-                     attend_bf16<decltype(dc)::value>(a, b, h, t0, t1, s, p);
+        run_decode(L, pgp, lnp, window, max_splits, kMaxRunTokens, op,
+                   [&](const QueryRows& r, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
+                     attend_bf16<decltype(dc)::value>(a, r, h, t0, t1, s, p);
                    });
       };
       switch (L.D / 32) {
@@ -179,7 +222,7 @@ void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, 
     }
   }
 #endif
-  run_decode(L, lnp, window, max_splits, op, generic);
+  run_decode(L, pgp, lnp, window, max_splits, 1, op, generic);
 }
 
 template <typename TQ>

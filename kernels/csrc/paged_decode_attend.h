@@ -245,30 +245,86 @@ inline __m512 widen_bf16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// bf16 cache, bf16 q, head_dim = 32 * DC (DC <= 4 chunks, i.e. head_dim <= 128).
-template <int DC>
-void attend_bf16(const Args<c10::BFloat16, c10::BFloat16>& a, int64_t b, int64_t h, int64_t t0, int64_t t1,
-                 Scratch& s, const Partial& out) {
+// Query rows of one work item: nq consecutive tokens of one sequence (a prefill chunk's
+// neighbours attend the same pages, so one pass over a K/V row serves all of them) times the G
+// query heads of one KV head. Row r = j * G + g reads token b + j's head h * G + g and attends
+// positions t0 .. t0 + valid[r] - 1 (the tokens' lengths differ: each stops at its own position).
+struct QueryRows {
+  int64_t b, nq, rows;
+  const int64_t* valid;  // [rows]
+};
+
+// p[r][i] for i >= valid[r] are zero after exp_rows_masked, so the V pass can run every row of a
+// group to the group's longest.
+inline void exp_rows_masked(float* scores, const QueryRows& qr, int64_t n, const Partial& out) {
+  for (int64_t r = 0; r < qr.rows; ++r) {
+    float* __restrict sr = scores + r * n;
+    const int64_t nv = qr.valid[r];
+    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    if (nv > 0) {
+#pragma omp simd reduction(max : mx)
+      for (int64_t i = 0; i < nv; ++i) mx = std::max(mx, sr[i]);
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < nv; ++i) { sr[i] = std::exp(sr[i] - mx); sum += sr[i]; }
+    }
+    std::fill(sr + std::max<int64_t>(nv, 0), sr + n, 0.f);
+    out.m[r] = mx;
+    out.l[r] = sum;
+  }
+}
+
+// The V pass for GM query rows from r0: each V row is widened to fp32 once for all of them.
+template <int DC, int GM>
+void accumulate_v_bf16(const c10::BFloat16* vbase, const int64_t* pages, const Layout& L, const float* scores,
+                       int64_t n, int64_t t0, int64_t t1, int64_t r0, float* out_acc) {
   constexpr int64_t D = 32 * DC;
+  __m512 acc[GM][2 * DC];
+  for (int g = 0; g < GM; ++g)
+    for (int c = 0; c < 2 * DC; ++c) acc[g][c] = _mm512_setzero_ps();
+  for_each_run(t0, t1, L.PS, pages, [&](int64_t p0, int64_t page, int64_t off, int64_t run) {
+    const c10::BFloat16* v0 = vbase + page * L.page_stride + off * D;
+    const float* sp = scores + r0 * n + (p0 - t0);
+    for (int64_t i = 0; i < run; ++i) {
+      __m512 vv[2 * DC];
+      for (int c = 0; c < 2 * DC; ++c) vv[c] = widen_bf16(v0 + i * D + 16 * c);
+      for (int g = 0; g < GM; ++g) {
+        const __m512 p = _mm512_set1_ps(sp[g * n + i]);
+        for (int c = 0; c < 2 * DC; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+      }
+    }
+  });
+  for (int g = 0; g < GM; ++g)
+    for (int c = 0; c < 2 * DC; ++c) _mm512_storeu_ps(out_acc + (r0 + g) * D + 16 * c, acc[g][c]);
+}
+
+// bf16 cache, bf16 q, head_dim = 32 * DC (DC <= 4 chunks, i.e. head_dim <= 128), every row of `qr`.
+template <int DC>
+void attend_bf16(const Args<c10::BFloat16, c10::BFloat16>& a, const QueryRows& qr, int64_t h, int64_t t0,
+                 int64_t t1, Scratch& s, const Partial& out) {
+  constexpr int64_t D = 32 * DC;
+  // Accumulators of a V-pass group in registers: 24 of the 32 zmm, the rest for the V row.
+  constexpr int kGroup = 12 / DC > 6 ? 6 : 12 / DC;
   const Layout& L = a.L;
-  const int64_t n = t1 - t0;
-  s.scores.resize(L.G * n);
-  const c10::BFloat16* qb = a.q + (b * L.H + h * L.G) * D;
+  const int64_t n = t1 - t0, G = L.G;
+  s.scores.resize(qr.rows * n);
   const c10::BFloat16* kbase = a.k + h * L.head_stride;
   const c10::BFloat16* vbase = a.v + h * L.head_stride;
-  const int64_t* pages = a.pages + b * L.P;
-  for (int64_t g = 0; g < L.G; ++g) {
+  const int64_t* pages = a.pages + qr.b * L.P;
+  for (int64_t r = 0; r < qr.rows; ++r) {
+    const int64_t j = r / G, g = r % G;
+    const c10::BFloat16* qrow = a.q + ((qr.b + j) * L.H + h * G + g) * D;
     __m512bh qv[DC];
-    for (int c = 0; c < DC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qb + g * D + 32 * c);
-    float* sg = s.scores.data() + g * n;
+    for (int c = 0; c < DC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qrow + 32 * c);
+    float* sg = s.scores.data() + r * n;
     auto dot = [&](const c10::BFloat16* krow) {
       __m512 acc = _mm512_setzero_ps();
       for (int c = 0; c < DC; ++c) acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(krow + 32 * c));
       return acc;
     };
-    for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
+    for_each_run(t0, t0 + std::max<int64_t>(qr.valid[r], 0), L.PS, pages,
+                 [&](int64_t p0, int64_t page, int64_t off, int64_t run) {
       const c10::BFloat16* k0 = kbase + page * L.page_stride + off * D;
-      float* o = sg + (r0 - t0);
+      float* o = sg + (p0 - t0);
       int64_t i = 0;
       // Four positions at a time share one horizontal reduction (a third of the shuffles).
       for (; i + 4 <= run; i += 4) {
@@ -279,24 +335,23 @@ void attend_bf16(const Args<c10::BFloat16, c10::BFloat16>& a, int64_t b, int64_t
       for (; i < run; ++i) o[i] = _mm512_reduce_add_ps(dot(k0 + i * D)) * a.scale;
     });
     if (a.soft_cap > 0)
-      for (int64_t i = 0; i < n; ++i) sg[i] = cap_score(sg[i], a.soft_cap);
+      for (int64_t i = 0; i < qr.valid[r]; ++i) sg[i] = cap_score(sg[i], a.soft_cap);
   }
-  exp_rows(s.scores.data(), L.G, n, out);
-  // One query head at a time keeps its accumulator in registers; the V rows of this
-  // (sequence, kv head) stay in L1/L2 between the G passes.
-  for (int64_t g = 0; g < L.G; ++g) {
-    __m512 acc[2 * DC];
-    for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_setzero_ps();
-    const float* sg = s.scores.data() + g * n;
-    for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
-      const c10::BFloat16* v0 = vbase + page * L.page_stride + off * D;
-      const float* p0 = sg + (r0 - t0);
-      for (int64_t i = 0; i < run; ++i) {
-        const __m512 p = _mm512_set1_ps(p0[i]);
-        for (int c = 0; c < 2 * DC; ++c) acc[c] = _mm512_fmadd_ps(p, widen_bf16(v0 + i * D + 16 * c), acc[c]);
-      }
-    });
-    for (int c = 0; c < 2 * DC; ++c) _mm512_storeu_ps(out.acc + g * D + 16 * c, acc[c]);
+  exp_rows_masked(s.scores.data(), qr, n, out);
+  for (int64_t r0 = 0; r0 < qr.rows;) {
+    const int64_t gm = std::min<int64_t>(kGroup, qr.rows - r0);
+    int64_t longest = 0;
+    for (int64_t r = r0; r < r0 + gm; ++r) longest = std::max(longest, qr.valid[r]);
+    const int64_t t_end = t0 + std::max<int64_t>(longest, 0);
+    switch (gm) {
+      case 1: accumulate_v_bf16<DC, 1>(vbase, pages, L, s.scores.data(), n, t0, t_end, r0, out.acc); break;
+      case 2: accumulate_v_bf16<DC, 2>(vbase, pages, L, s.scores.data(), n, t0, t_end, r0, out.acc); break;
+      case 3: accumulate_v_bf16<DC, 3>(vbase, pages, L, s.scores.data(), n, t0, t_end, r0, out.acc); break;
+      case 4: accumulate_v_bf16<DC, 4>(vbase, pages, L, s.scores.data(), n, t0, t_end, r0, out.acc); break;
+      case 5: accumulate_v_bf16<DC, 5>(vbase, pages, L, s.scores.data(), n, t0, t_end, r0, out.acc); break;
+      default: accumulate_v_bf16<DC, 6>(vbase, pages, L, s.scores.data(), n, t0, t_end, r0, out.acc); break;
+    }
+    r0 += gm;
   }
 }
 #endif

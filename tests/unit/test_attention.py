@@ -70,3 +70,34 @@ def test_slot_mapping_follows_page_tables():
     assert meta.slot_mapping.tolist() == [6 * PAGE + 3, 2 * PAGE + 0, 4 * PAGE + 2]
     assert meta.num_tokens == 3
     assert meta.decode is not None and meta.prefill is not None
+
+
+@pytest.mark.parametrize("max_splits", [1, 3])
+def test_prefill_runs_share_rows_exactly(max_splits):
+    """The bf16 kernel attends up to four consecutive tokens of a prefill chunk together; every
+    token must still see exactly its own prefix. Two decodes that share a prefix page, with
+    consecutive lengths, look like such a run but read different pages after it."""
+    ext = paged_decode_module()
+    assert ext is not None
+    torch.manual_seed(1)
+    heads, kv_heads, dim, page = 9, 3, 64, 4
+    # A fresh 11-token prefill, a 6-token chunk after 5 cached tokens, then two decodes at contexts
+    # 9 and 10 whose first two pages are shared (a common prompt) and whose third differs.
+    query_lens, context_lens = [11, 6, 1, 1], [11, 11, 9, 10]
+    tables = [[3, 5, 8], [1, 7, 9], [11, 12, 2], [11, 12, 6]]
+    cache = torch.randn(2, kv_heads, 16, page, dim).to(torch.bfloat16)
+    meta = build_attention_metadata(query_lens, context_lens, tables, page)
+    q = torch.randn(sum(query_lens), heads, dim).to(torch.bfloat16)
+    out = ext.paged_decode_attention(q, cache[0], cache[1], meta.token_pages, meta.token_k_len, 0.125, -1, 0.0,
+                                     max_splits=max_splits).float()
+    expected, t = [], 0
+    for i, (n, c) in enumerate(zip(query_lens, context_lens)):
+        slots = [tables[i][p // page] * page + p % page for p in range(c)]
+        k = cache[0].reshape(kv_heads, -1, dim)[:, slots].float().repeat_interleave(heads // kv_heads, 0)
+        v = cache[1].reshape(kv_heads, -1, dim)[:, slots].float().repeat_interleave(heads // kv_heads, 0)
+        for j in range(n):
+            pos = c - n + j
+            scores = torch.einsum("hd,hld->hl", q[t].float(), k[:, : pos + 1]) * 0.125
+            expected.append(torch.einsum("hl,hld->hd", scores.softmax(-1), v[:, : pos + 1]))
+            t += 1
+    assert (out - torch.stack(expected)).abs().max() < 2e-2
