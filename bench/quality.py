@@ -1,7 +1,8 @@
 """`xllm bench quality`: what the fast numeric paths cost in accuracy, against fp32.
 
 Teacher-forced over a text file: the model is loaded once per mode (fp32 reference, plain bf16,
-bf16 + weight-only int8, bf16 + W8A8, and the int8 KV cache on plain bf16 and on W8A8), the text
+bf16 + weight-only int8, bf16 + W8A8, the engine's prompt path (bf16 but for the W8A8 layers it
+keeps there), and the int8 KV cache on plain bf16 and on W8A8), the text
 is prefilled in chunks through the paged KV cache (every chunk attends to the pages written
 before it, so an int8 cache's rounding reaches every later token), and each mode reports perplexity, top-1 agreement with fp32 and KL(fp32 || mode) per
 token. Chunks of 4 tokens exercise the small-batch (weight-only int8) path, larger chunks the
@@ -18,33 +19,49 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from common.default_model import default_model_path
+from common.engine.config import EngineConfig
 from common.progress import add_progress_argument, progress_bar
+from kernels.linear import bf16_gemms, mark_prompt_w8a8
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run", "measure", "MODES"]
+__all__ = ["add_arguments", "run", "measure", "MODES", "Mode"]
 
 _README = Path(__file__).resolve().parents[1] / "README.md"
 
 _PLAIN = {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "0"}
 _W8A8 = {"XLLM_INT8_DECODE": "0", "XLLM_INT8_GEMM": "1"}
 
-# name -> (dtype, environment, prefill chunk, KV cache dtype; None = the model's dtype)
-MODES: dict[str, tuple[torch.dtype, dict[str, str], int, torch.dtype | None]] = {
-    "fp32": (torch.float32, {}, 256, None),
-    "bf16": (torch.bfloat16, _PLAIN, 256, None),
+_PROMPT_LAYERS = EngineConfig().prompt_w8a8_set()  # the engine's default prompt path
+
+
+class Mode(NamedTuple):
+    dtype: torch.dtype
+    env: dict[str, str]  # the int8 switches read when the model loads
+    chunk: int  # prefill chunk: <= 4 rows take the small-batch kernels
+    kv_dtype: torch.dtype | None = None  # None: the model's dtype
+    # Scored as prompt tokens are (inside bf16_gemms), these W8A8 layers marked to stay int8.
+    prompt_w8a8: frozenset[str] | None = None
+
+
+MODES: dict[str, Mode] = {
+    "fp32": Mode(torch.float32, {}, 256, None),
+    "bf16": Mode(torch.bfloat16, _PLAIN, 256, None),
     # <=4 rows: a GGUF's own 4-bit / Q8_0 blocks (kernels.q4_pack, q8_pack) where it has them, or int8 copies
-    "bf16+q4-weights (<=4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}, 4, None),
-    "bf16+int8-weights (<=4 rows)": (torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0",
+    "bf16+q4-weights (<=4 rows)": Mode(torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0"}, 4, None),
+    "bf16+int8-weights (<=4 rows)": Mode(torch.bfloat16, {"XLLM_INT8_DECODE": "1", "XLLM_INT8_GEMM": "0",
                                                       "XLLM_Q4_DECODE": "0", "XLLM_Q8_HEAD": "0"}, 4, None),
-    "bf16+w8a8 (>4 rows)": (torch.bfloat16, _W8A8, 256, None),
-    "bf16+int8-kv": (torch.bfloat16, _PLAIN, 256, torch.int8),
-    "bf16+w8a8+int8-kv": (torch.bfloat16, _W8A8, 256, torch.int8),
+    "bf16+w8a8 (>4 rows)": Mode(torch.bfloat16, _W8A8, 256, None),
+    # What the engine runs on prompt tokens: bf16 GEMMs but for --prompt-w8a8-layers (kernels/linear.py)
+    "prompts (bf16, W8A8 o/gate_up)": Mode(torch.bfloat16, _W8A8, 256, None, _PROMPT_LAYERS),
+    "bf16+int8-kv": Mode(torch.bfloat16, _PLAIN, 256, torch.int8),
+    "bf16+w8a8+int8-kv": Mode(torch.bfloat16, _W8A8, 256, torch.int8),
 }
 
 
@@ -73,13 +90,16 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _logits(path: str, dtype: torch.dtype, env: dict[str, str], chunk: int, ids: list[int],
-            kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+def _logits(path: str, mode: Mode, ids: list[int]) -> torch.Tensor:
     from common.models.registry import load_model
 
-    with environment(env):
-        model, _ = load_model(path, dtype=dtype)
-    return model.score(ids, chunk_size=chunk, kv_dtype=kv_dtype)
+    with environment(mode.env):
+        model, _ = load_model(path, dtype=mode.dtype)
+    if mode.prompt_w8a8 is None:
+        return model.score(ids, chunk_size=mode.chunk, kv_dtype=mode.kv_dtype)
+    mark_prompt_w8a8(model, mode.prompt_w8a8)
+    with bf16_gemms():
+        return model.score(ids, chunk_size=mode.chunk, kv_dtype=mode.kv_dtype)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,9 +120,9 @@ def measure(args: argparse.Namespace) -> dict:
     ref = None
     results = {}
     with progress_bar(len(MODES), "quality", "mode", args=args) as bar:
-        for name, (dtype, env, chunk, kv_dtype) in MODES.items():
+        for name, mode in MODES.items():
             bar.set_postfix_str(name)
-            logits = _logits(path, dtype, env, chunk, ids, kv_dtype)[:-1]
+            logits = _logits(path, mode, ids)[:-1]
             bar.update(1)
             if ref is None:
                 ref = logits

@@ -13,6 +13,8 @@ from kernels.linear import packed_linear_supported
 
 SPECULATIVE_METHODS = ("none", "ngram", "suffix")
 OVERLAP_MODES = ("auto", "on", "off")
+# The fused projections of the decoder layers (common/models/layers.py), by module name.
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 # Measured (README, "Overlap scheduling"): on a CPU with a core to spare, planning beside the
 # forward pass paid at 64 rows and not at 1, 16 or 32.
@@ -64,6 +66,9 @@ class EngineConfig:
                                          "splits the CPUs among its workers)", flag="--threads")
     w8a8_prompts: bool = setting(False, "run prompt tokens on the W8A8 int8 GEMMs too (faster prefill; their KV "
                                         "drifts further from fp32: see xllm bench fidelity)")
+    prompt_w8a8_layers: str = setting("o_proj,gate_up_proj", "comma-separated projections whose prompt tokens "
+                                      "still run the W8A8 int8 GEMM without --w8a8-prompts (those whose inputs "
+                                      "quantize per row at little cost: kernels/linear.py; '' = none)")
     # A restarted worker reads its packed weights and calibrated int8 scales back (common.weights.cache).
     weight_cache: bool = setting(True, "do not keep dequantized/prepacked weights and calibrated int8 scales "
                                        "on disk for the next start", flag="--no-weight-cache")
@@ -109,6 +114,14 @@ class EngineConfig:
                 return torch.bfloat16  # the Triton kernels' dtype; decode reads half fp32's bytes
             return torch.float32
         return parse_dtype(self.dtype)
+
+    def prompt_w8a8_set(self) -> frozenset[str]:
+        """``prompt_w8a8_layers`` as a set of projection names (ValueError for one no model has)."""
+        names = frozenset(n.strip() for n in self.prompt_w8a8_layers.split(",") if n.strip())
+        unknown = sorted(names - set(PROJECTIONS))
+        if unknown:
+            raise ValueError(f"prompt_w8a8_layers: unknown projection(s) {unknown}; choose from {list(PROJECTIONS)}")
+        return names
 
     def resolved_weight_cache_dir(self) -> str | None:
         """Where the weight cache lives, or None when it is off."""

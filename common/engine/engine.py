@@ -32,9 +32,11 @@ from common.engine.sampler import Sampler, SamplerOutput, TokenLogprobs, make_ge
 from common.engine.sampling_params import SamplingParams, validate_prompt_ids
 from common.engine.scheduler import BatchScheduler, ScheduledBatch
 from common.engine.sequence import Priority, Sequence, SequenceStatus
+from common.engine.host_malloc import keep_freed_memory
 from common.engine.speculative import accepted_length, make_speculator
 from common.models.registry import default_model_path, load_model
 from kernels.cpu_ext import paged_decode_module
+from kernels.linear import mark_prompt_w8a8
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class LLMEngine:
         self.speculator = make_speculator(config)  # validates the speculative settings first
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if torch.device(config.device).type == "cpu":
+            keep_freed_memory()  # a step's large temporaries reuse pages instead of faulting them in
         self.model_path = config.model or default_model_path()
         dtype = config.resolved_dtype()
         self.model, self.model_config = load_model(self.model_path, dtype=dtype, device=config.device,
@@ -78,6 +82,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_pages, self.page_size, namespace, config.enable_prefix_cache)
         self.store_hooks = KvStoreHooks(self.block_manager, kv_caches)  # takes the block manager's callbacks
         self.scheduler = BatchScheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        mark_prompt_w8a8(self.model, config.prompt_w8a8_set())
         self.runner = ModelRunner(
             self.model, kv_caches, self.page_size, Sampler(set(mc.eos_token_ids)),
             self.block_manager.page_table, config.device,

@@ -24,7 +24,7 @@ from kernels.activation import act_and_mul
 from kernels.attention import AttentionMetadata, build_attention_metadata, paged_attention, write_kv
 from kernels.cpu_ext import cpu_ops_module
 from kernels.kv_quant import kv_row_width
-from kernels.linear import pack_linears, packed_linear_supported, w8a8_silu_mlp
+from kernels.linear import PackedLinear, pack_linears, packed_linear_supported, w8a8_silu_mlp
 from kernels.norm import add_rms_norm, rms_norm
 from kernels.rotary import apply_rotary
 
@@ -368,7 +368,9 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden] -> [N, vocab]`` float32 logits (final soft-cap applied)."""
-        if self.lm_head is not None:
+        if isinstance(self.lm_head, PackedLinear):
+            logits = self.lm_head(hidden.to(self.lm_head.weight.dtype), out_dtype=torch.float32)
+        elif self.lm_head is not None:
             logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
         else:
             weight = self.model.embed_tokens.weight

@@ -49,3 +49,19 @@ def test_int8_kv_mode_stays_close_to_fp32_on_real_text(tmp_path, monkeypatch, sm
     assert kv8["top1_agreement_with_fp32"] > 0.75 and kv8["kl_from_fp32"] < 0.2
     assert kv8["perplexity"] < 1.3 * ref["perplexity"]
     assert kv8["kl_from_fp32"] < bf16["kl_from_fp32"] + 0.1
+
+
+@pytest.mark.skipif(cpu_ops_module() is None or not packed_linear_supported(torch.bfloat16),
+                    reason="the W8A8 path needs the C++ CPU kernels and oneDNN bf16 GEMMs (AVX512-BF16 or AMX)")
+def test_prompt_path_mode_sits_between_bf16_and_full_w8a8(tmp_path, monkeypatch, smollm_path):
+    """The engine's prompt path (bf16, its marked layers W8A8) is scored as such: not the bf16
+    numbers (the marked layers do run int8), closer to fp32 than W8A8 everywhere."""
+    text = tmp_path / "text.txt"
+    text.write_text("The lighthouse keeper climbed the stairs each evening, trimmed the wick, and watched the ships "
+                    "pass the rocks at the mouth of the harbour until dawn. " * 3)
+    names = ("fp32", "bf16", "prompts (bf16, W8A8 o/gate_up)", "bf16+w8a8 (>4 rows)")
+    monkeypatch.setattr(quality, "MODES", {k: quality.MODES[k] for k in names})
+    args = argparse.Namespace(model=smollm_path, text=str(text), max_tokens=96, json_path=None)
+    kl = {k: v["kl_from_fp32"] for k, v in quality.measure(args)["modes"].items()}
+    assert kl[names[2]] != kl["bf16"]
+    assert kl[names[2]] < kl["bf16+w8a8 (>4 rows)"]

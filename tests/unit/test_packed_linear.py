@@ -15,7 +15,8 @@ from common.models.int8_calibration import calibrate_int8_gemms
 from common.models.llama import LlamaForCausalLM
 from common.models.registry import int8_decode_rows, int8_gemm_enabled
 from kernels.cpu_ext import cpu_ops_module
-from kernels.linear import PackedLinear, bf16_gemms, packed_linear_supported, w8a8_silu_mlp
+from kernels.linear import (PackedLinear, bf16_gemms, mark_prompt_w8a8, pack_linears, packed_linear_supported,
+                            w8a8_silu_mlp)
 from _model_helpers import TINY, PagedDriver
 
 pytestmark = pytest.mark.skipif(
@@ -54,6 +55,38 @@ def test_bf16_gemms_suspends_w8a8_but_not_the_small_batch_path():
     with bf16_gemms(active=False):
         assert torch.equal(packed(x), w8a8_out)
     assert packed.runs_w8a8(32) and torch.equal(packed(x), w8a8_out)
+
+
+def test_marked_layers_keep_w8a8_on_prompts():
+    """mark_prompt_w8a8 picks layers by their own name; inside bf16_gemms only those stay int8."""
+    block = nn.Module()
+    block.o_proj, block.down_proj = _linear(seed=1), _linear(seed=2)
+    pack_linears(block, int8_max_rows=4, w8a8=True)
+    x = torch.randn(32, 128, dtype=torch.bfloat16)
+    w8a8_o, w8a8_down = block.o_proj(x), block.down_proj(x)
+    assert mark_prompt_w8a8(block, {"o_proj"}) == 1
+    with bf16_gemms():
+        assert block.o_proj.runs_w8a8(32) and not block.down_proj.runs_w8a8(32)
+        assert torch.equal(block.o_proj(x), w8a8_o)
+        assert torch.equal(block.down_proj(x), F.linear(x, block.down_proj.weight, block.down_proj.bias))
+        assert w8a8_silu_mlp(block.o_proj, block.down_proj, x) is None  # both halves must be int8
+    assert mark_prompt_w8a8(block, set()) == 0
+    with bf16_gemms():
+        assert not block.o_proj.runs_w8a8(32)
+
+
+def test_logits_in_fp32_skip_the_bf16_rounding():
+    """out_dtype=fp32: the int8 paths write their fp32 accumulators, the bf16 GEMM converts."""
+    lin = _linear(n=64)
+    packed = PackedLinear(lin, int8_max_rows=4, w8a8=True)
+    for rows in (2, 32):
+        x = torch.randn(rows, 128, dtype=torch.bfloat16)
+        out = packed(x, out_dtype=torch.float32)
+        assert out.dtype == torch.float32
+        assert torch.equal(out.to(torch.bfloat16), packed(x))  # the bf16 result is its rounding
+    plain = PackedLinear(lin)
+    x = torch.randn(8, 128, dtype=torch.bfloat16)
+    assert torch.equal(plain(x, out_dtype=torch.float32), plain(x).float())
 
 
 @pytest.mark.parametrize("rows", [1, 4, 5, 64])

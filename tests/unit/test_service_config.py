@@ -176,7 +176,7 @@ def test_flags_come_from_the_dataclass() -> None:
     assert [s.name for s in settings_of(EngineConfig)] == [
         "model", "dtype", "kv_dtype", "page_size", "kv_cache_memory", "kv_cache_fraction", "max_num_seqs",
         "max_num_batched_tokens", "max_model_len", "enable_prefix_cache", "device", "cuda_graphs", "num_threads",
-        "w8a8_prompts",
+        "w8a8_prompts", "prompt_w8a8_layers",
         "weight_cache", "weight_cache_dir", "ep_ranks", "eplb_redundant_experts", "eplb_interval_steps",
         "expert_load_window_steps", "speculative_method", "num_speculative_tokens", "ngram_min", "ngram_max",
         "suffix_max_depth", "suffix_global", "suffix_global_requests", "suffix_min_prob", "overlap_schedule",
@@ -283,3 +283,13 @@ def test_no_module_reads_argparse_internals() -> None:
     for path in [*root.joinpath("common").rglob("*.py"), *root.joinpath("xllm").rglob("*.py"),
                  *root.joinpath("services").rglob("*.py")]:
         assert "._actions" not in path.read_text(), path
+
+
+def test_prompt_w8a8_layers_parse_and_reject_unknown_names() -> None:
+    assert EngineConfig().prompt_w8a8_set() == {"o_proj", "gate_up_proj"}
+    assert EngineConfig(prompt_w8a8_layers="").prompt_w8a8_set() == frozenset()
+    assert EngineConfig(prompt_w8a8_layers=" down_proj , qkv_proj").prompt_w8a8_set() == {"down_proj", "qkv_proj"}
+    with pytest.raises(ValueError, match="gate_up"):
+        EngineConfig(prompt_w8a8_layers="gate_up").prompt_w8a8_set()
+    args = service_parser().parse_args(["--prompt-w8a8-layers", "o_proj"])
+    assert engine_config_from_args(args).prompt_w8a8_layers == "o_proj"
