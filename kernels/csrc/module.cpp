@@ -23,6 +23,13 @@ at::Tensor decoder_stack_forward(at::Tensor h, std::vector<at::Tensor> norms, at
                                  at::Tensor sin, at::Tensor slot_mapping, at::Tensor token_pages,
                                  at::Tensor token_k_len, int64_t num_heads, int64_t num_kv_heads,
                                  int64_t head_dim, int64_t intermediate, double eps, double scale);
+at::Tensor decoder_stack_w8a8_forward(at::Tensor h, std::vector<at::Tensor> norms, at::Tensor final_norm,
+                                      std::vector<at::Tensor> weights, std::vector<at::Tensor> scales,
+                                      std::vector<at::Tensor> inv_smooth, std::vector<at::Tensor> biases,
+                                      std::vector<at::Tensor> kv_caches, std::vector<int64_t> windows,
+                                      at::Tensor cos, at::Tensor sin, at::Tensor slot_mapping,
+                                      at::Tensor token_pages, at::Tensor token_k_len, int64_t num_heads,
+                                      int64_t num_kv_heads, int64_t head_dim, double eps, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // No kernel touches a Python object: drop the GIL while one runs, so the engine thread can plan
@@ -46,6 +53,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [.., 2I] projection", NoGil());
   m.def("decoder_stack_forward", &decoder_stack_forward,
         "a small decode batch through every Llama-style layer on 4-bit weights (common/models/decoder_stack.py)",
+        NoGil());
+  m.def("decoder_stack_w8a8_forward", &decoder_stack_w8a8_forward,
+        "a decode batch through every Llama-style layer on the W8A8 GEMMs (common/models/decoder_stack.py)",
         NoGil());
   m.def("rotary_write_kv_", &rotary_write_kv_, "rotary on q/k in place, then k/v into the paged cache", NoGil());
 }
