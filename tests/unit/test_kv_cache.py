@@ -115,3 +115,32 @@ def test_allocate_works_with_attention_kernel():
     ).transpose(0, 1)
     torch.testing.assert_close(out, ref)
 
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="no transparent huge pages on this kernel")
+def test_cpu_pool_is_eligible_for_huge_pages():
+    """Decode attention reads pages scattered through the pool: its mapping asks for 2 MiB pages."""
+    from common.engine.kv_cache import allocate_kv_caches
+
+    cache = allocate_kv_caches(512, 1, 2, 64, 16, torch.bfloat16)[0]
+    address = cache.data_ptr()
+    eligible = None
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "THPeligible:":
+                eligible = line.split()[1]
+                break
+    assert eligible == "1"
