@@ -6,8 +6,8 @@ attention must read at the measured DRAM read bandwidth. This command measures b
 bf16 GEMM peak), takes the shapes from the model's own config, and prints two ceilings:
 
 * ``int8``: every GEMM at the int8 peak (the issue's definition);
-* ``as built``: prompt GEMMs at the bf16 peak (the engine runs prompts in bf16 for fidelity, unless
-  ``--w8a8-prompts``) and decode GEMMs at the int8 peak.
+* ``as built``: prompt GEMMs at the bf16 peak but for the projections the engine keeps on W8A8 there
+  (``--prompt-w8a8-layers``, or all with ``--w8a8-prompts``), those and decode GEMMs at the int8 peak.
 
 ``--run-offline`` also runs `xllm bench offline` on the same workload and reports the fraction of
 each ceiling reached. Model, torch threads and KV dtype are the engine's own flags (``--model``,
@@ -23,7 +23,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,9 +87,11 @@ class Arch:
         h, i = self.hidden, self.intermediate
         return {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * i), "down": (i, h), "lm_head": (h, self.vocab)}
 
-    def layer_ops_per_token(self) -> int:
-        """Multiply-adds x 2 of one token through every decoder layer's linears (biases ignored)."""
-        return 2 * self.layers * sum(k * n for name, (k, n) in self.linear_shapes().items() if name != "lm_head")
+    def layer_ops_per_token(self, names: Collection[str] | None = None) -> int:
+        """Multiply-adds x 2 of one token through every decoder layer's linears (biases ignored),
+        or through those of ``names`` (keys of :meth:`linear_shapes`)."""
+        return 2 * self.layers * sum(k * n for name, (k, n) in self.linear_shapes().items()
+                                     if name != "lm_head" and (names is None or name in names))
 
     def lm_head_ops(self) -> int:
         return 2 * self.hidden * self.vocab
@@ -112,6 +114,17 @@ def read_arch(model: str) -> Arch:
     return Arch.from_model_config(ModelConfig.from_hf_dict(config))
 
 
+# EngineConfig's projection names -> linear_shapes() keys.
+_SHAPE_OF_PROJECTION = {"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"}
+
+
+def prompt_int8_shapes(config: EngineConfig) -> frozenset[str]:
+    """The GEMMs (keys of :meth:`Arch.linear_shapes`) the engine runs W8A8 on prompt tokens (on a
+    model that has W8A8 GEMMs: a quantized GGUF in bf16)."""
+    names = _SHAPE_OF_PROJECTION if config.w8a8_prompts else config.prompt_w8a8_set()
+    return frozenset(_SHAPE_OF_PROJECTION[n] for n in names)
+
+
 def kv_row_bytes(head_dim: int, dtype: torch.dtype) -> int:
     """Bytes of one stored K or V row: int8 rows are head_dim bytes plus a 4-byte fp32 scale."""
     return kv_row_width(head_dim, dtype) * dtype.itemsize
@@ -123,9 +136,11 @@ class Workload:
     prompt_gemm_ops: int  # prefill: every prompt token through the layers, the LM head on its last one
     decode_gemm_ops: int  # output_len - 1 decode steps per stream, one token through layers and LM head
     kv_bytes: int  # K and V rows that those decode steps' attention reads
+    prompt_int8_ops: int = 0  # the part of prompt_gemm_ops the engine runs on the int8 GEMMs
 
 
-def workload(arch: Arch, concurrency: int, prompt_len: int, output_len: int, row_bytes: int) -> Workload:
+def workload(arch: Arch, concurrency: int, prompt_len: int, output_len: int, row_bytes: int,
+             prompt_int8: Collection[str] = ()) -> Workload:
     """GEMM ops and KV bytes of `concurrency` requests of `prompt_len` -> `output_len` tokens.
 
     Conventions: output token 1 is sampled from the prefill's LM head on the last prompt token;
@@ -134,18 +149,20 @@ def workload(arch: Arch, concurrency: int, prompt_len: int, output_len: int, row
     through the layers and output_len through the LM head. Step s writes its own K/V row, then
     attends over prompt_len + s + 1 rows in every layer and KV head, K and V each. Prefill's
     attention reads are left out: its rows are fresh in cache and its GEMMs dominate.
+    ``prompt_int8`` names the projections (keys of :meth:`Arch.linear_shapes`) prompts run in int8.
     """
     steps = output_len - 1
     layer, head = arch.layer_ops_per_token(), arch.lm_head_ops()
     rows = steps * prompt_len + steps * (steps + 1) // 2  # sum over s of (prompt_len + s + 1)
     kv_bytes = concurrency * rows * arch.layers * arch.kv_heads * 2 * row_bytes  # 2: K and V
     return Workload(concurrency * output_len, concurrency * (prompt_len * layer + head),
-                    concurrency * steps * (layer + head), kv_bytes)
+                    concurrency * steps * (layer + head), kv_bytes,
+                    concurrency * prompt_len * arch.layer_ops_per_token(prompt_int8))
 
 
 def ceilings(work: Workload, int8_ops_s: float, bf16_ops_s: float, read_bytes_s: float) -> dict[str, dict]:
     """Seconds and output tok/s of the two ceilings: ``int8`` (every GEMM at the int8 peak) and
-    ``as_built`` (prompt GEMMs at the bf16 peak, decode GEMMs at the int8 peak)."""
+    ``as_built`` (prompt GEMMs at the bf16 peak but their int8 part, that and decode GEMMs at the int8 peak)."""
     kv_s = work.kv_bytes / read_bytes_s
 
     def line(gemm_s: float) -> dict:
@@ -153,7 +170,8 @@ def ceilings(work: Workload, int8_ops_s: float, bf16_ops_s: float, read_bytes_s:
         return {"gemm_s": gemm_s, "kv_s": kv_s, "total_s": total, "tok_s": work.output_tokens / total}
 
     return {"int8": line((work.prompt_gemm_ops + work.decode_gemm_ops) / int8_ops_s),
-            "as_built": line(work.prompt_gemm_ops / bf16_ops_s + work.decode_gemm_ops / int8_ops_s)}
+            "as_built": line((work.prompt_gemm_ops - work.prompt_int8_ops) / bf16_ops_s
+                             + (work.prompt_int8_ops + work.decode_gemm_ops) / int8_ops_s)}
 
 
 def _best_seconds(call: Callable[[], object], repeats: int) -> float:
@@ -265,10 +283,11 @@ def _print_table(r: dict) -> None:
     print(f"DRAM ({bw['buffer_mib']} MiB): int64 sum {bw['int64_sum_gbps']:.1f} GB/s, float32 sum "
           f"{bw['float32_sum_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s (read + write); read = "
           f"{bw['read_gbps']:.1f} GB/s")
-    print(f"work: prompt GEMMs {w['prompt_gemm_ops'] / 1e9:.1f} GOP, decode GEMMs {w['decode_gemm_ops'] / 1e9:.1f} "
-          f"GOP, decode KV reads {w['kv_bytes'] / 1e9:.2f} GB")
+    print(f"work: prompt GEMMs {w['prompt_gemm_ops'] / 1e9:.1f} GOP ({w['prompt_int8_ops'] / 1e9:.1f} of them int8: "
+          f"{', '.join(w['prompt_int8_gemms']) or 'none'}), decode GEMMs {w['decode_gemm_ops'] / 1e9:.1f} GOP, "
+          f"decode KV reads {w['kv_bytes'] / 1e9:.2f} GB")
     for key, label in (("int8", "ceiling, every GEMM int8"),
-                       ("as_built", "ceiling as built (prompt bf16, decode int8)")):
+                       ("as_built", "ceiling as built (prompt mostly bf16)")):
         c = r["ceilings"][key]
         print(f"{label:44s} {c['tok_s']:8.1f} output tok/s  (GEMMs {c['gemm_s']:.2f} s + KV {c['kv_s']:.2f} s)")
     if "offline" in r:
@@ -290,7 +309,7 @@ def run(args: argparse.Namespace, config: EngineConfig | None = None) -> dict:
     arch = read_arch(model)
     kv_dtype = config.resolved_kv_dtype()
     row_bytes = kv_row_bytes(arch.head_dim, kv_dtype)
-    work = workload(arch, args.concurrency, args.prompt_len, args.output_len, row_bytes)
+    work = workload(arch, args.concurrency, args.prompt_len, args.output_len, row_bytes, prompt_int8_shapes(config))
     shapes = arch.linear_shapes()
     logger.info("timing int8 and bf16 GEMMs on %s x M in %s, then %d MiB reads", list(shapes), rows, args.bandwidth_mib)
     int8 = int8_gemm_peak(shapes, rows, args.repeats)
@@ -299,7 +318,8 @@ def run(args: argparse.Namespace, config: EngineConfig | None = None) -> dict:
     result = {
         "model": model, "arch": asdict(arch), "gemm_rows": rows, "repeats": args.repeats,
         "workload": {"concurrency": args.concurrency, "prompt_len": args.prompt_len, "output_len": args.output_len,
-                     "kv_cache_dtype": str(kv_dtype).removeprefix("torch."), "kv_row_bytes": row_bytes, **asdict(work)},
+                     "kv_cache_dtype": str(kv_dtype).removeprefix("torch."), "kv_row_bytes": row_bytes, **asdict(work),
+                     "prompt_int8_gemms": sorted(prompt_int8_shapes(config))},
         "int8_gemm": int8, "bf16_gemm": bf16, "bandwidth": bandwidth,
         "ceilings": ceilings(work, int8["peak_gops"] * 1e9, bf16["peak_gops"] * 1e9, bandwidth["read_gbps"] * 1e9),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),

@@ -10,6 +10,7 @@ import torch
 
 from bench import ceiling
 from bench.ceiling import Arch
+from common.engine.config import EngineConfig
 from xllm.cli import build_parser
 
 # qkv 8 x (2 + 2*1)*4 = 8x16, o 8x8, gate_up 8x32, down 16x8: 128 + 64 + 256 + 128 = 576 weights a
@@ -46,6 +47,17 @@ def test_workload_and_ceilings_by_hand():
     assert int8["tok_s"] == pytest.approx(12 / 81.6)
     assert built["gemm_s"] == pytest.approx(72.192 + 25.344)  # prompt at 500, decode at 1000
     assert built["tok_s"] == pytest.approx(12 / 117.696)
+
+
+def test_prompt_gemms_the_engine_runs_in_int8_count_at_the_int8_peak():
+    # gate_up: K 8, N 32 -> 2 x 256 x 2 layers = 1024 ops per prompt token, 3 x 5 tokens
+    work = ceiling.workload(TINY, concurrency=3, prompt_len=5, output_len=4, row_bytes=8, prompt_int8={"gate_up"})
+    assert work.prompt_int8_ops == 15 * 1024
+    built = ceiling.ceilings(work, int8_ops_s=1000.0, bf16_ops_s=500.0, read_bytes_s=100.0)["as_built"]
+    assert built["gemm_s"] == pytest.approx((36096 - 15360) / 500 + (15360 + 25344) / 1000)
+    assert ceiling.prompt_int8_shapes(EngineConfig()) == {"o", "gate_up"}
+    assert ceiling.prompt_int8_shapes(EngineConfig(w8a8_prompts=True)) == {"qkv", "o", "gate_up", "down"}
+    assert ceiling.prompt_int8_shapes(EngineConfig(prompt_w8a8_layers="")) == frozenset()
 
 
 def test_one_output_token_has_no_decode_step():
