@@ -59,7 +59,7 @@ MODES: dict[str, Mode] = {
                                                       "XLLM_Q4_DECODE": "0", "XLLM_Q8_HEAD": "0"}, 4, None),
     "bf16+w8a8 (>4 rows)": Mode(torch.bfloat16, _W8A8, 256, None),
     # What the engine runs on prompt tokens: bf16 GEMMs but for --prompt-w8a8-layers (kernels/linear.py)
-    "prompts (bf16, W8A8 o/gate_up)": Mode(torch.bfloat16, _W8A8, 256, None, _PROMPT_LAYERS),
+    "prompts (bf16, W8A8 gate_up)": Mode(torch.bfloat16, _W8A8, 256, None, _PROMPT_LAYERS),
     "bf16+int8-kv": Mode(torch.bfloat16, _PLAIN, 256, torch.int8),
     "bf16+w8a8+int8-kv": Mode(torch.bfloat16, _W8A8, 256, torch.int8),
 }

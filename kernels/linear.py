@@ -34,9 +34,10 @@ Inside :func:`bf16_gemms` the W8A8 layers take their bf16 GEMM instead: the engi
 processing there, because a prompt's KV is read by every later token and per-row activation
 scales cost it the most accuracy. Not every layer's do: teacher-forced on SmolLM2 (``xllm bench
 quality``'s text, KL from fp32), bf16 prompts score 0.0014, W8A8 on every prompt GEMM 0.0158, on
-``o_proj`` alone 0.0020, ``gate_up_proj`` alone 0.0041, both 0.0047 (the 4-bit decode path's own
-0.0048), ``down_proj`` (the gated product's outliers) alone +0.0076. Layers marked
-:attr:`PackedLinear.w8a8_in_prompts` (:func:`mark_prompt_w8a8`) keep W8A8 inside bf16_gemms.
+``gate_up_proj`` alone 0.0041 (the 4-bit decode path's own: 0.0043), ``o_proj`` alone 0.0020, both
+0.0047, ``down_proj`` (the gated product's outliers) alone +0.0076. Layers marked
+:attr:`PackedLinear.w8a8_in_prompts` (:func:`mark_prompt_w8a8`, the engine's
+``--prompt-w8a8-layers``) keep W8A8 inside bf16_gemms.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ class EngineConfig:
                                          "splits the CPUs among its workers)", flag="--threads")
     w8a8_prompts: bool = setting(False, "run prompt tokens on the W8A8 int8 GEMMs too (faster prefill; their KV "
                                         "drifts further from fp32: see xllm bench fidelity)")
-    prompt_w8a8_layers: str = setting("o_proj,gate_up_proj", "comma-separated projections whose prompt tokens "
+    prompt_w8a8_layers: str = setting("gate_up_proj", "comma-separated projections whose prompt tokens "
                                       "still run the W8A8 int8 GEMM without --w8a8-prompts (those whose inputs "
                                       "quantize per row at little cost: kernels/linear.py; '' = none)")
     # A restarted worker reads its packed weights and calibrated int8 scales back (common.weights.cache).

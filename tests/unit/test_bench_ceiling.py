@@ -55,7 +55,7 @@ def test_prompt_gemms_the_engine_runs_in_int8_count_at_the_int8_peak():
     assert work.prompt_int8_ops == 15 * 1024
     built = ceiling.ceilings(work, int8_ops_s=1000.0, bf16_ops_s=500.0, read_bytes_s=100.0)["as_built"]
     assert built["gemm_s"] == pytest.approx((36096 - 15360) / 500 + (15360 + 25344) / 1000)
-    assert ceiling.prompt_int8_shapes(EngineConfig()) == {"o", "gate_up"}
+    assert ceiling.prompt_int8_shapes(EngineConfig()) == {"gate_up"}
     assert ceiling.prompt_int8_shapes(EngineConfig(w8a8_prompts=True)) == {"qkv", "o", "gate_up", "down"}
     assert ceiling.prompt_int8_shapes(EngineConfig(prompt_w8a8_layers="")) == frozenset()
 

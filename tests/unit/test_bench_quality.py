@@ -59,7 +59,7 @@ def test_prompt_path_mode_sits_between_bf16_and_full_w8a8(tmp_path, monkeypatch,
     text = tmp_path / "text.txt"
     text.write_text("The lighthouse keeper climbed the stairs each evening, trimmed the wick, and watched the ships "
                     "pass the rocks at the mouth of the harbour until dawn. " * 3)
-    names = ("fp32", "bf16", "prompts (bf16, W8A8 o/gate_up)", "bf16+w8a8 (>4 rows)")
+    names = ("fp32", "bf16", "prompts (bf16, W8A8 gate_up)", "bf16+w8a8 (>4 rows)")
     monkeypatch.setattr(quality, "MODES", {k: quality.MODES[k] for k in names})
     args = argparse.Namespace(model=smollm_path, text=str(text), max_tokens=96, json_path=None)
     kl = {k: v["kl_from_fp32"] for k, v in quality.measure(args)["modes"].items()}

@@ -34,11 +34,12 @@ def _faults(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_tuned_process_reuses_large_blocks():
-    plain, tuned = _faults("plain"), _faults("tuned")
-    # Untuned, the freed heap top (77 MB) is past the trim threshold glibc derives from the blocks'
-    # size, so it is returned and every round faults its pages in again: ~19,000 faults a round.
-    assert plain > 50_000
-    assert tuned < plain // 10
+    # Untuned, the freed heap top (77 MB) is usually past the trim threshold glibc derives from the
+    # blocks' size, so it is returned and every round faults its pages in again (measured ~94,000
+    # faults for these five rounds; how much glibc keeps varies with the process's history).
+    # Tuned, the second pass reuses the first one's pages.
+    tuned = _faults("tuned")
+    assert tuned < 1_000, (tuned, _faults("plain"))
 
 
 def test_user_environment_wins(monkeypatch):

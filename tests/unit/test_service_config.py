@@ -286,7 +286,7 @@ def test_no_module_reads_argparse_internals() -> None:
 
 
 def test_prompt_w8a8_layers_parse_and_reject_unknown_names() -> None:
-    assert EngineConfig().prompt_w8a8_set() == {"o_proj", "gate_up_proj"}
+    assert EngineConfig().prompt_w8a8_set() == {"gate_up_proj"}
     assert EngineConfig(prompt_w8a8_layers="").prompt_w8a8_set() == frozenset()
     assert EngineConfig(prompt_w8a8_layers=" down_proj , qkv_proj").prompt_w8a8_set() == {"down_proj", "qkv_proj"}
     with pytest.raises(ValueError, match="gate_up"):
