@@ -209,20 +209,19 @@ class PackedLinear(nn.Module):
         conversion pass over the output; the bf16 GEMM's result is converted."""
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
-        # The kernels write in their input's dtype; bf16 -> fp32 is exact, so the same activations.
-        xk = x2 if out_dtype is None or out_dtype == x2.dtype else x2.to(out_dtype)
+        # The small-batch kernels write in their input's dtype; bf16 -> fp32 is exact, so the same activations.
+        dtype = out_dtype or x2.dtype
         if self.runs_q4(rows):
-            out = self._ext.q4_linear(xk, self._q4, self.out_features, self._bias_f32)
+            out = self._ext.q4_linear(x2.to(dtype), self._q4, self.out_features, self._bias_f32)
         elif self.runs_q8(rows):
-            out = self._ext.q8_linear(xk, self._q8, self.out_features, self._bias_f32)
+            out = self._ext.q8_linear(x2.to(dtype), self._q8, self.out_features, self._bias_f32)
         elif rows <= self.int8_max_rows:
-            out = self._ext.int8_linear(xk, self._q, self._scale, self._bias_f32)
-        elif self.w8a8 and (not _w8a8_suspended or self.w8a8_in_prompts):
+            out = self._ext.int8_linear(x2.to(dtype), self._q, self._scale, self._bias_f32)
+        elif self.runs_w8a8(rows):
             xq, x_scale = self.quantize_input(x2)
-            out = self.dequantize_output(self.int8_accumulate(xq), x_scale, out_dtype or x2.dtype)
+            out = self.dequantize_output(self.int8_accumulate(xq), x_scale, dtype)
         else:
-            out = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self.bias, "none", [], "")
-            out = out if out_dtype is None else out.to(out_dtype)
+            out = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self.bias, "none", [], "").to(dtype)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def runs_q4(self, rows: int) -> bool:

@@ -22,6 +22,7 @@ from common.engine.cuda_graphs import maybe_cuda_graphs
 from common.engine.expert_parallel import ExpertParallel
 from common.engine.grammar_mask import GrammarMasker
 from common.engine.handoff import KvHandoff
+from common.engine.host_malloc import keep_freed_memory
 from common.engine.kv_cache import allocate_kv_caches, default_kv_budget, num_pages_for_budget, parse_memory_size
 from common.engine.kv_transfer import KvStoreHooks
 from common.engine.multimodal import ImageItem, build_multimodal_state
@@ -32,11 +33,9 @@ from common.engine.sampler import Sampler, SamplerOutput, TokenLogprobs, make_ge
 from common.engine.sampling_params import SamplingParams, validate_prompt_ids
 from common.engine.scheduler import BatchScheduler, ScheduledBatch
 from common.engine.sequence import Priority, Sequence, SequenceStatus
-from common.engine.host_malloc import keep_freed_memory
 from common.engine.speculative import accepted_length, make_speculator
 from common.models.registry import default_model_path, load_model
 from kernels.cpu_ext import paged_decode_module
-from kernels.linear import mark_prompt_w8a8
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +81,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_pages, self.page_size, namespace, config.enable_prefix_cache)
         self.store_hooks = KvStoreHooks(self.block_manager, kv_caches)  # takes the block manager's callbacks
         self.scheduler = BatchScheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        mark_prompt_w8a8(self.model, config.prompt_w8a8_set())
         self.runner = ModelRunner(
             self.model, kv_caches, self.page_size, Sampler(set(mc.eos_token_ids)),
             self.block_manager.page_table, config.device,
             grammar=GrammarMasker(self.model_path, mc.vocab_size, mc.eos_token_ids),
-            w8a8_prompts=config.w8a8_prompts,
+            w8a8_prompts=config.w8a8_prompts, prompt_w8a8_layers=config.prompt_w8a8_set(),
         )
         self.runner.decode_graphs = maybe_cuda_graphs(self.model, kv_caches, self.page_size, self.max_model_len,
                                                       config.max_num_seqs, config.cuda_graphs)

@@ -25,7 +25,7 @@ from common.engine.scheduler import ScheduledBatch, ScheduledSeq
 from common.engine.sequence import Sequence
 from common.engine.speculative.rows import DraftRows, expand_draft_rows
 from kernels.attention import AttentionMetadata, build_attention_metadata
-from kernels.linear import bf16_gemms
+from kernels.linear import bf16_gemms, mark_prompt_w8a8
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class ModelRunner:
         device: torch.device | str = "cpu",
         grammar: GrammarMasker | None = None,
         w8a8_prompts: bool = False,
+        prompt_w8a8_layers: frozenset[str] = frozenset(),
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -76,6 +77,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.grammar = grammar  # token masks of structured outputs; None: the engine has none
         self.w8a8_prompts = w8a8_prompts
+        # Without w8a8_prompts, prompt batches run bf16 GEMMs (bf16_gemms) but for these projections.
+        mark_prompt_w8a8(model, prompt_w8a8_layers)
         # Called instead of the model for text batches when set: CUDA graphs (common/engine/cuda_graphs.py).
         self.decode_graphs: Callable | None = None
 

@@ -170,7 +170,7 @@ void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, 
                   const Layout& L, double scale, int64_t window, double soft_cap, int64_t max_splits) {
   const Args<TQ, TC> a{qp, kp, vp, pgp, L, static_cast<float>(scale), soft_cap};
   auto generic = [&](const QueryRows& r, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
-    attend_generic(a, r.b, h, t0, t1, s, p);
+    attend_generic(a, r, h, t0, t1, s, p);
   };
 #ifdef XLLM_DECODE_AVX512
   if constexpr (std::is_same_v<TC, int8_t>) {
@@ -184,7 +184,7 @@ void decode_typed(const TQ* qp, const TC* kp, const TC* vp, const int64_t* pgp, 
       auto run = [&](auto dcc, auto gmc) {
         run_decode(L, pgp, lnp, window, max_splits, 1, op,
                    [&](const QueryRows& r, int64_t h, int64_t t0, int64_t t1, Scratch& s, const Partial& p) {
-                     attend_i8<decltype(dcc)::value, decltype(gmc)::value>(a, r.b, h, t0, t1, s, p);
+                     attend_i8<decltype(dcc)::value, decltype(gmc)::value>(a, r, h, t0, t1, s, p);
                    });
       };
       auto by_group = [&](auto dcc) {

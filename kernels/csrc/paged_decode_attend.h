@@ -49,19 +49,32 @@ inline float row_scale(const int8_t* row, int64_t D) {
   return s;
 }
 
-// scores[g] <- exp(scores[g] - max); m[g] = max, l[g] = sum.
-inline void exp_rows(float* scores, int64_t G, int64_t n, const Partial& out) {
-  for (int64_t g = 0; g < G; ++g) {
-    float* __restrict sg = scores + g * n;
-    float mx = -std::numeric_limits<float>::infinity();
+// Query rows of one work item: nq consecutive tokens of one sequence (a prefill chunk's
+// neighbours attend the same pages, so one pass over a K/V row serves all of them) times the G
+// query heads of one KV head. Row r = j * G + g reads token b + j's head h * G + g and attends
+// positions t0 .. t0 + valid[r] - 1 (the tokens' lengths differ: each stops at its own position).
+struct QueryRows {
+  int64_t b, nq, rows;
+  const int64_t* valid;  // [rows]
+};
+
+// scores[r] <- exp(scores[r] - max) over its valid[r] positions, zero past them (so a V pass can
+// run every row of a group to the group's longest); m[r] = max, l[r] = sum.
+inline void exp_rows(float* scores, const QueryRows& qr, int64_t n, const Partial& out) {
+  for (int64_t r = 0; r < qr.rows; ++r) {
+    float* __restrict sr = scores + r * n;
+    const int64_t nv = qr.valid[r];
+    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    if (nv > 0) {
 #pragma omp simd reduction(max : mx)
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sg[i]);
-    float sum = 0.f;
-    // A simd loop lets the compiler use the vector expf from glibc's libmvec.
+      for (int64_t i = 0; i < nv; ++i) mx = std::max(mx, sr[i]);
+      // A simd loop lets the compiler use the vector expf from glibc's libmvec.
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) { sg[i] = std::exp(sg[i] - mx); sum += sg[i]; }
-    out.m[g] = mx;
-    out.l[g] = sum;
+      for (int64_t i = 0; i < nv; ++i) { sr[i] = std::exp(sr[i] - mx); sum += sr[i]; }
+    }
+    std::fill(sr + std::max<int64_t>(nv, 0), sr + n, 0.f);
+    out.m[r] = mx;
+    out.l[r] = sum;
   }
 }
 
@@ -106,8 +119,9 @@ struct Args {
 
 // Portable path: any dtype, any head_dim.
 template <typename TQ, typename TC>
-void attend_generic(const Args<TQ, TC>& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s,
+void attend_generic(const Args<TQ, TC>& a, const QueryRows& qr, int64_t h, int64_t t0, int64_t t1, Scratch& s,
                     const Partial& out) {
+  const int64_t b = qr.b;  // one token: the driver gives this variant no runs
   const Layout& L = a.L;
   const int64_t n = t1 - t0, D = L.D;
   s.scores.resize(L.G * n);
@@ -130,7 +144,7 @@ void attend_generic(const Args<TQ, TC>& a, int64_t b, int64_t h, int64_t t0, int
       }
     }
   });
-  exp_rows(s.scores.data(), L.G, n, out);
+  exp_rows(s.scores.data(), qr, n, out);
   std::fill(out.acc, out.acc + L.G * D, 0.f);
   for_each_run(t0, t1, L.PS, pages, [&](int64_t r0, int64_t page, int64_t off, int64_t run) {
     for (int64_t i = 0; i < run; ++i) {
@@ -164,8 +178,9 @@ inline __m512 widen_i8(const int8_t* p) {
 // Rows are widened to fp32 in registers and their scale applied after the dot product (K) or folded
 // into the softmax weight (V), so a row is converted once per pass and never written back to memory.
 template <int DC, int GM, typename TQ>
-void attend_i8(const Args<TQ, int8_t>& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& s,
+void attend_i8(const Args<TQ, int8_t>& a, const QueryRows& qr, int64_t h, int64_t t0, int64_t t1, Scratch& s,
                const Partial& out) {
+  const int64_t b = qr.b;  // one token: the driver gives this variant no runs
   constexpr int64_t D = 16 * DC;
   const Layout& L = a.L;
   const int64_t n = t1 - t0, RS = L.row_stride, G = L.G;
@@ -212,7 +227,7 @@ void attend_i8(const Args<TQ, int8_t>& a, int64_t b, int64_t h, int64_t t0, int6
   });
   if (a.soft_cap > 0)
     for (int64_t i = 0; i < G * n; ++i) s.scores[i] = cap_score(s.scores[i], a.soft_cap);
-  exp_rows(s.scores.data(), G, n, out);
+  exp_rows(s.scores.data(), qr, n, out);
   for (int64_t g0 = 0; g0 < G; g0 += GM) {
     __m512 acc[GM][DC];
     for (int g = 0; g < GM; ++g)
@@ -243,34 +258,6 @@ inline __m512 widen_bf16(const c10::BFloat16* p) {
   // bf16 -> fp32 is a 16-bit left shift of each lane.
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// Query rows of one work item: nq consecutive tokens of one sequence (a prefill chunk's
-// neighbours attend the same pages, so one pass over a K/V row serves all of them) times the G
-// query heads of one KV head. Row r = j * G + g reads token b + j's head h * G + g and attends
-// positions t0 .. t0 + valid[r] - 1 (the tokens' lengths differ: each stops at its own position).
-struct QueryRows {
-  int64_t b, nq, rows;
-  const int64_t* valid;  // [rows]
-};
-
-// p[r][i] for i >= valid[r] are zero after exp_rows_masked, so the V pass can run every row of a
-// group to the group's longest.
-inline void exp_rows_masked(float* scores, const QueryRows& qr, int64_t n, const Partial& out) {
-  for (int64_t r = 0; r < qr.rows; ++r) {
-    float* __restrict sr = scores + r * n;
-    const int64_t nv = qr.valid[r];
-    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
-    if (nv > 0) {
-#pragma omp simd reduction(max : mx)
-      for (int64_t i = 0; i < nv; ++i) mx = std::max(mx, sr[i]);
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < nv; ++i) { sr[i] = std::exp(sr[i] - mx); sum += sr[i]; }
-    }
-    std::fill(sr + std::max<int64_t>(nv, 0), sr + n, 0.f);
-    out.m[r] = mx;
-    out.l[r] = sum;
-  }
 }
 
 // The V pass for GM query rows from r0: each V row is widened to fp32 once for all of them.
@@ -337,7 +324,7 @@ void attend_bf16(const Args<c10::BFloat16, c10::BFloat16>& a, const QueryRows& q
     if (a.soft_cap > 0)
       for (int64_t i = 0; i < qr.valid[r]; ++i) sg[i] = cap_score(sg[i], a.soft_cap);
   }
-  exp_rows_masked(s.scores.data(), qr, n, out);
+  exp_rows(s.scores.data(), qr, n, out);
   for (int64_t r0 = 0; r0 < qr.rows;) {
     const int64_t gm = std::min<int64_t>(kGroup, qr.rows - r0);
     int64_t longest = 0;
