@@ -13,7 +13,8 @@ bf16 GEMM peak), takes the shapes from the model's own config, and prints two ce
 each ceiling reached. Model, torch threads and KV dtype are the engine's own flags (``--model``,
 ``--threads``, ``--kv-cache-dtype``), so the ceiling and the run agree. The ceiling is optimistic on
 purpose: every GEMM at the best rate seen on any of the model's shapes (its weight warm in cache, as
-the timing loop leaves it); attention's arithmetic, norms, rotary, sampling, scheduling cost nothing.
+the timing loop leaves it; int8 by the faster of oneDNN's GEMM and the engine's packed one);
+attention's arithmetic, norms, rotary, sampling, scheduling cost nothing.
 """
 
 from __future__ import annotations
@@ -203,17 +204,45 @@ def _gemm_rates(shapes: dict[str, tuple[int, int]], rows: list[int], repeats: in
 
 
 def int8_gemm_peak(shapes: dict[str, tuple[int, int]], rows: list[int], repeats: int) -> dict:
-    """``torch._int_mm`` (int8 [M, K] x int8 [K, N] -> int32, oneDNN), the engine's W8A8 GEMM, on
-    each (K, N) at each M: GOPS per case and the peak. The weight is an [N, K] tensor seen as
-    [K, N], the layout ``kernels.linear.PackedLinear`` hands it. On the CPU, ``_int_mm`` took every
-    M, K and N tried (1 to 64 rows, K and N not multiples of 8), so no shape is padded."""
-    def make(m: int, k: int, n: int) -> Callable[[], object]:
+    """The engine's W8A8 GEMMs (int8 [M, K] x int8 weight [N, K] -> int32) on each (K, N) at each M:
+    ``torch._int_mm`` (oneDNN, the weight an [N, K] tensor seen as [K, N]) and, where it is built,
+    the packed kernel ``int8_gemm`` (``kernels/csrc/int8_gemm.cpp``). Each case keeps the faster
+    (``kernel``, with both rates); the peak is the best case of either."""
+    from kernels.cpu_ext import cpu_ops_module
+    from kernels.int8_pack import GROUP, pack_int8_gemm
+
+    ext = cpu_ops_module()
+    packed = ext is not None and ext.int8_gemm_supported()
+
+    def operands(m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(m * 7919 + k * 31 + n)
-        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
-        b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).t()
+        return (torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen),
+                torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen))
+
+    def make_int_mm(m: int, k: int, n: int) -> Callable[[], object]:
+        a, w = operands(m, k, n)
+        b = w.t()
         return lambda: torch._int_mm(a, b)
 
-    return _gemm_rates(shapes, rows, repeats, make)
+    def make_packed(m: int, k: int, n: int) -> Callable[[], object]:
+        a, w = operands(m, k, n)
+        b = pack_int8_gemm(w)
+        return lambda: ext.int8_gemm(a, b, n)
+
+    rates = _gemm_rates(shapes, rows, repeats, make_int_mm)
+    for r in rates["results"]:
+        r["kernel"], r["int_mm_gops"] = "_int_mm", r["gops"]
+    packable = {name: (k, n) for name, (k, n) in shapes.items() if k % GROUP == 0}
+    if packed and packable:
+        by_case = {(r["shape"], r["m"]): r for r in rates["results"]}
+        for p in _gemm_rates(packable, rows, repeats, make_packed)["results"]:
+            r = by_case[p["shape"], p["m"]]
+            r["packed_gops"] = p["gops"]
+            if p["gops"] > r["gops"]:
+                r["kernel"], r["gops"] = "int8_gemm", p["gops"]
+        best = max(rates["results"], key=lambda r: r["gops"])
+        rates.update(peak_gops=best["gops"], peak_at=f"{best['shape']} M={best['m']} ({best['kernel']})")
+    return rates
 
 
 def bf16_gemm_peak(shapes: dict[str, tuple[int, int]], rows: list[int], repeats: int) -> dict:

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["paged_decode_module", "cpu_ops_module"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("paged_decode.cpp", "int8_linear.cpp", "q4_linear.cpp", "q8_linear.cpp", "w8a8.cpp", "fused_ops.cpp", "decoder_stack.cpp", "module.cpp")
+_SOURCES = ("paged_decode.cpp", "int8_linear.cpp", "int8_gemm.cpp", "q4_linear.cpp", "q8_linear.cpp", "w8a8.cpp", "fused_ops.cpp", "decoder_stack.cpp", "module.cpp")
 # Tuples: torch's load() appends to the flag lists it is given, which changed this module's name.
 _CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
@@ -50,7 +50,7 @@ def _module_name() -> str:
 def cpu_ops_module():
     """The compiled CPU kernel module, or None when it cannot be built here.
 
-    Exposes ``paged_decode_attention``, ``int8_linear``, ``q4_linear``, ``q8_linear``, ``quantize_rows_s8``,
+    Exposes ``paged_decode_attention``, ``int8_linear``, ``int8_gemm``, ``q4_linear``, ``q8_linear``, ``quantize_rows_s8``,
     ``dequant_rows`` and the fused elementwise ops of ``fused_ops.cpp``.
     """
     if os.environ.get("XLLM_NO_CPU_EXT"):

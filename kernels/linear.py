@@ -10,9 +10,12 @@ Optionally a layer also keeps an int8 copy of its weight (one fp32 scale per out
 * small batches (``int8_max_rows``) run weight-only int8 (C++ kernel ``int8_linear``): a decode
   step with a few rows is a pass over every weight, bounded by memory bandwidth, and int8
   halves the bytes of bf16;
-* larger batches, with ``w8a8``, quantize the activations too (per row, symmetric) and run
-  ``torch._int_mm``, oneDNN's int8 GEMM: VNNI's int8 dot products do twice the work per
-  instruction of AVX512-BF16's, and measured ~1.8x the bf16 GEMM at 64 and 512 rows here.
+* larger batches, with ``w8a8``, quantize the activations too (per row, symmetric) and run an
+  int8 GEMM: VNNI's int8 dot products do twice the work per instruction of AVX512-BF16's. The
+  GEMM is ``kernels/csrc/int8_gemm.cpp`` on weights packed once (``kernels.int8_pack``), with
+  the dequantization fused into its store; without AVX512-VNNI, ``torch._int_mm`` (oneDNN),
+  which gives the same int32 sums. At 64 rows on SmolLM2 (every layer and the LM head, weights
+  from DRAM) the packed kernel takes 12 ms to oneDNN's 18: oneDNN reorders the weight per call.
 
 Per-row activation scales alone lose to the few outlier channels every LLM has (measured on
 SmolLM2: KL to fp32 0.052 vs 0.0015 for bf16). :meth:`PackedLinear.smooth` applies SmoothQuant
@@ -50,6 +53,7 @@ import torch
 from torch import nn
 
 from kernels.cpu_ext import cpu_ops_module
+from kernels.int8_pack import GROUP, pack_int8_gemm
 from kernels.q4_pack import BLOCK, PACKED_BLOCK_BYTES, TILE_ROWS
 from kernels.q8_pack import Q8_PACKED_BLOCK_BYTES
 
@@ -147,8 +151,8 @@ class PackedLinear(nn.Module):
                 self.load_int8_state(int8_state)
             else:
                 self._q, self._scale = quantize_int8_rows(weight)
-                # The GEMM's weight: a [K, N] view, _int_mm's layout (a second copy once smoothed).
-                self._gemm_q, self._gemm_scale = self._q.t(), self._scale
+                # The GEMM's weight starts as the same int8 rows (a copy of its own once smoothed).
+                self._set_gemm_weight(self._q, self._scale)
                 self._inv_smooth: torch.Tensor | None = None
             self._bias_f32 = None if self.bias is None else self.bias.float()
 
@@ -185,13 +189,26 @@ class PackedLinear(nn.Module):
             raise ValueError("int8 state lacks 'q' or 'scale'")
         self._q, self._scale = state["q"], state["scale"]
         gemm_q = state.get("gemm_q")
-        self._gemm_q = (self._q if gemm_q is None else gemm_q).t()
-        self._gemm_scale = state.get("gemm_scale", self._scale)
+        self._set_gemm_weight(self._q if gemm_q is None else gemm_q, state.get("gemm_scale", self._scale))
         self._inv_smooth = state.get("inv_smooth")
         if "q4" in state:
             self._q4 = state["q4"]
         if "q8" in state:
             self._q8 = state["q8"]
+
+    def _set_gemm_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """The W8A8 GEMM's int8 rows ``[N, K]`` and their scales: kept as a ``[K, N]`` view (the
+        layout of ``torch._int_mm`` and of :meth:`int8_state`) and, where the packed kernel runs,
+        packed for it (``None`` otherwise)."""
+        self._gemm_q, self._gemm_scale = q.t(), scale
+        packable = self.w8a8 and self.in_features % GROUP == 0 and self._ext.int8_gemm_supported()
+        self._gemm_packed = pack_int8_gemm(q) if packable else None
+
+    @property
+    def gemm_weight(self) -> torch.Tensor:
+        """The W8A8 GEMM's weight as the kernels take it: packed (``kernels.int8_pack``) where the
+        packed kernel runs, else the ``[K, N]`` int8 view ``torch._int_mm`` takes."""
+        return self._gemm_q if self._gemm_packed is None else self._gemm_packed
 
     def _check_blocks(self, packed: torch.Tensor, kind: str) -> None:
         """A packed block layout (``kind`` "q4" or "q8"): ``[ceil(N/16), K/32, block bytes]`` uint8."""
@@ -218,8 +235,7 @@ class PackedLinear(nn.Module):
         elif rows <= self.int8_max_rows:
             out = self._ext.int8_linear(x2.to(dtype), self._q, self._scale, self._bias_f32)
         elif self.runs_w8a8(rows):
-            xq, x_scale = self.quantize_input(x2)
-            out = self.dequantize_output(self.int8_accumulate(xq), x_scale, dtype)
+            out = self.int8_matmul(*self.quantize_input(x2), dtype)
         else:
             out = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self.bias, "none", [], "").to(dtype)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
@@ -239,15 +255,24 @@ class PackedLinear(nn.Module):
             return False
         return self.w8a8 and rows > self.int8_max_rows and (not _w8a8_suspended or self.w8a8_in_prompts)
 
-    # The W8A8 GEMM in its three steps, so a caller can fuse what sits between two of them
-    # (see :func:`w8a8_silu_mlp`).
+    # The W8A8 GEMM in its steps (quantize, accumulate, dequantize), so a caller can fuse what
+    # sits between two of them (see :func:`w8a8_silu_mlp`).
     def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row int8 activations ``[M, K]`` (smoothed) and their fp32 row scales ``[M]``."""
         return self._ext.quantize_rows_s8(x2, self._inv_smooth)
 
     def int8_accumulate(self, xq: torch.Tensor) -> torch.Tensor:
         """The raw int32 GEMM of already quantized (and smoothed) int8 activations ``[M, K]``."""
+        if self._gemm_packed is not None:
+            return self._ext.int8_gemm(xq, self._gemm_packed, self.out_features)
         return torch._int_mm(xq, self._gemm_q)
+
+    def int8_matmul(self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`dequantize_output` of :meth:`int8_accumulate`, fused into the GEMM's store
+        where the packed kernel runs (the same arithmetic, so the same result)."""
+        if self._gemm_packed is not None:
+            return self._ext.int8_gemm_dequant(xq, x_scale, self._gemm_packed, self._gemm_scale, self._bias_f32, dtype)
+        return self.dequantize_output(self.int8_accumulate(xq), x_scale, dtype)
 
     def dequantize_output(self, acc: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``acc * x_scale[:, None] * weight_scale[None, :] (+ bias)`` in ``dtype``."""
@@ -264,8 +289,7 @@ class PackedLinear(nn.Module):
         x_max = act_absmax.detach().float().clamp(min=1e-5)
         w_max = self.weight.detach().float().abs().amax(dim=0).clamp(min=1e-5)
         s = (x_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(min=1e-5)
-        q, scale = quantize_int8_rows(self.weight.float() * s[None, :])
-        self._gemm_q, self._gemm_scale = q.t(), scale
+        self._set_gemm_weight(*quantize_int8_rows(self.weight.float() * s[None, :]))
         self._inv_smooth = (1.0 / s).contiguous()
 
     def extra_repr(self) -> str:
@@ -327,5 +351,5 @@ def w8a8_silu_mlp(gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch
     # In place of gate_up's dequantize_output and down's quantize_input:
     hq, h_scale = gate_up._ext.silu_mul_quantize_rows(gate_up.int8_accumulate(xq), x_scale, gate_up._gemm_scale,
                                                       gate_up._bias_f32, down._inv_smooth)
-    out = down.dequantize_output(down.int8_accumulate(hq), h_scale, x.dtype)
+    out = down.int8_matmul(hq, h_scale, x.dtype)
     return out.reshape(*x.shape[:-1], down.out_features)

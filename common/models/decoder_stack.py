@@ -110,7 +110,7 @@ class DecoderStack:
         # Read at every call: calibration (PackedLinear.smooth) replaces a layer's GEMM weights after load.
         linears, empty = self._linears, self._empty
         return self._ext.decoder_stack_w8a8_forward(
-            h, self._norms, self._final_norm, [m._gemm_q for m in linears], [m._gemm_scale for m in linears],
+            h, self._norms, self._final_norm, [m.gemm_weight for m in linears], [m._gemm_scale for m in linears],
             [empty if m._inv_smooth is None else m._inv_smooth for m in linears], self._biases, kv_caches,
             self._windows, cos, sin, meta.slot_mapping, meta.token_pages, meta.token_k_len,
             heads, kv_heads, head_dim, self._eps, self._scale)

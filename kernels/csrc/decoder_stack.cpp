@@ -1,8 +1,9 @@
 // The whole decoder stack of a decode batch in one call (Llama-style layers), in two variants:
 //
 //   decoder_stack_forward:      small batches on 4-bit weights (q4_linear);
-//   decoder_stack_w8a8_forward: larger batches on the W8A8 GEMMs (quantize_rows_s8, torch's
-//                               _int_mm, dequant_rows; the MLP's middle in silu_mul_quantize_rows).
+//   decoder_stack_w8a8_forward: larger batches on the W8A8 GEMMs (quantize_rows_s8, int8_gemm on
+//                               packed weights or torch's _int_mm and dequant_rows; the MLP's
+//                               middle in silu_mul_quantize_rows).
 //
 // At batch 1 a SmolLM2 layer is ~9 kernel calls of a few microseconds each; from Python each also
 // pays a module call, argument checks and a pybind crossing, which added up to a sizeable share of a
@@ -21,6 +22,9 @@ at::Tensor silu_and_mul(at::Tensor x);
 void rotary_write_kv_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor kv_cache, at::Tensor slot_mapping,
                       int64_t num_heads, int64_t num_kv_heads);
 std::vector<at::Tensor> quantize_rows_s8(at::Tensor x, c10::optional<at::Tensor> channel_scale);
+at::Tensor int8_gemm(at::Tensor xq, at::Tensor packed, int64_t n);
+at::Tensor int8_gemm_dequant(at::Tensor xq, at::Tensor x_scale, at::Tensor packed, at::Tensor w_scale,
+                             c10::optional<at::Tensor> bias, at::ScalarType out_dtype);
 at::Tensor dequant_rows(at::Tensor acc, at::Tensor x_scale, at::Tensor w_scale, c10::optional<at::Tensor> bias,
                         at::ScalarType out_dtype);
 std::vector<at::Tensor> silu_mul_quantize_rows(at::Tensor acc, at::Tensor x_scale, at::Tensor w_scale,
@@ -32,16 +36,24 @@ c10::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
-// One W8A8 linear as PackedLinear runs it: per-row int8 activations (smoothed), _int_mm, dequantize.
+// One W8A8 linear as PackedLinear runs it: per-row int8 activations (smoothed), the int8 GEMM,
+// dequantize (fused into the packed kernel's store).
 struct W8A8Linear {
-  const at::Tensor& weight;  // [K, N] int8 (a transposed view is fine: _int_mm's layout)
+  const at::Tensor& weight;  // packed by kernels/int8_pack.py (3-D uint8), or [K, N] int8 for _int_mm
   const at::Tensor& scale;   // [N] fp32
   c10::optional<at::Tensor> inv_smooth, bias;
 
-  at::Tensor accumulate(const at::Tensor& xq) const { return at::_int_mm(xq, weight); }
+  bool packed() const { return weight.dim() == 3; }
+  at::Tensor accumulate(const at::Tensor& xq) const {
+    return packed() ? int8_gemm(xq, weight, scale.numel()) : at::_int_mm(xq, weight);
+  }
+  at::Tensor matmul(const at::Tensor& xq, const at::Tensor& x_scale, at::ScalarType dtype) const {
+    if (packed()) return int8_gemm_dequant(xq, x_scale, weight, scale, bias, dtype);
+    return dequant_rows(accumulate(xq), x_scale, scale, bias, dtype);
+  }
   at::Tensor operator()(const at::Tensor& x) const {
     const std::vector<at::Tensor> q = quantize_rows_s8(x, inv_smooth);
-    return dequant_rows(accumulate(q[0]), q[1], scale, bias, x.scalar_type());
+    return matmul(q[0], q[1], x.scalar_type());
   }
 };
 
@@ -96,7 +108,8 @@ at::Tensor decoder_stack_forward(at::Tensor h, std::vector<at::Tensor> norms, at
   return add_rms_norm_(h, x, final_norm, eps, false);
 }
 
-// The W8A8 variant. Per linear i (4 per layer: qkv, o, gate_up, down): weights[i] int8 [K, N],
+// The W8A8 variant. Per linear i (4 per layer: qkv, o, gate_up, down): weights[i] packed (3-D
+// uint8, kernels/int8_pack.py) or int8 [K, N],
 // scales[i] fp32 [N], inv_smooth[i] fp32 [K] or empty, biases[i] fp32 [N] or empty; the rest as above.
 at::Tensor decoder_stack_w8a8_forward(at::Tensor h, std::vector<at::Tensor> norms, at::Tensor final_norm,
                                       std::vector<at::Tensor> weights, std::vector<at::Tensor> scales,
@@ -129,7 +142,7 @@ at::Tensor decoder_stack_w8a8_forward(at::Tensor h, std::vector<at::Tensor> norm
     const std::vector<at::Tensor> xq = quantize_rows_s8(normed, gate_up.inv_smooth);
     const std::vector<at::Tensor> hq = silu_mul_quantize_rows(gate_up.accumulate(xq[0]), xq[1], gate_up.scale,
                                                               gate_up.bias, down.inv_smooth);
-    x = dequant_rows(down.accumulate(hq[0]), hq[1], down.scale, down.bias, normed.scalar_type());
+    x = down.matmul(hq[0], hq[1], normed.scalar_type());
   }
   return add_rms_norm_(h, x, final_norm, eps, false);
 }

@@ -7,6 +7,10 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
 at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> bias);
 at::Tensor q4_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias);
 at::Tensor q8_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias);
+bool int8_gemm_supported();
+at::Tensor int8_gemm(at::Tensor xq, at::Tensor packed, int64_t n);
+at::Tensor int8_gemm_dequant(at::Tensor xq, at::Tensor x_scale, at::Tensor packed, at::Tensor w_scale,
+                             c10::optional<at::Tensor> bias, at::ScalarType out_dtype);
 std::vector<at::Tensor> quantize_rows_s8(at::Tensor x, c10::optional<at::Tensor> channel_scale);
 at::Tensor dequant_rows(at::Tensor acc, at::Tensor x_scale, at::Tensor w_scale, c10::optional<at::Tensor> bias,
                         at::ScalarType out_dtype);
@@ -44,6 +48,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "weight-only int8 linear for small batches", NoGil());
   m.def("q4_linear", &q4_linear, "4-bit (GGUF Q4_0/Q4_1 blocks) linear for small batches", NoGil());
   m.def("q8_linear", &q8_linear, "8-bit (GGUF Q8_0 blocks) linear for small batches", NoGil());
+  m.def("int8_gemm_supported", &int8_gemm_supported, "whether int8_gemm was built (AVX512-VNNI)");
+  m.def("int8_gemm", &int8_gemm, "int8 GEMM on weights packed by kernels/int8_pack.py: int32, as torch._int_mm",
+        NoGil());
+  m.def("int8_gemm_dequant", &int8_gemm_dequant,
+        "int8_gemm with dequant_rows fused into its store: acc * x_scale[m] * w_scale[n] (+ bias)", NoGil());
   m.def("quantize_rows_s8", &quantize_rows_s8, "per-row symmetric int8 quantization of activations",
         pybind11::arg("x"), pybind11::arg("channel_scale") = pybind11::none(), NoGil());
   m.def("dequant_rows", &dequant_rows, "int32 GEMM result times row and column scales (+ bias)", NoGil());

@@ -11,6 +11,7 @@ import torch
 from bench import ceiling
 from bench.ceiling import Arch
 from common.engine.config import EngineConfig
+from kernels.cpu_ext import cpu_ops_module
 from xllm.cli import build_parser
 
 # qkv 8 x (2 + 2*1)*4 = 8x16, o 8x8, gate_up 8x32, down 16x8: 128 + 64 + 256 + 128 = 576 weights a
@@ -73,6 +74,12 @@ def test_measurements_on_tiny_sizes_are_positive():
         assert [(r["shape"], r["m"]) for r in out["results"]] == [("a", 1), ("a", 17), ("b", 1), ("b", 17)]
         assert all(r["gops"] > 0 for r in out["results"])
         assert out["peak_gops"] == max(r["gops"] for r in out["results"])
+    # int8: the faster of oneDNN's GEMM and the packed kernel (which takes K a multiple of 4 only)
+    for r in ceiling.int8_gemm_peak(shapes, [1, 17], 1)["results"]:
+        assert r["gops"] == max(r["int_mm_gops"], r.get("packed_gops", 0.0))
+        assert r["kernel"] == ("int8_gemm" if r.get("packed_gops", 0.0) > r["int_mm_gops"] else "_int_mm")
+        assert ("packed_gops" in r) == (r["shape"] == "a" and cpu_ops_module() is not None
+                                        and cpu_ops_module().int8_gemm_supported())
     bw = ceiling.read_bandwidth(2, 1)
     assert min(bw["int64_sum_gbps"], bw["float32_sum_gbps"], bw["copy_gbps"]) > 0
     assert bw["read_gbps"] == max(bw["int64_sum_gbps"], bw["float32_sum_gbps"])
