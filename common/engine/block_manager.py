@@ -94,6 +94,8 @@ class BlockManager:
         self.enable_prefix_cache = enable_prefix_cache
         self.on_event = on_event
         self.on_reclaim = on_reclaim  # before anything overwrites reclaimed pages: a last chance to copy them
+        # Taken from the left; freed pages go back on the left, so the next allocation reuses memory
+        # already touched (on the CPU a pool page's first touch is a page fault) before a fresh one.
         self._free: deque[int] = deque(range(num_pages))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
         self._refcount = [0] * num_pages
@@ -338,7 +340,7 @@ class BlockManager:
         except BaseException:
             for page in pages:
                 self._refcount[page] = 0
-                self._free.append(page)
+                self._free.appendleft(page)
             self._release(prefix)
             raise
         stored: list[bytes] = []
@@ -370,7 +372,7 @@ class BlockManager:
                 if page in self._page_hash:
                     self._evictable[page] = None
                 else:
-                    self._free.append(page)
+                    self._free.appendleft(page)
 
     def _allocate_page(self, evicted: list[tuple[int, bytes]]) -> int:
         if self._free:

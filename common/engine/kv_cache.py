@@ -116,16 +116,21 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     # Private: a shared anonymous map is shmem, which transparent huge pages leave alone.
     buf = mmap.mmap(-1, max(1, numel * torch.empty((), dtype=dtype).element_size()),
                     flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if os.environ.get("XLLM_KV_HUGEPAGES", "1") != "0":
+    if os.environ.get("XLLM_KV_HUGEPAGES", "0") == "1":
         _advise_huge_pages(buf)
     return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)  # the tensor keeps buf alive
 
 
 def _advise_huge_pages(buf: mmap.mmap) -> None:
-    """Ask for 2 MiB pages (transparent huge pages; most distributions enable them on request only).
-    Decode attention reads each context page by page, and a context's pages lie anywhere in the pool:
-    with 4 KiB pages nearly every 2 KiB page read missed the TLB (measured: 64 scattered contexts,
-    0.97 ms per layer against 0.80 with huge pages)."""
+    """Ask for 2 MiB pages (transparent huge pages; most distributions enable them on request only),
+    with ``XLLM_KV_HUGEPAGES=1``. Decode attention reads each context page by page, and a context's
+    pages lie anywhere in the pool: with 4 KiB pages more of those reads miss the TLB (64 scattered
+    contexts: 0.97 ms per layer against 0.80 with huge pages). But a huge page's first touch zeroes
+    all 2 MiB, one per layer, K/V and KV head that a prefill reaches, and on a VM whose host backs
+    memory lazily that ran at ~1 GB/s: a fresh engine's 64-stream offline run (prompt 200, output 128)
+    was 8% slower with them (1,010 against 1,094 tok/s, alternating runs), the prompt steps' KV
+    writes taking ~1 s. So they are off unless asked for: a server that has touched its pool once
+    gains the TLB hits back."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None:
         return
