@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["paged_decode_module", "cpu_ops_module"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("paged_decode.cpp", "int8_linear.cpp", "int8_gemm.cpp", "q4_linear.cpp", "q8_linear.cpp", "w8a8.cpp", "fused_ops.cpp", "decoder_stack.cpp", "module.cpp")
+_SOURCES = ("paged_decode.cpp", "int8_linear.cpp", "int8_gemm.cpp", "q4_linear.cpp", "q8_linear.cpp", "w8a8.cpp", "fused_ops.cpp", "decoder_stack.cpp", "argmax.cpp", "module.cpp")
 # Tuples: torch's load() appends to the flag lists it is given, which changed this module's name.
 _CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.cpu_ext import cpu_ops_module
+
 # top-p candidate search: start with this many tokens, grow x4, and sort the whole row once the
 # candidates would exceed 1/_TOP_P_SORT_FRACTION of the vocabulary.
 _TOP_P_FIRST_CANDIDATES = 256
@@ -138,7 +140,12 @@ def mask_tokens(logits: torch.Tensor, rows: list[int], token_ids: list[int]) -> 
 
 
 def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
-    """``[B]`` argmax token ids (the first on ties)."""
+    """``[B]`` argmax token ids (the first on ties); fp32 CPU logits through the C++ ``argmax_rows``
+    (the same ids: torch's argmax streams 64 x 49152 logits at a third of memory speed)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] > 0:
+        ext = cpu_ops_module()
+        if ext is not None and hasattr(ext, "argmax_rows"):
+            return ext.argmax_rows(logits)
     return logits.argmax(dim=1)
 
 

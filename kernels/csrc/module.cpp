@@ -7,6 +7,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
 at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> bias);
 at::Tensor q4_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias);
 at::Tensor q8_linear(at::Tensor x, at::Tensor packed, int64_t out_features, c10::optional<at::Tensor> bias);
+at::Tensor argmax_rows(at::Tensor logits);
 bool int8_gemm_supported();
 at::Tensor int8_gemm(at::Tensor xq, at::Tensor packed, int64_t n);
 at::Tensor int8_gemm_dequant(at::Tensor xq, at::Tensor x_scale, at::Tensor packed, at::Tensor w_scale,
@@ -48,6 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "weight-only int8 linear for small batches", NoGil());
   m.def("q4_linear", &q4_linear, "4-bit (GGUF Q4_0/Q4_1 blocks) linear for small batches", NoGil());
   m.def("q8_linear", &q8_linear, "8-bit (GGUF Q8_0 blocks) linear for small batches", NoGil());
+  m.def("argmax_rows", &argmax_rows, "first index of each fp32 row's maximum (NaN counts as largest), as torch.argmax",
+        NoGil());
   m.def("int8_gemm_supported", &int8_gemm_supported, "whether int8_gemm was built (AVX512-VNNI)");
   m.def("int8_gemm", &int8_gemm, "int8 GEMM on weights packed by kernels/int8_pack.py: int32, as torch._int_mm",
         NoGil());
