@@ -15,7 +15,7 @@
 //
 // Blocking: a thread owns a range of tiles; it walks them 4 at a time (a panel: 36 KB of weights
 // at K = 576, in L1) and runs every 6-row block of the activations over the panel, 24 int32
-// accumulators in registers. While the first row block runs, the next panel is prefetched.
+// accumulators in registers. Each row block prefetches its share of the next panel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -77,7 +77,7 @@ struct ScaledOut {
 // of them is spilled by GCC), unused ones compiled out.
 template <int MR, int NT, typename Out>
 void block(const int8_t* x, int64_t K, const uint8_t* w, int64_t tile_bytes, const int32_t* corr, int64_t m0,
-           int64_t n0, int64_t n_left, const Out& out, const uint8_t* prefetch) {
+           int64_t n0, int64_t n_left, const Out& out, const uint8_t* prefetch, int64_t prefetch_lines) {
   static_assert(MR >= 1 && MR <= 6 && NT >= 1 && NT <= 4, "block: 1-6 rows by 1-4 tiles");
   const __m512i zero = _mm512_setzero_si512();
 #define XLLM_ACC(m) __m512i c##m##0 = zero, c##m##1 = zero, c##m##2 = zero, c##m##3 = zero;
@@ -85,11 +85,12 @@ void block(const int8_t* x, int64_t K, const uint8_t* w, int64_t tile_bytes, con
 #undef XLLM_ACC
   const int8_t* xr = x + m0 * K;
   const int64_t groups = K / 4;
+  const int64_t lines_per_group = (prefetch_lines + groups - 1) / groups;
   for (int64_t g = 0; g < groups; ++g) {
-    if (prefetch != nullptr) {
-      for (int t = 0; t < kPanelTiles; ++t)
-        _mm_prefetch(reinterpret_cast<const char*>(prefetch + t * tile_bytes + g * 64), _MM_HINT_T0);
-    }
+    // This block's share of the next panel, a line or a few per step: spread out, so the misses
+    // never fill the core's miss buffers (a burst stalls it as loads would).
+    for (int64_t line = g * lines_per_group; line < std::min(prefetch_lines, (g + 1) * lines_per_group); ++line)
+      _mm_prefetch(reinterpret_cast<const char*>(prefetch + line * 64), _MM_HINT_T0);
     const __m512i b0 = _mm512_loadu_si512(w + g * 64);
     const __m512i b1 = NT > 1 ? _mm512_loadu_si512(w + tile_bytes + g * 64) : zero;
     const __m512i b2 = NT > 2 ? _mm512_loadu_si512(w + 2 * tile_bytes + g * 64) : zero;
@@ -119,7 +120,7 @@ void block(const int8_t* x, int64_t K, const uint8_t* w, int64_t tile_bytes, con
 
 template <typename Out>
 using BlockFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, const int32_t*, int64_t, int64_t, int64_t,
-                         const Out&, const uint8_t*);
+                         const Out&, const uint8_t*, int64_t);
 
 template <int MR, typename Out>
 BlockFn<Out> pick_tiles(int nt) {
@@ -170,11 +171,16 @@ void run(const at::Tensor& xq, const at::Tensor& packed, int64_t N, const Out& o
       for (int64_t t = t_begin; t < t_end; t += kPanelTiles) {
         const int nt = static_cast<int>(std::min<int64_t>(kPanelTiles, t_end - t));
         const uint8_t* panel = w + t * tile_bytes;
-        const uint8_t* next = t + 2 * kPanelTiles <= t_end ? panel + kPanelTiles * tile_bytes : nullptr;
-        for (int64_t m = r0; m < r1; m += kRowBlock) {
+        // The next panel (the tiles are consecutive: one range), spread over this panel's row blocks.
+        const uint8_t* next = panel + nt * tile_bytes;
+        const int64_t next_lines = std::min<int64_t>(kPanelTiles, t_end - t - nt) * tile_bytes / 64;
+        const int64_t blocks = (r1 - r0 + kRowBlock - 1) / kRowBlock;
+        const int64_t share = (next_lines + blocks - 1) / blocks;
+        for (int64_t m = r0, b = 0; m < r1; m += kRowBlock, ++b) {
           const int mr = static_cast<int>(std::min<int64_t>(kRowBlock, r1 - m));
+          const int64_t first = std::min(next_lines, b * share), lines = std::min(next_lines, first + share) - first;
           pick<Out>(mr, nt)(x, K, panel, tile_bytes, corr.data(), m, t * kTile, N - t * kTile, out,
-                            m == r0 ? next : nullptr);
+                            next + first * 64, lines);
         }
       }
     }
