@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from kernels.cpu_ext import cpu_ops_module
-from kernels.int8_pack import GROUP, pack_int8_gemm
+from kernels.int8_pack import GROUP, pack_int8_gemm, unpack_int8_gemm
 from kernels.q4_pack import BLOCK, PACKED_BLOCK_BYTES, TILE_ROWS
 from kernels.q8_pack import Q8_PACKED_BLOCK_BYTES
 
@@ -166,7 +166,7 @@ class PackedLinear(nn.Module):
             state["q4"] = self._q4
         if self._q8 is not None:
             state["q8"] = self._q8
-        if self._gemm_q.data_ptr() != self._q.data_ptr():  # smoothed: a copy of its own
+        if self._gemm_rows is None or self._gemm_rows.data_ptr() != self._q.data_ptr():  # smoothed: its own
             state["gemm_q"] = self._gemm_q.t().contiguous()
             state["gemm_scale"] = self._gemm_scale
         if self._inv_smooth is not None:
@@ -197,12 +197,22 @@ class PackedLinear(nn.Module):
             self._q8 = state["q8"]
 
     def _set_gemm_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        """The W8A8 GEMM's int8 rows ``[N, K]`` and their scales: kept as a ``[K, N]`` view (the
-        layout of ``torch._int_mm`` and of :meth:`int8_state`) and, where the packed kernel runs,
-        packed for it (``None`` otherwise)."""
-        self._gemm_q, self._gemm_scale = q.t(), scale
+        """The W8A8 GEMM's int8 rows ``[N, K]`` and their scales. Where the packed kernel runs they
+        are packed for it, and the rows are kept only when they are the weight-only path's own
+        (unsmoothed: shared storage); a smoothed copy lives packed alone (~135 MB less for SmolLM2)
+        and :attr:`_gemm_q` unpacks it when asked."""
+        self._gemm_scale = scale
         packable = self.w8a8 and self.in_features % GROUP == 0 and self._ext.int8_gemm_supported()
         self._gemm_packed = pack_int8_gemm(q) if packable else None
+        self._gemm_rows = q if self._gemm_packed is None or q.data_ptr() == self._q.data_ptr() else None
+
+    @property
+    def _gemm_q(self) -> torch.Tensor:
+        """The GEMM weight as a ``[K, N]`` int8 view: ``torch._int_mm``'s layout (:meth:`int8_state`
+        stores its transpose)."""
+        rows = self._gemm_rows if self._gemm_rows is not None else unpack_int8_gemm(self._gemm_packed,
+                                                                                    self.out_features)
+        return rows.t()
 
     @property
     def gemm_weight(self) -> torch.Tensor:

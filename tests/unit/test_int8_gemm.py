@@ -74,8 +74,9 @@ def test_bad_operands_are_refused():
 
 
 @pytest.mark.skipif(not packed_linear_supported(torch.bfloat16), reason="needs oneDNN bf16 GEMMs")
-def test_packed_linear_runs_the_packed_gemm_with_oneDNN_results():
-    """A W8A8 layer packs its GEMM weight (again after smoothing) and gives what _int_mm would."""
+def test_packed_linear_runs_the_packed_gemm_with_oneDNN_results(monkeypatch):
+    """A W8A8 layer packs its GEMM weight (again after smoothing, then keeping no other copy of it)
+    and gives what _int_mm would."""
     torch.manual_seed(0)
     gate_up = PackedLinear(nn.Linear(64, 192).to(torch.bfloat16), int8_max_rows=4, w8a8=True)
     down = PackedLinear(nn.Linear(96, 64).to(torch.bfloat16), int8_max_rows=4, w8a8=True)
@@ -84,9 +85,14 @@ def test_packed_linear_runs_the_packed_gemm_with_oneDNN_results():
     for layer in (gate_up, down):
         assert layer._gemm_packed is not None and layer.gemm_weight is layer._gemm_packed
         assert torch.equal(unpack_int8_gemm(layer._gemm_packed, layer.out_features), layer._gemm_q.t())
+    assert gate_up._gemm_rows is gate_up._q and down._gemm_rows is None  # the smoothed one: packed only
+    state = down.int8_state()
+    assert torch.equal(state["gemm_q"], down._gemm_q.t()) and not torch.equal(state["gemm_q"], state["q"])
     fused = w8a8_silu_mlp(gate_up, down, x)
     packed_out = gate_up(x)
+    monkeypatch.setattr(gate_up._ext, "int8_gemm_supported", lambda: False)
     for layer in (gate_up, down):  # the same layers on oneDNN's int8 GEMM
-        layer._gemm_packed = None
+        layer._set_gemm_weight(layer._gemm_q.t(), layer._gemm_scale)
+        assert layer._gemm_packed is None and layer.gemm_weight.shape == (layer.in_features, layer.out_features)
     assert torch.equal(gate_up(x), packed_out)
     assert torch.equal(w8a8_silu_mlp(gate_up, down, x), fused)
