@@ -50,7 +50,7 @@ def _module_name() -> str:
 def cpu_ops_module():
     """The compiled CPU kernel module, or None when it cannot be built here.
 
-    Exposes ``paged_decode_attention``, ``int8_linear``, ``int8_gemm``, ``q4_linear``, ``q8_linear``, ``quantize_rows_s8``,
+    Exposes ``paged_decode_attention``, ``int8_linear``, ``int8_gemm``, ``argmax_rows``, ``q4_linear``, ``q8_linear``, ``quantize_rows_s8``,
     ``dequant_rows`` and the fused elementwise ops of ``fused_ops.cpp``.
     """
     if os.environ.get("XLLM_NO_CPU_EXT"):

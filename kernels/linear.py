@@ -15,7 +15,7 @@ Optionally a layer also keeps an int8 copy of its weight (one fp32 scale per out
   GEMM is ``kernels/csrc/int8_gemm.cpp`` on weights packed once (``kernels.int8_pack``), with
   the dequantization fused into its store; without AVX512-VNNI, ``torch._int_mm`` (oneDNN),
   which gives the same int32 sums. At 64 rows on SmolLM2 (every layer and the LM head, weights
-  from DRAM) the packed kernel takes 12 ms to oneDNN's 18: oneDNN reorders the weight per call.
+  from DRAM) the packed kernel takes 10.6 ms to oneDNN's 18: oneDNN reorders the weight per call.
 
 Per-row activation scales alone lose to the few outlier channels every LLM has (measured on
 SmolLM2: KL to fp32 0.052 vs 0.0015 for bf16). :meth:`PackedLinear.smooth` applies SmoothQuant

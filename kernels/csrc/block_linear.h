@@ -13,19 +13,12 @@
 
 #include "act_blocks.h"
 #include "common.h"
+#include "vec16.h"
 
 namespace xllm {
 
 constexpr int64_t kTileRows = 16;      // output rows per tile (one int32 lane each)
 constexpr int kMaxRowsPerPass = 4;     // activation rows per pass over a tile's weights (8 measured no faster)
-
-// Four activation bytes broadcast to every lane: the other operand of a dpbusd whose lanes are 16
-// output rows' 4 consecutive weights.
-inline __m512i broadcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return _mm512_set1_epi32(v);
-}
 
 // Tile::run<MB>(weights, blocks, activations, m0, K, acc) fills acc[0..MB) with lane i = output row i
 // of the tile for activation rows m0..m0+MB; Tile::kBlockBytes is one tile's 32-weight block.

@@ -40,12 +40,6 @@ inline void dot4(__m512i& acc, __m512i x_s8, __m512i w_u8) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w_u8), "v"(x_s8));
 }
 
-inline __m512i broadcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return _mm512_set1_epi32(v);
-}
-
 // Where a block's results go: raw int32, or dequantized into T (fp32 or bf16).
 struct Int32Out {
   int32_t* y;
@@ -63,12 +57,7 @@ struct ScaledOut {
   const float* w_scale;  // [N]
   const float* bias;     // [N] or null
   void store(int64_t m, int64_t n, __m512i acc, __mmask16 mask) const {
-    // dequant_rows' arithmetic, in its order: (acc * x_scale) * w_scale + bias. The empty asm
-    // keeps -ffast-math from reassociating the two products here (and not in dequant_rows).
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(x_scale[m]));
-    asm("" : "+v"(v));
-    v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w_scale + n));
-    if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n));
+    const __m512 v = xllm::dequant16(acc, x_scale[m], w_scale + n, bias != nullptr ? bias + n : nullptr, mask);
     xllm::store16(y + m * ldy + n, v, mask);
   }
 };
@@ -97,7 +86,7 @@ void block(const int8_t* x, int64_t K, const uint8_t* w, int64_t tile_bytes, con
     const __m512i b3 = NT > 3 ? _mm512_loadu_si512(w + 3 * tile_bytes + g * 64) : zero;
 #define XLLM_ROW(m)                                 \
   if constexpr (MR > m) {                           \
-    const __m512i a = broadcast4(xr + m * K + 4 * g); \
+    const __m512i a = xllm::broadcast4(xr + m * K + 4 * g); \
     dot4(c##m##0, a, b0);                           \
     if constexpr (NT > 1) dot4(c##m##1, a, b1);     \
     if constexpr (NT > 2) dot4(c##m##2, a, b2);     \

@@ -72,14 +72,12 @@ void dequant_impl(const at::Tensor& acc, const at::Tensor& xs, const at::Tensor&
   const int64_t lda = acc.stride(0);
   at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      const __m512 rs = _mm512_set1_ps(xsp[m]);
       const int32_t* arow = ap + m * lda;
       T* yrow = yp + m * N;
       for (int64_t n = 0; n < N; n += 16) {
         const __mmask16 mk = tail_mask(N - n);
-        const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, arow + n));
-        __m512 v = _mm512_mul_ps(_mm512_mul_ps(a, rs), _mm512_maskz_loadu_ps(mk, wsp + n));
-        if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + n));
+        const __m512i a = _mm512_maskz_loadu_epi32(mk, arow + n);
+        const __m512 v = xllm::dequant16(a, xsp[m], wsp + n, bias != nullptr ? bias + n : nullptr, mk);
         store16(yrow + n, v, mk);
       }
     }
